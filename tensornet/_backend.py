@@ -1,0 +1,228 @@
+"""Minimal array namespace over numpy and torch (private).
+
+The core never imports torch unless it is handed a torch tensor; numpy arrays are
+computed with numpy. Both paths compute in float64 and cast back to the input dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Any
+
+import numpy as np
+
+from .errors import DTypeError, NonFiniteError, ShapeError
+
+
+def is_torch(x: Any) -> bool:
+    """Return True if ``x`` is a torch tensor (without importing torch)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+# Symmetric eigenproblems at least this large, asked for few eigenpairs, use LAPACK's
+# subset solver (dsyevr) on CPU: only the leading eigenvectors are formed.
+_SUBSET_MIN_SIZE = 128
+
+
+def _eigh_top_lapack(g: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Leading ``k`` eigenpairs (descending) of a symmetric numpy matrix."""
+    m = g.shape[0]
+    if m >= _SUBSET_MIN_SIZE and 2 * k < m:
+        import scipy.linalg
+
+        lam, vec = scipy.linalg.eigh(
+            g, subset_by_index=[m - k, m - 1], driver="evr", overwrite_a=True, check_finite=False
+        )
+    else:
+        lam, vec = np.linalg.eigh(g)
+    return lam[::-1].copy(), np.ascontiguousarray(vec[:, ::-1][:, :k])
+
+
+@functools.lru_cache(maxsize=1)
+def _blas_controller() -> Any:
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
+def _eigh_top_beside_torch(g: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_eigh_top_lapack` with numpy's BLAS on one thread.
+
+    Right after a torch CPU kernel, torch's OpenMP workers are still spinning; a
+    multi-threaded OpenBLAS call then fights them for the cores and runs several times
+    slower. One BLAS thread leaves them a core.
+    """
+    with _blas_controller().limit(limits=1, user_api="blas"):
+        return _eigh_top_lapack(g, k)
+
+
+class NumpyOps:
+    """Numpy kernels."""
+
+    name = "numpy"
+
+    @staticmethod
+    def compute_dtype(x: Any) -> Any:
+        return np.float64 if x.dtype.itemsize > 4 else np.float32
+
+    @staticmethod
+    def contiguous(x: Any, dtype: Any) -> np.ndarray:
+        return np.ascontiguousarray(x, dtype=dtype)
+
+    @staticmethod
+    def to64(x: Any) -> np.ndarray:
+        return np.asarray(x, dtype=np.float64)
+
+    @staticmethod
+    def eigh_top(g: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return _eigh_top_lapack(g, k)
+
+    @staticmethod
+    def kron_eye(u: np.ndarray, n: int) -> np.ndarray:
+        return np.kron(u, np.eye(n, dtype=u.dtype))
+
+    @staticmethod
+    def trace(g: np.ndarray) -> float:
+        return float(np.trace(g.astype(np.float64)))
+
+    @staticmethod
+    def all_finite(x: np.ndarray) -> bool:
+        return bool(np.isfinite(x).all())
+
+    @staticmethod
+    def svd(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return np.linalg.svd(a, full_matrices=False)
+
+    @staticmethod
+    def numpy(x: np.ndarray) -> np.ndarray:
+        return np.asarray(x, dtype=np.float64)
+
+    @staticmethod
+    def sumsq(x: np.ndarray) -> float:
+        flat = x.reshape(-1)
+        return float(np.dot(flat, flat)) if flat.dtype == np.float64 else float(
+            np.einsum("i,i->", flat, flat, dtype=np.float64)
+        )
+
+    @staticmethod
+    def cast(x: np.ndarray, like: Any) -> np.ndarray:
+        return np.ascontiguousarray(x, dtype=like.dtype)
+
+
+class TorchOps:
+    """Torch kernels on the input's device."""
+
+    name = "torch"
+
+    @staticmethod
+    def compute_dtype(x: Any) -> Any:
+        import torch
+
+        return torch.float64 if x.element_size() > 4 else torch.float32
+
+    @staticmethod
+    def contiguous(x: Any, dtype: Any) -> Any:
+        import torch
+
+        out = torch.empty(tuple(x.shape), dtype=dtype, device=x.device)
+        return out.copy_(x.detach())
+
+    @staticmethod
+    def to64(x: Any) -> Any:
+        import torch
+
+        return x.detach().to(torch.float64)
+
+    @staticmethod
+    def eigh_top(g: Any, k: int) -> tuple[Any, Any]:
+        import torch
+
+        if g.device.type == "cpu":
+            lam, vec = _eigh_top_beside_torch(g.numpy(), k)
+            return torch.from_numpy(lam), torch.from_numpy(vec)
+        lam, vec = torch.linalg.eigh(g)
+        return lam.flip(0), vec.flip(1)[:, :k]
+
+    @staticmethod
+    def kron_eye(u: Any, n: int) -> Any:
+        import torch
+
+        return torch.kron(u, torch.eye(n, dtype=u.dtype, device=u.device))
+
+    @staticmethod
+    def trace(g: Any) -> float:
+        return float(g.diagonal().double().sum())
+
+    @staticmethod
+    def all_finite(x: Any) -> bool:
+        return bool(x.isfinite().all())
+
+    @staticmethod
+    def svd(a: Any) -> tuple[Any, Any, Any]:
+        import torch
+
+        return torch.linalg.svd(a, full_matrices=False)
+
+    @staticmethod
+    def numpy(x: Any) -> np.ndarray:
+        return x.detach().cpu().numpy().astype(np.float64)
+
+    @staticmethod
+    def sumsq(x: Any) -> float:
+        import torch
+
+        flat = x.reshape(-1)
+        if flat.dtype == torch.float64:
+            return float(flat @ flat)
+        return float(torch.linalg.vector_norm(flat, dtype=torch.float64) ** 2)
+
+    @staticmethod
+    def cast(x: Any, like: Any) -> Any:
+        return x.to(dtype=like.dtype).contiguous()
+
+
+def ops_for(x: Any) -> type[NumpyOps] | type[TorchOps]:
+    """Kernels matching the array type of ``x``."""
+    return TorchOps if is_torch(x) else NumpyOps
+
+
+def check_float_array(x: Any, name: str, ndim: int | None = None, finite: bool = True) -> Any:
+    """Validate a numpy array or torch tensor of real floating dtype (finite if asked).
+
+    Lists and other array-likes are converted with ``np.asarray``. Callers that detect
+    non-finite values more cheaply themselves pass ``finite=False``.
+    """
+    if not is_torch(x) and not isinstance(x, np.ndarray):
+        if hasattr(x, "__array__") or isinstance(x, (list, tuple)):
+            x = np.asarray(x)
+        else:
+            raise DTypeError(
+                f"`{name}` must be a numpy array or a torch tensor; got {type(x).__name__}"
+            )
+    if ndim is not None and x.ndim != ndim:
+        raise ShapeError(
+            f"`{name}` must be a {ndim}-D array; got a {x.ndim}-D array of shape {tuple(x.shape)}"
+        )
+    if is_torch(x):
+        ok = x.dtype.is_floating_point
+    else:
+        ok = np.issubdtype(x.dtype, np.floating)
+    if not ok:
+        raise DTypeError(
+            f"`{name}` must have a real floating dtype (float16/bfloat16/float32/float64); "
+            f"got dtype {x.dtype}"
+        )
+    if x.numel() == 0 if is_torch(x) else x.size == 0:
+        raise ShapeError(f"`{name}` must not be empty; got shape {tuple(x.shape)}")
+    if finite:
+        check_finite(x, name)
+    return x
+
+
+def check_finite(x: Any, name: str) -> None:
+    """Raise :class:`NonFiniteError` if ``x`` holds NaN or Inf."""
+    ok = bool(x.isfinite().all()) if is_torch(x) else bool(np.isfinite(x).all())
+    if not ok:
+        raise NonFiniteError(f"`{name}` must hold only finite values; got NaN or Inf entries")

@@ -1,0 +1,199 @@
+"""Result objects: :class:`MPO` (tensor-train matrix) and :class:`TensorTrain`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .errors import ShapeError
+from .tensorize import cores_to_matrix
+
+__all__ = ["MPO", "TensorTrain"]
+
+
+def _check_chain(cores: Sequence[Any], order: int, kind: str) -> tuple[int, ...]:
+    if len(cores) == 0:
+        raise ShapeError(f"`cores` of a {kind} must hold at least one core; got none")
+    ranks = [1]
+    for k, core in enumerate(cores):
+        shape = tuple(core.shape)
+        if len(shape) != order:
+            raise ShapeError(
+                f"`cores[{k}]` of a {kind} must have {order} axes; got shape {shape}"
+            )
+        if shape[0] != ranks[-1]:
+            raise ShapeError(
+                f"bond mismatch at `cores[{k}]`: expected leading rank {ranks[-1]}, got "
+                f"shape {shape}"
+            )
+        ranks.append(shape[-1])
+    if ranks[-1] != 1:
+        raise ShapeError(f"the last core of a {kind} must end with rank 1; got {ranks[-1]}")
+    return tuple(int(r) for r in ranks)
+
+
+@dataclass(frozen=True, eq=False)
+class MPO:
+    """A matrix product operator (tensor-train matrix) approximating a weight matrix.
+
+    Attributes
+    ----------
+    cores : tuple of arrays
+        ``N`` cores of shape ``(R_{k-1}, I_k, J_k, R_k)``, same array type, device and
+        dtype as the decomposed matrix.
+    error_bound : float or None
+        Relative TT-SVD bound ``sqrt(sum of discarded sigma^2) / ||W||_F`` (None when the
+        MPO was not produced by a decomposition).
+    relative_error : float or None
+        ``||W - to_dense()||_F / ||W||_F`` (None when not computed).
+    singular_values : tuple of numpy arrays or None
+        For each of the ``N-1`` sweeps, every singular value of the unfolding (float64),
+        kept and discarded.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> cores = [np.ones((1, 2, 3, 4)), np.ones((4, 5, 6, 1))]
+    >>> m = MPO(cores)
+    >>> m.shape, m.ranks, m.num_params
+    ((10, 18), (1, 4, 1), 144)
+    """
+
+    cores: tuple[Any, ...]
+    error_bound: float | None = None
+    relative_error: float | None = None
+    singular_values: tuple[np.ndarray, ...] | None = field(default=None, repr=False)
+    ranks: tuple[int, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        cores = tuple(self.cores)
+        object.__setattr__(self, "cores", cores)
+        object.__setattr__(self, "ranks", _check_chain(cores, 4, "MPO"))
+
+    @property
+    def num_cores(self) -> int:
+        """Number of cores ``N``."""
+        return len(self.cores)
+
+    @property
+    def out_modes(self) -> tuple[int, ...]:
+        """Row modes ``I_1..I_N`` (their product is ``out_features``)."""
+        return tuple(int(c.shape[1]) for c in self.cores)
+
+    @property
+    def in_modes(self) -> tuple[int, ...]:
+        """Column modes ``J_1..J_N`` (their product is ``in_features``)."""
+        return tuple(int(c.shape[2]) for c in self.cores)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(out_features, in_features)`` of the represented matrix."""
+        return int(np.prod(self.out_modes)), int(np.prod(self.in_modes))
+
+    @property
+    def num_params(self) -> int:
+        """Total number of core entries (the paper's ``rho``)."""
+        return int(sum(int(np.prod(c.shape)) for c in self.cores))
+
+    @property
+    def compression_ratio(self) -> float:
+        """Dense entries divided by :attr:`num_params`."""
+        rows, cols = self.shape
+        return rows * cols / self.num_params
+
+    def to_dense(self) -> Any:
+        """Contract the cores into the ``(out_features, in_features)`` matrix."""
+        return cores_to_matrix(self.cores)
+
+    def to_tensorly(self) -> Any:
+        """Return a :class:`tensorly.tt_matrix.TTMatrix` over the same cores (no copy).
+
+        The cores' layout ``(R_{k-1}, I_k, J_k, R_k)`` is tensorly's; the array type must
+        match tensorly's active backend.
+        """
+        from tensorly.tt_matrix import TTMatrix
+
+        return TTMatrix(list(self.cores))
+
+    @classmethod
+    def from_tensorly(cls, tt_matrix: Any) -> MPO:
+        """Build an :class:`MPO` from a tensorly ``TTMatrix`` (or its list of cores)."""
+        return cls(tuple(tt_matrix))
+
+    def __repr__(self) -> str:
+        err = "n/a" if self.relative_error is None else f"{self.relative_error:.3e}"
+        return (
+            f"MPO(shape={self.shape}, out_modes={list(self.out_modes)}, "
+            f"in_modes={list(self.in_modes)}, ranks={list(self.ranks)}, "
+            f"num_params={self.num_params}, relative_error={err})"
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class TensorTrain:
+    """A tensor train approximating an N-d array.
+
+    Attributes
+    ----------
+    cores : tuple of arrays
+        ``N`` cores of shape ``(R_{k-1}, d_k, R_k)``.
+    error_bound, relative_error, singular_values
+        As for :class:`MPO`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> tt = TensorTrain([np.ones((1, 3, 2)), np.ones((2, 4, 1))])
+    >>> tt.shape, tt.ranks, tt.to_dense().shape
+    ((3, 4), (1, 2, 1), (3, 4))
+    """
+
+    cores: tuple[Any, ...]
+    error_bound: float | None = None
+    relative_error: float | None = None
+    singular_values: tuple[np.ndarray, ...] | None = field(default=None, repr=False)
+    ranks: tuple[int, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        cores = tuple(self.cores)
+        object.__setattr__(self, "cores", cores)
+        object.__setattr__(self, "ranks", _check_chain(cores, 3, "tensor train"))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Mode sizes ``d_1..d_N`` of the represented tensor."""
+        return tuple(int(c.shape[1]) for c in self.cores)
+
+    @property
+    def num_params(self) -> int:
+        """Total number of core entries."""
+        return int(sum(int(np.prod(c.shape)) for c in self.cores))
+
+    def to_dense(self) -> Any:
+        """Contract the cores into the full tensor."""
+        acc = self.cores[0].reshape(self.shape[0], self.ranks[1])
+        for core in self.cores[1:]:
+            r0, d, r1 = core.shape
+            acc = (acc @ core.reshape(r0, d * r1)).reshape(-1, r1)
+        return acc.reshape(*self.shape)
+
+    def to_tensorly(self) -> Any:
+        """Return a :class:`tensorly.tt_tensor.TTTensor` over the same cores."""
+        from tensorly.tt_tensor import TTTensor
+
+        return TTTensor(list(self.cores))
+
+    @classmethod
+    def from_tensorly(cls, tt_tensor: Any) -> TensorTrain:
+        """Build a :class:`TensorTrain` from a tensorly ``TTTensor`` (or its cores)."""
+        return cls(tuple(tt_tensor))
+
+    def __repr__(self) -> str:
+        err = "n/a" if self.relative_error is None else f"{self.relative_error:.3e}"
+        return (
+            f"TensorTrain(shape={self.shape}, ranks={list(self.ranks)}, "
+            f"num_params={self.num_params}, relative_error={err})"
+        )
