@@ -25,7 +25,14 @@ from .params import (
     tt_ranks,
 )
 from .plan import ContractionPlan, MachineProfile, calibrate, mpo_matmul, plan_mpo_matmul
-from .tensorize import PAPER_SHAPES, cores_to_matrix, factorize, matrix_to_tensor, mpo_modes, tensor_to_matrix
+from .tensorize import (
+    PAPER_SHAPES,
+    cores_to_matrix,
+    factorize,
+    matrix_to_tensor,
+    mpo_modes,
+    tensor_to_matrix,
+)
 
 __version__ = "0.1.0"
 

@@ -130,7 +130,8 @@ def _tt_sweep(
     cdtype: Any, ops: Any,
 ) -> tuple[list[Any], float, float, float, tuple[np.ndarray, ...]]:
     """Left-to-right TT-SVD; returns cores ``(R_{k-1}, d_k, R_k)`` in ``cdtype``,
-    ``||X||^2``, the discarded mass, ``||X_tt||^2`` and the spectra of every sweep."""
+    ``||X||^2``, the discarded mass, ``||X_tt||^2`` and the spectra of every sweep.
+    """
     n = len(dims)
     rows2 = dims[0] * dims[1] if n >= 3 else 0
     fused = (

@@ -71,7 +71,7 @@ def _best_of(f: Any, reps: int = 3) -> float:
     return best
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _calibrate_key(kind: str, device: str, dtype: str) -> MachineProfile:
     if kind == "torch":
         import torch
@@ -136,6 +136,8 @@ class ContractionPlan:
         Largest intermediate of each strategy, in elements (``W`` itself for dense).
     dense_seconds, contract_seconds : float
         Modelled times under the plan's :class:`MachineProfile`.
+    build_seconds, matmul_seconds : float
+        The two parts of ``dense_seconds``: materializing ``W``, and ``x @ W.T``.
     strategy : {"dense", "contract"}
         The cheaper strategy by modelled time.
     equation : str
@@ -151,9 +153,35 @@ class ContractionPlan:
     contract_peak: int
     dense_seconds: float
     contract_seconds: float
+    build_seconds: float
+    matmul_seconds: float
     strategy: Strategy
     equation: str
     path: tuple[tuple[int, ...], ...]
+
+    def residual_strategy(self, *, training: bool) -> Strategy:
+        """Cheaper strategy for ``x @ (W_res + W).T`` with a frozen dense ``W_res``.
+
+        Both strategies pay the matmul with ``W_res`` (folded into one matmul by
+        ``"dense"``), so the forward pass compares building ``W`` with contracting
+        ``x`` through the cores. A training step (forward, backward to the input and
+        to the cores, with ``W`` rebuilt in the backward pass instead of stored) costs
+        about ``4 * build + 3 * matmul`` dense against ``2 * matmul + 3 * contract``.
+
+        Examples
+        --------
+        >>> shapes = [(1, 4, 4, 16), (16, 4, 4, 16), (16, 8, 8, 16), (16, 8, 8, 16), (16, 4, 4, 1)]
+        >>> plan_mpo_matmul(shapes, 1).residual_strategy(training=False)
+        'contract'
+        >>> plan_mpo_matmul(shapes, 8192).residual_strategy(training=True)
+        'dense'
+        """
+        if training:
+            dense = 4 * self.build_seconds + 3 * self.matmul_seconds
+            contract = 2 * self.matmul_seconds + 3 * self.contract_seconds
+        else:
+            dense, contract = self.build_seconds, self.contract_seconds
+        return "dense" if dense < contract else "contract"
 
 
 def _core_shapes(cores: Any) -> tuple[tuple[int, int, int, int], ...]:
@@ -227,16 +255,20 @@ def _plan_cached(
     operand_shapes = [(batch_size, *in_modes), *shapes]
 
     # dense: chain-contract the cores (as tensorize.cores_to_matrix does), permute, matmul
-    d_flops = d_moved = 0
+    b_flops = b_moved = 0
     acc = shapes[0][1] * shapes[0][2]
     for r0, i, j, r1 in shapes[1:]:
-        d_flops += 2 * acc * r0 * i * j * r1
-        d_moved += (acc * r0 + r0 * i * j * r1 + acc * i * j * r1) * itemsize
+        b_flops += 2 * acc * r0 * i * j * r1
+        b_moved += (acc * r0 + r0 * i * j * r1 + acc * i * j * r1) * itemsize
         acc *= i * j
-    d_moved += 2 * rows * cols * itemsize  # interleaved -> (rows, cols) permute
-    d_flops += 2 * batch_size * rows * cols
-    d_moved += (rows * cols + batch_size * (rows + cols)) * itemsize
-    d_seconds = profile.seconds(d_flops, d_moved, 2 * n + 1)
+    b_moved += 2 * rows * cols * itemsize  # interleaved -> (rows, cols) permute
+    build_seconds = profile.seconds(b_flops, b_moved, 2 * n)
+    m_flops = 2 * batch_size * rows * cols
+    matmul_seconds = profile.seconds(
+        m_flops, (rows * cols + batch_size * (rows + cols)) * itemsize, 1
+    )
+    d_flops = b_flops + m_flops
+    d_seconds = build_seconds + matmul_seconds
     d_peak = max(rows * cols, batch_size * rows)
 
     # contract: best of opt_einsum's flop-optimal path and the plain left-to-right sweep
@@ -260,6 +292,8 @@ def _plan_cached(
         contract_peak=int(c_peak),
         dense_seconds=float(d_seconds),
         contract_seconds=float(c_seconds),
+        build_seconds=float(build_seconds),
+        matmul_seconds=float(matmul_seconds),
         strategy="dense" if d_seconds < c_seconds else "contract",
         equation=equation,
         path=c_path,

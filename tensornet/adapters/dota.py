@@ -1,0 +1,258 @@
+"""DoTA, DoTA-Random and QDoTA: the MPO-parametrized linear layer.
+
+The layer computes ``y = x (W_res + MPO(T))^T + b``. The frozen residual ``W_res`` lives
+in the wrapped base layer (an ``nn.Linear`` whose weight now holds ``W_res``, or a
+bitsandbytes ``Linear4bit`` holding it in NF4); the cores ``T`` are the only trainable
+parameters. The initial cores are kept as buffers: ``W_res = W0 - MPO(T_init)`` can then
+be rebuilt from the base weight on any machine, without an SVD.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..plan import calibrate, mpo_matmul, plan_mpo_matmul
+from ..tensorize import cores_to_matrix
+from .base import dense_weight, is_4bit
+
+__all__ = ["DoTALinear", "random_cores"]
+
+
+def random_cores(
+    out_modes: Sequence[int],
+    in_modes: Sequence[int],
+    ranks: Sequence[int],
+    *,
+    generator: torch.Generator | None = None,
+) -> list[torch.Tensor]:
+    """Cores of the DoTA-Random baseline: Gaussian, the last one zero (float32, CPU).
+
+    Core ``k`` is drawn with variance ``1 / R_{k-1}`` (the first with ``1 / in_features``),
+    so that the product of the first ``N-1`` cores maps an input of unit scale to unit
+    scale, as peft's LoRA ``A`` does; the zero last core makes ``MPO(T) = 0`` at start.
+
+    Examples
+    --------
+    >>> cores = random_cores((2, 2), (3, 2), (1, 4, 1))
+    >>> [tuple(c.shape) for c in cores], bool((cores[-1] == 0).all())
+    ([(1, 2, 3, 4), (4, 2, 2, 1)], True)
+    """
+    n = len(out_modes)
+    in_features = math.prod(in_modes)
+    cores = []
+    for k in range(n):
+        shape = (ranks[k], out_modes[k], in_modes[k], ranks[k + 1])
+        if k == n - 1:
+            cores.append(torch.zeros(shape))
+        else:
+            std = (1.0 / in_features if k == 0 else 1.0 / ranks[k]) ** 0.5
+            cores.append(torch.randn(shape, generator=generator) * std)
+    return cores
+
+
+class _DenseResidualMPO(torch.autograd.Function):
+    """``x (W_res + MPO(T))^T + b`` that keeps no dense matrix alive for backward.
+
+    Forward builds ``W = W_res + MPO(T)``, uses it and drops it; only ``x`` and the small
+    cores are saved. Backward rebuilds ``W`` for ``dx = dy W`` and forms the dense
+    ``dW = dy^T x`` transiently to pull it back onto the cores.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, bias: torch.Tensor | None, layer: DoTALinear,
+                *cores: torch.Tensor) -> torch.Tensor:
+        ct = layer.compute_dtype
+        weight = layer.residual_weight(ct) + cores_to_matrix(cores)
+        y = F.linear(x.to(ct), weight, None if bias is None else bias.to(ct))
+        ctx.layer = layer
+        ctx.save_for_backward(x, *cores)
+        ctx.has_bias = bias is not None
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, gy: torch.Tensor) -> tuple[Any, ...]:
+        x, *cores = ctx.saved_tensors
+        layer = ctx.layer
+        ct = layer.compute_dtype
+        want = [c.requires_grad for c in cores]
+        with torch.enable_grad():
+            leaves = [c.detach().requires_grad_(w) for c, w in zip(cores, want)]
+            mpo = cores_to_matrix(leaves) if any(want) else None
+        gy2 = gy.reshape(-1, gy.shape[-1]).to(ct)
+        gx = None
+        if ctx.needs_input_grad[0]:
+            built = mpo.detach() if mpo is not None else cores_to_matrix(cores)
+            weight = layer.residual_weight(ct) + built
+            gx = (gy2 @ weight).reshape(x.shape).to(x.dtype)
+            del weight, built
+        gb = gy2.sum(0).to(gy.dtype) if ctx.has_bias and ctx.needs_input_grad[1] else None
+        grads: list[torch.Tensor | None] = [None] * len(cores)
+        if mpo is not None:
+            x2 = x.reshape(-1, x.shape[-1]).to(ct)
+            g_weight = gy2.T @ x2
+            picked = [leaf for leaf, w in zip(leaves, want) if w]
+            it = iter(torch.autograd.grad(mpo, picked, g_weight))
+            grads = [next(it) if w else None for w in want]
+        return (gx, gb, None, *grads)
+
+
+class DoTALinear(nn.Module):
+    """A linear layer whose weight is ``W_res + MPO(T)`` with trainable cores ``T``.
+
+    Build it with :func:`tensornet.adapters.apply_dota` (or :meth:`from_linear`).
+
+    Attributes
+    ----------
+    base_layer : nn.Module
+        ``nn.Linear`` holding ``W_res`` (frozen) and the bias, or a bitsandbytes
+        ``Linear4bit`` holding ``W_res`` in NF4 (QDoTA).
+    cores : nn.ParameterList
+        The trainable MPO cores ``(R_{k-1}, I_k, J_k, R_k)``; ``I`` are the output modes.
+    init_0, init_1, ... : buffers
+        The cores at initialization (``W_res = W0 - MPO(T_init)``).
+    """
+
+    def __init__(self, base_layer: nn.Module, init_cores: Sequence[torch.Tensor], *,
+                 strategy: str = "auto", method: str = "dota") -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.cores = nn.ParameterList([nn.Parameter(c.clone()) for c in init_cores])
+        for k, c in enumerate(init_cores):
+            self.register_buffer(f"init_{k}", c.detach().clone())
+        self.strategy = strategy
+        self.method = method
+        self.in_features = int(base_layer.in_features)
+        self.out_features = int(base_layer.out_features)
+        self.base_fingerprint = ""
+        self.relative_error: float | None = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, init_cores: Sequence[torch.Tensor], *,
+                    quantize: str | None = None, dtype: torch.dtype | None = None,
+                    strategy: str = "auto", method: str = "dota") -> DoTALinear:
+        """Wrap ``linear``: residual ``W0 - MPO(init_cores)``, cores trainable.
+
+        Parameters
+        ----------
+        linear : nn.Linear or bitsandbytes Linear4bit
+            The pretrained layer. An ``nn.Linear`` is modified in place (its weight becomes
+            the residual); a 4-bit layer is dequantized first.
+        init_cores : sequence of tensors
+            Initial cores ``(R_{k-1}, I_k, J_k, R_k)``.
+        quantize : {"nf4"} or None
+            Store the residual in NF4 (QDoTA).
+        dtype : torch.dtype, optional
+            Dtype of the cores; default the base weight's (bfloat16 for QDoTA).
+        """
+        w0 = dense_weight(linear)
+        device = w0.device
+        base_dtype = linear.weight.dtype if not is_4bit(linear) else torch.bfloat16
+        cores_dtype = dtype or (torch.bfloat16 if quantize == "nf4" else base_dtype)
+        cores = [c.to(device=device, dtype=cores_dtype) for c in init_cores]
+        residual = w0 - cores_to_matrix([c.to(w0.dtype) for c in cores])
+        if quantize == "nf4":
+            base = _nf4_linear(residual, linear.bias, cores_dtype)
+        else:
+            base = linear
+            base.weight.data = residual.to(base_dtype)
+        base.weight.requires_grad_(False)
+        if base.bias is not None:
+            base.bias.requires_grad_(False)
+        return cls(base, cores, strategy=strategy, method=method)
+
+    @property
+    def quantized(self) -> bool:
+        """True if the residual is stored in 4 bits."""
+        return is_4bit(self.base_layer)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """Dtype of the dense computations (the cores' dtype when quantized)."""
+        return self.cores[0].dtype if self.quantized else self.base_layer.weight.dtype
+
+    @property
+    def out_modes(self) -> tuple[int, ...]:
+        return tuple(int(c.shape[1]) for c in self.cores)
+
+    @property
+    def in_modes(self) -> tuple[int, ...]:
+        return tuple(int(c.shape[2]) for c in self.cores)
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return (1, *(int(c.shape[-1]) for c in self.cores))
+
+    def init_cores(self) -> list[torch.Tensor]:
+        """The cores at initialization."""
+        return [getattr(self, f"init_{k}") for k in range(len(self.cores))]
+
+    def residual_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The frozen ``W_res`` as a dense ``(out, in)`` tensor of ``dtype``."""
+        return dense_weight(self.base_layer, dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``MPO(T) - MPO(T_init)``: what training changed, as a dense matrix (float32+)."""
+        dt = torch.float64 if self.cores[0].dtype == torch.float64 else torch.float32
+        now = cores_to_matrix([c.detach().to(dt) for c in self.cores])
+        return now - cores_to_matrix([c.to(dt) for c in self.init_cores()])
+
+    def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``W_res + MPO(T)`` computed in float32 (at least), cast to ``dtype``."""
+        dt = torch.float64 if self.compute_dtype == torch.float64 else torch.float32
+        w = self.residual_weight(dt) + cores_to_matrix([c.detach().to(dt) for c in self.cores])
+        return w.to(dtype or self.compute_dtype)
+
+    def choose_strategy(self, batch: int, training: bool) -> str:
+        """Dense or contract for a batch of ``batch`` rows (the planner's choice)."""
+        if self.strategy != "auto":
+            return self.strategy
+        c0 = self.cores[0]
+        profile = calibrate(c0.detach()[:0] if c0.numel() else c0.detach())
+        plan = plan_mpo_matmul(self.cores, max(batch, 1), itemsize=c0.element_size(),
+                               profile=profile)
+        return plan.residual_strategy(training=training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cores = list(self.cores)
+        batch = x.numel() // self.in_features
+        training = torch.is_grad_enabled() and any(c.requires_grad for c in cores)
+        if self.choose_strategy(batch, training) == "contract":
+            y = self.base_layer(x)
+            delta = mpo_matmul(x.to(cores[0].dtype), cores, strategy="contract")
+            return y + delta.to(y.dtype)
+        bias = self.base_layer.bias
+        return _DenseResidualMPO.apply(x, bias, self, *cores)
+
+    def extra_repr(self) -> str:
+        q = ", residual=nf4" if self.quantized else ""
+        return (
+            f"method={self.method}, in_features={self.in_features}, "
+            f"out_features={self.out_features}, out_modes={list(self.out_modes)}, "
+            f"in_modes={list(self.in_modes)}, ranks={list(self.ranks)}{q}"
+        )
+
+
+def _nf4_linear(residual: torch.Tensor, bias: torch.Tensor | None,
+                compute_dtype: torch.dtype) -> nn.Module:
+    """A bitsandbytes NF4 ``Linear4bit`` holding ``residual`` (quantized on creation)."""
+    import bitsandbytes as bnb
+
+    out_f, in_f = residual.shape
+    device = residual.device
+    layer = bnb.nn.Linear4bit(
+        in_f, out_f, bias=bias is not None, compute_dtype=compute_dtype, quant_type="nf4",
+        device="meta",
+    )
+    layer.weight = bnb.nn.Params4bit(
+        residual.to(torch.float32).cpu(), requires_grad=False, quant_type="nf4",
+        compress_statistics=True,
+    )
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach().to(compute_dtype).cpu(), requires_grad=False)
+    return layer.to(device)
