@@ -1,0 +1,369 @@
+"""Contraction-planner benchmark: does ``mpo_matmul(strategy="auto")`` pick the faster strategy?
+
+For the MPO shapes of LLaMA-2-7B's matrices (rank 16) and batch sizes 1..8192, measures the
+wall time of ``tensornet.mpo_matmul(x, cores, strategy=...)`` for ``"dense"`` (contract the
+cores into W, then one matmul) and ``"contract"`` (contract x through the cores), and
+records what ``"auto"`` picks: ``plan_mpo_matmul(cores, batch, profile=calibrate(x))``,
+exactly the plan ``mpo_matmul`` follows. ``"auto"`` itself is timed as well.
+
+Goal: for every (shape, batch), time of the picked strategy / min(t_dense, t_contract)
+<= 1.10.
+
+Run ``python benchmarks/bench_plan.py --help`` for the options; ``--quick`` is a smoke test
+on small shapes (its numbers mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import tensornet
+from tensornet import calibrate, mpo_matmul, plan_mpo_matmul
+from tensornet.plan import DEFAULT_PROFILE
+
+GOAL_RATIO = 1.10  # t_picked / min(t_dense, t_contract), at most
+CHECK_BATCH = 32  # rows of x for the correctness check against x @ W.T
+CHECK_RTOL = 1e-4  # relative Frobenius error allowed against the float64 reference
+
+# (name, out_modes, in_modes); W has shape (prod(out_modes), prod(in_modes)) = (out, in)
+FULL_SHAPES = [
+    ("a 4096x4096 (q/k/v)", (4, 4, 8, 8, 4), (4, 4, 8, 8, 4)),
+    ("b 4096x11008 (down_proj)", (4, 4, 8, 8, 4), (4, 4, 43, 4, 4)),
+    ("c 11008x4096 (up_proj)", (4, 4, 43, 4, 4), (4, 4, 8, 8, 4)),
+]
+QUICK_SHAPES = [
+    ("a 1024x1024 (quick)", (4, 4, 4, 4, 4), (4, 4, 4, 4, 4)),
+    ("b 1024x2752 (quick)", (4, 4, 4, 4, 4), (4, 4, 43, 2, 2)),
+    ("c 2752x1024 (quick)", (4, 4, 43, 2, 2), (4, 4, 4, 4, 4)),
+]
+FULL_BATCHES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
+QUICK_BATCHES = [1, 8, 64, 512]
+
+
+# ----------------------------------------------------------------------------- environment
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True,
+            text=True, timeout=10, check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(argv: list[str]) -> dict[str, Any]:
+    """Everything needed to tell where and how the numbers were taken."""
+    try:
+        from threadpoolctl import threadpool_info
+
+        blas = [
+            f"{p.get('internal_api')} {p.get('version')} ({p.get('num_threads')} threads)"
+            for p in threadpool_info()
+        ]
+    except ImportError:
+        blas = []
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = os.cpu_count()
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join([Path(sys.executable).name, *argv]),
+        "git_commit": _git("rev-parse", "--short", "HEAD"),
+        "git_dirty": bool(status) if status is not None else None,
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": affinity,
+        "load_avg_start": [round(v, 2) for v in os.getloadavg()],
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "numpy": np.__version__,
+        "tensornet": tensornet.__version__,
+        "thread_pools": blas,
+    }
+
+
+def print_environment(env: dict[str, Any]) -> None:
+    print(f"# date              {env['date']}")
+    print(f"# command           {env['command']}")
+    dirty = " (uncommitted changes)" if env["git_dirty"] else ""
+    print(f"# git commit        {env['git_commit']}{dirty}")
+    print(f"# platform          {env['platform']}")
+    print(f"# cpu               {env['cpu']}; cpu_count={env['cpu_count']}, "
+          f"usable={env['cpus_usable']}, load avg at start={env['load_avg_start']}")
+    print(f"# python {env['python']}  torch {env['torch']}  numpy {env['numpy']}  "
+          f"tensornet {env['tensornet']}")
+    print(f"# torch threads     {env['torch_threads']} (interop {env['torch_interop_threads']})")
+    for pool in env["thread_pools"]:
+        print(f"# thread pool       {pool}")
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def random_cores(out_modes: tuple[int, ...], in_modes: tuple[int, ...], rank: int,
+                 seed: int) -> list[torch.Tensor]:
+    """Float32 cores ``(R_{k-1}, I_k, J_k, R_k)``; entries scaled so that W ~ N(0, 1/in)."""
+    gen = torch.Generator().manual_seed(seed)
+    n = len(out_modes)
+    ranks = [1] + [rank] * (n - 1) + [1]
+    cores = []
+    for k in range(n):
+        shape = (ranks[k], out_modes[k], in_modes[k], ranks[k + 1])
+        scale = 1.0 / math.sqrt(ranks[k] * in_modes[k])
+        cores.append(torch.randn(*shape, generator=gen, dtype=torch.float32) * scale)
+    return cores
+
+
+def reference_matrix(cores: list[torch.Tensor]) -> np.ndarray:
+    """W (float64) from the cores by ``np.einsum``, independently of tensornet."""
+    n = len(cores)
+    acc = cores[0].double().numpy()[0]  # (I_1, J_1, R_1)
+    for core in cores[1:]:
+        c = core.double().numpy()
+        acc = np.einsum("...a,aijb->...ijb", acc, c)
+    t = acc[..., 0]  # (I_1, J_1, I_2, J_2, ..., I_N, J_N)
+    perm = [2 * k for k in range(n)] + [2 * k + 1 for k in range(n)]
+    rows = math.prod(int(c.shape[1]) for c in cores)
+    return np.ascontiguousarray(t.transpose(perm)).reshape(rows, -1)
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def time_call(fn: Callable[[], Any], args: argparse.Namespace) -> tuple[float, int]:
+    """Best wall time after one warm-up call; repeats adapt to the call's duration."""
+    t0 = time.perf_counter()
+    fn()
+    warm = time.perf_counter() - t0
+    if args.quick:
+        repeats = 1
+    else:
+        repeats = int(min(max(math.ceil(args.target_seconds / max(warm, 1e-7)),
+                              args.min_repeats), args.max_repeats))
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, repeats
+
+
+def check_shape(cores: list[torch.Tensor], in_features: int, seed: int) -> dict[str, float]:
+    """Relative error of each strategy against ``x @ W.T`` computed in float64."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(CHECK_BATCH, in_features, generator=gen, dtype=torch.float32)
+    ref = x.double().numpy() @ reference_matrix(cores).T
+    errors = {}
+    for strategy in ("dense", "contract", "auto"):
+        y = mpo_matmul(x, cores, strategy=strategy).double().numpy()
+        errors[strategy] = float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+    return errors
+
+
+def run_shape(name: str, out_modes: tuple[int, ...], in_modes: tuple[int, ...],
+              args: argparse.Namespace) -> dict[str, Any]:
+    cores = random_cores(out_modes, in_modes, args.rank, args.seed)
+    in_features = math.prod(in_modes)
+    errors = check_shape(cores, in_features, args.seed)
+    check_ok = all(e <= CHECK_RTOL for e in errors.values())
+    gen = torch.Generator().manual_seed(args.seed + 2)
+    rows = []
+    for batch in args.batches:
+        x = torch.randn(batch, in_features, generator=gen, dtype=torch.float32)
+        profile = calibrate(x)
+        plan = plan_mpo_matmul(cores, batch, profile=profile)
+        # strategy="contract" follows the path planned with DEFAULT_PROFILE, "auto" the path
+        # planned with the calibrated profile; flag when they differ
+        default_plan = plan_mpo_matmul(cores, batch, profile=DEFAULT_PROFILE)
+        t_dense, n_dense = time_call(lambda x=x: mpo_matmul(x, cores, strategy="dense"), args)
+        t_contract, n_contract = time_call(
+            lambda x=x: mpo_matmul(x, cores, strategy="contract"), args
+        )
+        t_auto, n_auto = time_call(lambda x=x: mpo_matmul(x, cores), args)
+        best = min(t_dense, t_contract)
+        t_picked = t_dense if plan.strategy == "dense" else t_contract
+        row = {
+            "batch": batch,
+            "t_dense": t_dense,
+            "t_contract": t_contract,
+            "t_auto": t_auto,
+            "repeats": {"dense": n_dense, "contract": n_contract, "auto": n_auto},
+            "picked": plan.strategy,
+            "faster": "dense" if t_dense < t_contract else "contract",
+            "ratio_picked": t_picked / best,
+            "ratio_auto": t_auto / best,
+            "model_dense_seconds": plan.dense_seconds,
+            "model_contract_seconds": plan.contract_seconds,
+            "contract_path": [list(s) for s in plan.path],
+            "contract_path_same_as_default_profile": plan.path == default_plan.path,
+            "dense_peak_elements": plan.dense_peak,
+            "contract_peak_elements": plan.contract_peak,
+        }
+        row["pass"] = row["ratio_picked"] <= GOAL_RATIO
+        rows.append(row)
+        print_row(row)
+        sys.stdout.flush()
+        del x
+    worst = max(rows, key=lambda r: r["ratio_picked"])
+    return {
+        "shape_name": name,
+        "shape": [math.prod(out_modes), in_features],
+        "out_modes": list(out_modes),
+        "in_modes": list(in_modes),
+        "rank": args.rank,
+        "core_shapes": [list(c.shape) for c in cores],
+        "check_errors": errors,
+        "check_pass": check_ok,
+        "rows": rows,
+        "worst_ratio": worst["ratio_picked"],
+        "worst_batch": worst["batch"],
+        "pass": all(r["pass"] for r in rows) and check_ok,
+    }
+
+
+HEADER = (f"  {'batch':>5} {'t_dense':>10} {'t_contract':>10} {'t_auto':>10}  {'picked':8} "
+          f"{'faster':8} {'picked/min':>10} {'auto/min':>8}  {'model d/c':>9}  {'reps d/c/a':>11}")
+
+
+def print_row(r: dict[str, Any]) -> None:
+    mark = "ok" if r["pass"] else "FAIL"
+    model = r["model_dense_seconds"] / r["model_contract_seconds"]
+    reps = "/".join(str(v) for v in r["repeats"].values())
+    note = "" if r["contract_path_same_as_default_profile"] else "  (path differs)"
+    print(f"  {r['batch']:5d} {r['t_dense'] * 1e3:8.3f}ms {r['t_contract'] * 1e3:8.3f}ms "
+          f"{r['t_auto'] * 1e3:8.3f}ms  {r['picked']:8} {r['faster']:8} "
+          f"{r['ratio_picked']:10.3f} {r['ratio_auto']:8.3f}  {model:9.3f}  {reps:>11}  "
+          f"{mark}{note}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: small shapes and batches, 1 repeat (numbers are meaningless)")
+    p.add_argument("--rank", type=int, default=16, help="MPO bond rank (default 16)")
+    p.add_argument("--batches", type=int, nargs="+", default=None,
+                   help=f"batch sizes (rows of x); default {FULL_BATCHES}")
+    p.add_argument("--target-seconds", type=float, default=0.5,
+                   help="aim for this much timed work per measurement (default 0.5)")
+    p.add_argument("--min-repeats", type=int, default=3, help="default 3")
+    p.add_argument("--max-repeats", type=int, default=200, help="default 200")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: "
+                   "leave torch's choice)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None, help="also write all numbers to this file")
+    args = p.parse_args(argv)
+    if args.batches is None:
+        args.batches = QUICK_BATCHES if args.quick else FULL_BATCHES
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+
+    env = environment([sys.argv[0], *argv])
+    print("# tensornet contraction-planner benchmark: mpo_matmul dense vs contract vs auto "
+          "(float32 torch, forward, no autograd)")
+    print_environment(env)
+    print(f"# goal              t_picked / min(t_dense, t_contract) <= {GOAL_RATIO:.2f} for "
+          f"every shape and batch")
+    print(f"# settings          rank {args.rank}, seed {args.seed}, batches {args.batches}, "
+          f"repeats {'1 (QUICK smoke test, not a measurement)' if args.quick else ''}"
+          f"{'' if args.quick else f'adaptive: ~{args.target_seconds} s per measurement, '}"
+          f"{'' if args.quick else f'{args.min_repeats}..{args.max_repeats}'}, best taken "
+          f"after one warm-up call")
+    print("# columns           times are best-of wall times; picked = plan_mpo_matmul(cores, "
+          "batch, profile=calibrate(x)).strategy (what auto runs); faster = measured winner;")
+    print("#                   model d/c = modelled dense / contract time (< 1: model prefers "
+          "dense); reps = repeats dense/contract/auto")
+    x0 = torch.zeros(1, 8)
+    t0 = time.perf_counter()
+    profile = calibrate(x0)
+    print(f"# calibrated        {profile} ({time.perf_counter() - t0:.2f} s, once per process)")
+    print(f"# default profile   {DEFAULT_PROFILE} (used by strategy='contract' for its path)")
+    env["calibrated_profile"] = dataclasses.asdict(profile)
+    sys.stdout.flush()
+
+    shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
+    results = []
+    for name, out_modes, in_modes in shapes:
+        print(f"\n## {name}: out_modes {list(out_modes)} x in_modes {list(in_modes)}, "
+              f"rank {args.rank}")
+        print(HEADER)
+        r = run_shape(name, out_modes, in_modes, args)
+        errs = ", ".join(f"{k} {v:.1e}" for k, v in r["check_errors"].items())
+        print(f"  check vs float64 x @ W.T (batch {CHECK_BATCH}): {errs} "
+              f"(tol {CHECK_RTOL:g}): {'ok' if r['check_pass'] else 'FAIL'}")
+        print(f"  worst picked/min {r['worst_ratio']:.3f} at batch {r['worst_batch']}: "
+              f"{'PASS' if r['pass'] else 'FAIL'}")
+        results.append(r)
+
+    worst = max(results, key=lambda r: r["worst_ratio"])
+    worst_auto = max(((r["shape_name"], row) for r in results for row in r["rows"]),
+                     key=lambda t: t[1]["ratio_auto"])
+    overall = all(r["pass"] for r in results)
+    env["load_avg_end"] = [round(v, 2) for v in os.getloadavg()]
+    print("\n## summary")
+    for r in results:
+        print(f"  {r['shape_name']:28s} worst picked/min {r['worst_ratio']:.3f} "
+              f"(batch {r['worst_batch']}): {'PASS' if r['pass'] else 'FAIL'}")
+    print(f"  worst overall: {worst['worst_ratio']:.3f} ({worst['shape_name']}, batch "
+          f"{worst['worst_batch']}); goal <= {GOAL_RATIO:.2f}")
+    print(f"  worst auto/min (auto timed directly): {worst_auto[1]['ratio_auto']:.3f} "
+          f"({worst_auto[0]}, batch {worst_auto[1]['batch']})")
+    print(f"\n# load avg at end {env['load_avg_end']}")
+    print(f"# overall: {'PASS' if overall else 'FAIL'}"
+          f"{' (QUICK smoke run: sizes are not the goal sizes)' if args.quick else ''}")
+
+    if args.json is not None:
+        payload = {
+            "benchmark": "bench_plan",
+            "environment": env,
+            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "goals": {"ratio_max": GOAL_RATIO, "check_rtol": CHECK_RTOL},
+            "shapes": results,
+            "worst_ratio": worst["worst_ratio"],
+            "worst_auto_ratio": worst_auto[1]["ratio_auto"],
+            "pass": overall,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+        print(f"# wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
