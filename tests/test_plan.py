@@ -1,0 +1,301 @@
+"""Tests for tensornet.plan: applying an MPO to a batch, and the cost model of both strategies."""
+
+from __future__ import annotations
+
+import math
+import string
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tensornet as tn
+from tensornet import MPO, ShapeError, cores_to_matrix, mpo_matmul, plan_mpo_matmul
+
+FAST = settings(max_examples=30, deadline=None, derandomize=True, database=None)
+
+STRATEGIES = ["dense", "contract", "auto"]
+
+
+def random_cores(seed, out_modes, in_modes, ranks, lib="numpy"):
+    rng = np.random.default_rng(seed)
+    cores = [
+        rng.standard_normal((ranks[k], out_modes[k], in_modes[k], ranks[k + 1]))
+        for k in range(len(out_modes))
+    ]
+    if lib == "torch":
+        return [torch.from_numpy(c).float() for c in cores]
+    return cores
+
+
+def einsum_apply(x, cores):
+    """Reference y[..., i] = sum_j x[..., j] prod_k core_k[r, i_k, j_k, r'], by one np.einsum."""
+    x = np.asarray(x, dtype=np.float64)
+    cores = [np.asarray(c, dtype=np.float64) for c in cores]
+    n = len(cores)
+    letters = iter(string.ascii_letters)
+    batch = next(letters)
+    bonds = [next(letters) for _ in range(n + 1)]
+    rows = [next(letters) for _ in range(n)]
+    cols = [next(letters) for _ in range(n)]
+    in_modes = [c.shape[2] for c in cores]
+    lead = x.shape[:-1]
+    xb = x.reshape(math.prod(lead), *in_modes)
+    eq = (
+        batch
+        + "".join(cols)
+        + ","
+        + ",".join(bonds[k] + rows[k] + cols[k] + bonds[k + 1] for k in range(n))
+        + "->"
+        + batch
+        + "".join(rows)
+    )
+    y = np.einsum(eq, xb, *cores)
+    return y.reshape(*lead, math.prod(c.shape[1] for c in cores))
+
+
+def as64(x):
+    if isinstance(x, torch.Tensor):
+        return x.detach().double().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+@st.composite
+def mpo_and_batch(draw):
+    n = draw(st.integers(1, 4))
+    out_modes = draw(st.lists(st.integers(1, 4), min_size=n, max_size=n))
+    in_modes = draw(st.lists(st.integers(1, 4), min_size=n, max_size=n))
+    inner = draw(st.lists(st.integers(1, 4), min_size=n - 1, max_size=n - 1))
+    lead = draw(st.sampled_from([(), (1,), (5,), (2, 3), (2, 1, 3), (0,)]))
+    seed = draw(st.integers(0, 2**32 - 1))
+    return out_modes, in_modes, [1, *inner, 1], lead, seed
+
+
+@FAST
+@given(mpo_and_batch(), st.sampled_from(["numpy64", "torch32"]))
+def test_all_strategies_equal_dense_matmul_and_einsum(case, kind):
+    out_modes, in_modes, ranks, lead, seed = case
+    lib = "torch" if kind == "torch32" else "numpy"
+    cores = random_cores(seed, out_modes, in_modes, ranks, lib)
+    cols, rows = math.prod(in_modes), math.prod(out_modes)
+    rng = np.random.default_rng(seed + 1)
+    x_np = rng.standard_normal((*lead, cols))
+    x = torch.from_numpy(x_np).float() if lib == "torch" else x_np
+    W = cores_to_matrix(cores)
+    expected = as64(x @ W.T)
+    reference = einsum_apply(as64(x), cores)
+    # float32 products over at most 4^4 terms of unit-variance numbers
+    scale = float(np.abs(reference).max(initial=0.0)) + 1.0
+    rtol, atol = (1e-12, 1e-12 * scale) if lib == "numpy" else (1e-4, 1e-5 * scale)
+    np.testing.assert_allclose(expected, reference, rtol=rtol, atol=atol)
+    for strategy in STRATEGIES:
+        y = mpo_matmul(x, cores, strategy=strategy)
+        assert type(y) is type(x)
+        assert y.dtype == x.dtype
+        assert tuple(y.shape) == (*lead, rows)
+        np.testing.assert_allclose(as64(y), expected, rtol=rtol, atol=atol)
+        np.testing.assert_allclose(as64(y), reference, rtol=rtol, atol=atol)
+
+
+def test_mpo_object_is_accepted():
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((24, 16))
+    mpo = tn.mpo_decompose(W, ((2, 3, 4), (2, 4, 2)))
+    x = rng.standard_normal((2, 3, 16))
+    for strategy in STRATEGIES:
+        np.testing.assert_allclose(mpo_matmul(x, mpo, strategy=strategy), x @ W.T, atol=1e-10)
+    assert plan_mpo_matmul(mpo, 6) == plan_mpo_matmul(list(mpo.cores), 6)
+    assert plan_mpo_matmul([c.shape for c in mpo.cores], 6) == plan_mpo_matmul(mpo, 6)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_torch_device_is_kept(strategy):
+    cores = random_cores(1, (2, 3), (3, 2), (1, 2, 1), "torch")
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
+    y = mpo_matmul(x, cores, strategy=strategy)
+    assert y.device == x.device and y.dtype == torch.float32
+
+
+# --------------------------------------------------------------------------- cost model
+
+
+# cores (1, 2, 3, 2) and (2, 3, 2, 1): W is (2*3) x (3*2) = 6 x 6
+SMALL = [(1, 2, 3, 2), (2, 3, 2, 1)]
+
+
+def test_plan_costs_by_hand_small_batch():
+    plan = plan_mpo_matmul(SMALL, 5)
+    assert plan.batch_size == 5
+    rows, cols = 6, 6
+    # dense: chain (I1 J1, R1) @ (R1, I2 J2 R2) = 2*6*2*6 flops, then 2 * batch * out * in
+    assert plan.dense_flops == 2 * 6 * 2 * 6 * 1 + 2 * 5 * rows * cols
+    assert plan.dense_peak == max(rows * cols, 5 * rows) == 36
+    # contract, left to right (the path the planner picks here):
+    #   x[a, j1, j2] * T1[1, i1, j1, r1] -> [a, j2, i1, r1]: 2*5*3*2*1*2*2 flops, 40 entries
+    #   [a, j2, i1, r1] * T2[r1, i2, j2, 1] -> y[a, i1, i2]:  2*5*2*2*2*3*1 flops, 30 entries
+    assert plan.path == ((0, 1), (0, 1))
+    assert plan.contract_flops == 2 * 5 * 3 * 2 * 2 * 2 + 2 * 5 * 2 * 2 * 2 * 3 == 480
+    assert plan.contract_peak == max(5 * 2 * 2 * 2, 5 * 2 * 3) == 40
+    assert plan.equation.count(",") == 2 and "->" in plan.equation
+    assert plan.strategy in ("dense", "contract")
+    expected = "contract" if plan.contract_seconds <= plan.dense_seconds else "dense"
+    assert plan.strategy == expected
+
+
+def test_plan_costs_by_hand_large_batch():
+    plan = plan_mpo_matmul(SMALL, 10)
+    # batch * out = 60 > out * in = 36: the output is the dense strategy's largest array
+    assert plan.dense_peak == 60
+    assert plan.dense_flops == 2 * 6 * 2 * 6 + 2 * 10 * 6 * 6 == 864
+    # contraction can never beat the output size as peak, nor 2 * batch * out flops
+    assert plan.contract_peak >= 10 * 6
+    assert plan.contract_flops >= 2 * 10 * 6
+
+
+def test_plan_dense_flops_formula_three_cores():
+    shapes = [(1, 2, 2, 3), (3, 3, 2, 4), (4, 2, 5, 1)]
+    batch = 7
+    rows, cols = 2 * 3 * 2, 2 * 2 * 5
+    chain = 2 * (2 * 2) * 3 * (3 * 2 * 4) + 2 * (2 * 2 * 3 * 2) * 4 * (2 * 5 * 1)
+    plan = plan_mpo_matmul(shapes, batch)
+    assert plan.dense_flops == chain + 2 * batch * rows * cols
+    assert plan.dense_peak == max(rows * cols, batch * rows)
+
+
+def test_plan_picks_contract_for_one_row_and_dense_for_many():
+    # 4096 x 4096 with Table 2's modes at R = 16 (the docstring's example)
+    shapes = [(1, 4, 4, 16), (16, 4, 4, 16), (16, 8, 8, 16), (16, 8, 8, 16), (16, 4, 4, 1)]
+    one, many = plan_mpo_matmul(shapes, 1), plan_mpo_matmul(shapes, 4096)
+    assert one.strategy == "contract" and many.strategy == "dense"
+    assert one.contract_flops < one.dense_flops
+    assert many.dense_peak == 4096 * 4096
+
+
+def test_plan_itemsize_and_profile_change_only_the_times():
+    fast = tn.MachineProfile(flops_per_s=1e15, bytes_per_s=1e15, op_seconds=0.0)
+    a = plan_mpo_matmul(SMALL, 5)
+    b = plan_mpo_matmul(SMALL, 5, itemsize=8, profile=fast)
+    assert (a.dense_flops, a.dense_peak) == (b.dense_flops, b.dense_peak)
+    assert b.dense_seconds < a.dense_seconds
+
+
+# ------------------------------------------------------------------------------ autograd
+
+
+@pytest.mark.parametrize("strategy", ["contract", "auto"])
+def test_gradients_match_the_dense_path(strategy):
+    out_modes, in_modes, ranks = (2, 3, 2), (3, 2, 2), (1, 3, 2, 1)
+    base = [torch.from_numpy(c) for c in random_cores(4, out_modes, in_modes, ranks)]
+    x = torch.from_numpy(np.random.default_rng(5).standard_normal((4, 12)))
+    weights = torch.from_numpy(np.random.default_rng(6).standard_normal((4, 12)))
+
+    def grads(strat):
+        cores = [c.clone().requires_grad_(True) for c in base]
+        xx = x.clone().requires_grad_(True)
+        y = mpo_matmul(xx, cores, strategy=strat)
+        (y.sum() + (y * weights).sum()).backward()
+        return [c.grad for c in cores], xx.grad
+
+    got, got_x = grads(strategy)
+    ref, ref_x = grads("dense")
+    # the dense path's gradients are themselves checked against torch's x @ W.T
+    cores = [c.clone().requires_grad_(True) for c in base]
+    xx = x.clone().requires_grad_(True)
+    y = xx @ cores_to_matrix(cores).T
+    (y.sum() + (y * weights).sum()).backward()
+    for g, r, c in zip(got, ref, cores):
+        assert g is not None and g.shape == c.shape
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(r, c.grad, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got_x, ref_x, rtol=1e-10, atol=1e-10)
+
+
+def test_gradcheck_contract_path():
+    cores = [
+        c.requires_grad_(True)
+        for c in (torch.from_numpy(c) for c in random_cores(7, (2, 2), (2, 3), (1, 2, 1)))
+    ]
+    x = torch.from_numpy(np.random.default_rng(8).standard_normal((3, 6))).requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda x, a, b: mpo_matmul(x, [a, b], strategy="contract"), (x, *cores)
+    )
+
+
+# -------------------------------------------------------------------------------- errors
+
+
+def test_x_with_wrong_last_dim():
+    cores = random_cores(0, (2, 3), (3, 2), (1, 2, 1))
+    for strategy in STRATEGIES:
+        with pytest.raises(ShapeError) as info:
+            mpo_matmul(np.ones((4, 5)), cores, strategy=strategy)
+        msg = str(info.value)
+        assert "`x`" in msg and "in_features=6" in msg and "(4, 5)" in msg
+
+
+def test_unknown_strategy():
+    cores = random_cores(0, (2, 3), (3, 2), (1, 2, 1))
+    with pytest.raises(ValueError) as info:
+        mpo_matmul(np.ones((4, 6)), cores, strategy="foo")  # type: ignore[arg-type]
+    msg = str(info.value)
+    assert "`strategy`" in msg and "'foo'" in msg
+    assert "'dense'" in msg and "'contract'" in msg and "'auto'" in msg
+
+
+def test_unknown_strategy_is_a_tensornet_error():
+    # errors.py: "Every error derives from TensornetError and from the builtin ..."
+    cores = random_cores(0, (2, 3), (3, 2), (1, 2, 1))
+    with pytest.raises(tn.TensornetError):
+        mpo_matmul(np.ones((4, 6)), cores, strategy="foo")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("cores", "fragments"),
+    [
+        ([np.ones((1, 2, 3, 2)), np.ones((2, 3, 2))], ["`cores[1]`", "4-D", "(2, 3, 2)"]),
+        ([np.ones((1, 2, 3, 2, 1))], ["`cores[0]`", "4-D", "(1, 2, 3, 2, 1)"]),
+        ([np.ones((1, 2, 3, 2)), np.ones((3, 3, 2, 1))], ["bond mismatch", "`cores[1]`"]),
+        ([np.ones((1, 2, 3, 2))], ["last core", "got 2"]),
+        ([], ["`cores`"]),
+    ],
+)
+def test_bad_cores(cores, fragments):
+    for call in (
+        lambda: mpo_matmul(np.ones((4, 3)), cores, strategy="dense"),
+        lambda: plan_mpo_matmul(cores, 4),
+    ):
+        with pytest.raises(ShapeError) as info:
+            call()
+        for fragment in fragments:
+            assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("batch", [0, -1])
+def test_plan_batch_size_must_be_positive(batch):
+    with pytest.raises(ShapeError) as info:
+        plan_mpo_matmul(SMALL, batch)
+    assert "`batch_size`" in str(info.value) and str(batch) in str(info.value)
+
+
+def test_mpo_matmul_does_not_modify_inputs():
+    cores = random_cores(2, (2, 2), (2, 2), (1, 3, 1))
+    saved = [c.copy() for c in cores]
+    x = np.random.default_rng(3).standard_normal((3, 4))
+    x0 = x.copy()
+    for strategy in STRATEGIES:
+        mpo_matmul(x, cores, strategy=strategy)
+    np.testing.assert_array_equal(x, x0)
+    for c, s in zip(cores, saved):
+        np.testing.assert_array_equal(c, s)
+
+
+def test_hand_built_mpo_object():
+    # the cores of an MPO built by hand go through both strategies unchanged
+    cores = random_cores(9, (3, 2), (2, 2), (1, 2, 1))
+    mpo = MPO(cores)
+    x = np.random.default_rng(1).standard_normal((2, 4))
+    np.testing.assert_allclose(
+        mpo_matmul(x, mpo, strategy="contract"), x @ mpo.to_dense().T, rtol=1e-12
+    )
