@@ -1,0 +1,64 @@
+"""The command line: `tensornet demo` on the real MiniLM-L6 weights, errors, `python -m`."""
+
+import subprocess
+import sys
+
+import pytest
+
+from tensornet.cli import load_minilm_weights, main
+
+LAYER = "0.attention.self.query"
+
+
+def test_demo_one_layer(capsys, tmp_path):
+    code = main(["demo", "--layers", LAYER, "--rank", "8", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert LAYER in out
+    assert "rel. error" in out
+    assert "mean relative error" in out
+    # the table row: 384x384 at N=5 has modes 2x4x4x4x3 and ranks capped at 8
+    row = next(line for line in out.splitlines() if line.startswith(LAYER))
+    assert "384x384" in row and "2x4x4x4x3" in row and "1-4-8-8-8-1" in row
+    rel_error = float(row.split()[-1])
+    assert 0.0 < rel_error < 1.0
+    assert (tmp_path / "error_vs_rank.png").is_file()
+
+
+def test_minilm_weights_are_the_encoder_linears():
+    weights = load_minilm_weights()
+    assert len(weights) == 36  # 6 layers x (q, k, v, attention output, intermediate, output)
+    shapes = {w.kind: w.weight.shape for w in weights}
+    assert shapes["query"] == (384, 384)
+    assert shapes["intermediate"] == (1536, 384)  # (out_features, in_features)
+    assert shapes["output"] == (384, 1536)
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["demo", "--rank", "0"], "--rank"),
+        (["demo", "--rank", "abc"], "--rank"),
+        (["demo", "--layers", "no.such.layer"], "no.such.layer"),
+        (["demo", "--num-cores", "9", "--layers", LAYER], "num_factors"),
+        (["demo", "--tol", "1.5"], "--tol"),
+        (["nosuchcommand"], "nosuchcommand"),
+        ([], "command is required"),
+    ],
+)
+def test_bad_input_returns_2_with_one_line(argv, needle, capsys):
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert needle in err
+    assert len(err.splitlines()) == 1
+    assert "Traceback" not in err
+    assert captured.out == ""
+
+
+def test_python_dash_m_help():
+    proc = subprocess.run(
+        [sys.executable, "-m", "tensornet", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "demo" in proc.stdout
