@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# CPU build from the local wheel cache; GPU users: make TORCH_SPEC='torch==2.13.0' TORCH_INDEX=...
+# CPU build from the local wheel cache; GPU users: make TORCH_SPEC=torch==2.13.0 PIP_EXTRA="--index-url ..."
 TORCH_SPEC ?= torch==2.13.0
 PIP_EXTRA ?=
 STAMP := $(VENV)/.installed

@@ -46,7 +46,6 @@ napoleon_use_ivar = True  # "Attributes" as fields: no duplicate entries next to
 nitpicky = False
 # The core's numpydoc "References" sections use numbered citations ([1], [2]) that the
 # text does not cite; docutils would flag each as an unreferenced footnote.
-suppress_warnings = ["ref.footnote"]
 
 html_theme = "furo"
 html_title = f"tensornet {release}"

@@ -1,7 +1,9 @@
 """Minimal array namespace over numpy and torch (private).
 
 The core never imports torch unless it is handed a torch tensor; numpy arrays are
-computed with numpy. Both paths compute in float64 and cast back to the input dtype.
+computed with numpy. Both compute in float32 for inputs of 32 bits or fewer and in
+float64 otherwise (see :func:`tensornet.mpo_decompose` for when float32 inputs are
+redone in float64), and cast back to the input dtype.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def _eigh_top_lapack(g: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         )
     else:
         lam, vec = np.linalg.eigh(g)
-    return lam[::-1].copy(), np.ascontiguousarray(vec[:, ::-1][:, :k])
+    return lam[::-1].copy(), vec[:, ::-1][:, :k].copy()
 
 
 @functools.lru_cache(maxsize=1)
@@ -92,6 +94,10 @@ class NumpyOps:
         return bool(np.isfinite(x).all())
 
     @staticmethod
+    def max_abs(x: np.ndarray) -> float:
+        return float(np.abs(x).max())
+
+    @staticmethod
     def svd(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return np.linalg.svd(a, full_matrices=False)
 
@@ -102,8 +108,10 @@ class NumpyOps:
     @staticmethod
     def sumsq(x: np.ndarray) -> float:
         flat = x.reshape(-1)
-        return float(np.dot(flat, flat)) if flat.dtype == np.float64 else float(
-            np.einsum("i,i->", flat, flat, dtype=np.float64)
+        return (
+            float(np.dot(flat, flat))
+            if flat.dtype == np.float64
+            else float(np.einsum("i,i->", flat, flat, dtype=np.float64))
         )
 
     @staticmethod
@@ -158,6 +166,10 @@ class TorchOps:
     @staticmethod
     def all_finite(x: Any) -> bool:
         return bool(x.isfinite().all())
+
+    @staticmethod
+    def max_abs(x: Any) -> float:
+        return float(x.detach().abs().max())
 
     @staticmethod
     def svd(a: Any) -> tuple[Any, Any, Any]:

@@ -6,13 +6,13 @@ import numbers
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import RankError, ShapeError
+from .errors import DTypeError, RankError, ShapeError
 
 
 def check_positive_int(value: Any, name: str, *, minimum: int = 1) -> int:
     """Return ``value`` as an int if it is an integer >= ``minimum``, else raise."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"`{name}` must be an int >= {minimum}; got {value!r}")
+        raise DTypeError(f"`{name}` must be an int >= {minimum}; got {value!r}")
     if value < minimum:
         raise ShapeError(f"`{name}` must be an int >= {minimum}; got {value!r}")
     return int(value)

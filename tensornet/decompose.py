@@ -50,6 +50,8 @@ def _choose_rank(lam: np.ndarray, total: float, cap: int, budget: float) -> int:
 def _top_from_gram(g: Any, cap: int, budget: float, ops: Any) -> tuple[Any, int, float, np.ndarray]:
     """Leading eigenvectors of a Gram matrix: ``(vectors[:, :r], r, discarded, sigma)``."""
     total = ops.trace(g)
+    if not math.isfinite(total):
+        raise _Overflow
     lam, vec = ops.eigh_top(g, min(cap, g.shape[0]))
     lam_np = np.clip(ops.numpy(lam), 0.0, None)
     r = _choose_rank(lam_np, total, min(cap, g.shape[0]), budget)
@@ -126,11 +128,17 @@ def _fused_head(
 
 
 def _tt_sweep(
-    layout: _Layout, dims: tuple[int, ...], caps: tuple[int, ...], tol: float | None,
-    cdtype: Any, ops: Any,
+    layout: _Layout,
+    dims: tuple[int, ...],
+    caps: tuple[int, ...],
+    tol: float | None,
+    cdtype: Any,
+    ops: Any,
 ) -> tuple[list[Any], float, float, float, tuple[np.ndarray, ...]]:
-    """Left-to-right TT-SVD; returns cores ``(R_{k-1}, d_k, R_k)`` in ``cdtype``,
-    ``||X||^2``, the discarded mass, ``||X_tt||^2`` and the spectra of every sweep.
+    """Left-to-right TT-SVD.
+
+    Returns cores ``(R_{k-1}, d_k, R_k)`` in ``cdtype``, ``||X||^2``, the discarded
+    mass, ``||X_tt||^2`` and the spectra of every sweep.
     """
     n = len(dims)
     rows2 = dims[0] * dims[1] if n >= 3 else 0
@@ -165,40 +173,78 @@ def _tt_sweep(
 
 
 class _Overflow(Exception):
-    """The compute dtype overflowed on finite input; retry in float64."""
+    """A Gram matrix overflowed its dtype on finite input: rescale and retry in float64."""
 
 
 def _check_norm(norm2: float, x: Any, ops: Any) -> None:
     if not math.isfinite(norm2):
         if not ops.all_finite(x):
-            raise NonFiniteError("the array to decompose must hold only finite values; got NaN or Inf")
+            raise _NonFinite
         raise _Overflow
 
 
+class _NonFinite(Exception):
+    """The input holds NaN or Inf (turned into a NonFiniteError naming the argument)."""
+
+
+# float32 is used for inputs of 32 bits or fewer, but it resolves squared errors only
+# down to ~1e4 ulps of ||W||^2: a tolerance below this, or a result whose relative error
+# falls below it, is computed (again) in float64.
+_FLOAT32_MIN_TOL = 1e-2
+
+
 def _run(
-    layout: _Layout, like: Any, dims: tuple[int, ...], caps: tuple[int, ...],
-    tol: float | None, dense: Any,
+    layout_of: Any,
+    like: Any,
+    name: str,
+    dims: tuple[int, ...],
+    caps: tuple[int, ...],
+    tol: float | None,
+    dense: Any,
 ) -> tuple[list[Any], float, float, tuple[np.ndarray, ...]]:
-    """Decompose the entries described by ``layout``, cast back to ``like``'s dtype.
+    """Decompose ``like`` (``layout_of(array)`` gives its views), cast back to its dtype.
 
     ``dense(cores)`` rebuilds ``like`` from float64 cores for the reconstruction error.
     Returns the cast cores, the relative bound, the relative error and the spectra.
     """
     ops = ops_for(like)
+    f64 = ops.to64(like.reshape(-1)[:1]).dtype
     cdtype = ops.compute_dtype(like)
-    try:
-        cores, norm2, discarded, kept2, spectra = _tt_sweep(layout, dims, caps, tol, cdtype, ops)
-    except _Overflow:
-        cdtype = ops.to64(like.reshape(-1)[:1]).dtype
-        cores, norm2, discarded, kept2, spectra = _tt_sweep(layout, dims, caps, tol, cdtype, ops)
+    if tol is not None and tol < _FLOAT32_MIN_TOL:
+        cdtype = f64
+    scale = 1.0
+    while True:
+        data = like if scale == 1.0 else ops.to64(like) * (1.0 / scale)
+        try:
+            with np.errstate(over="ignore", invalid="ignore"):  # overflow -> float64 retry
+                cores, norm2, discarded, kept2, spectra = _tt_sweep(
+                    layout_of(data), dims, caps, tol, cdtype, ops
+                )
+        except _NonFinite:
+            raise NonFiniteError(
+                f"`{name}` must hold only finite values; got NaN or Inf entries"
+            ) from None
+        except _Overflow:
+            if scale != 1.0:  # pragma: no cover - max-abs scaling bounds every entry by 1
+                raise
+            cdtype, scale = f64, ops.max_abs(like)
+            continue
+        rel2 = (norm2 - kept2) / norm2 if norm2 else 0.0
+        low_res = cdtype != f64 and rel2 < _IDENTITY_MIN_ULPS * float(np.finfo(np.float32).eps)
+        if not low_res:
+            break
+        cdtype = f64  # redo: float32 cannot resolve an error this small
+    if scale != 1.0:
+        cores[-1] = cores[-1] * scale
     out = [ops.cast(c, like) for c in cores]
     if norm2 == 0.0:
         return out, 0.0, 0.0, spectra
     bound = math.sqrt(max(discarded, 0.0) / norm2)
-    rel2 = (norm2 - kept2) / norm2
-    eps = float(np.finfo(np.float64 if "64" in str(cdtype) else np.float32).eps)
-    if rel2 >= _IDENTITY_MIN_ULPS * eps:
+    eps = float(np.finfo(np.float64).eps)
+    same_dtype = out[0].dtype == cores[0].dtype
+    if rel2 >= _IDENTITY_MIN_ULPS * eps and same_dtype:
         return out, bound, math.sqrt(rel2), spectra
+    # small errors, or cores cast to a narrower dtype: measure the returned cores
     x64 = ops.to64(like)
     diff = dense([ops.to64(c) for c in out]) - x64
     return out, bound, math.sqrt(ops.sumsq(diff) / ops.sumsq(x64)), spectra
@@ -224,8 +270,9 @@ def tt_decompose(
     Returns
     -------
     TensorTrain
-        Cores ``(R_{k-1}, d_k, R_k)`` of the same array type, device and dtype as ``x``
-        (computed in float64), with the error bound and the relative error.
+        Cores ``(R_{k-1}, d_k, R_k)`` of the same array type, device and dtype as ``x``,
+        with the error bound and the relative error (precision as for
+        :func:`mpo_decompose`).
 
     Raises
     ------
@@ -249,15 +296,22 @@ def tt_decompose(
     caps = normalize_rank(rank, len(dims) - 1)
     tol = check_tol(tol)
     caps = tt_ranks(dims, caps)[1:-1]
-    layout = _Layout(sweep=x)
-    if len(dims) >= 3:
+
+    def layout_of(data: Any) -> _Layout:
+        if len(dims) < 3:
+            return _Layout(sweep=data)
         rest = dims[2:]
-        layout = _Layout(
-            sweep=x, block=x, row_shape=dims[:2], row_perm=(0, 1), rest_shape=rest,
+        return _Layout(
+            sweep=data,
+            block=data,
+            row_shape=dims[:2],
+            row_perm=(0, 1),
+            rest_shape=rest,
             rest_perm=tuple(range(len(rest))),
         )
+
     cores, bound, rel, spectra = _run(
-        layout, x, dims, caps, tol, lambda c: TensorTrain(tuple(c)).to_dense()
+        layout_of, x, "x", dims, caps, tol, lambda c: TensorTrain(tuple(c)).to_dense()
     )
     return TensorTrain(tuple(cores), error_bound=bound, relative_error=rel, singular_values=spectra)
 
@@ -321,7 +375,7 @@ def mpo_decompose(
     """MPO (tensor-train matrix) decomposition of a weight matrix, Algorithm 1 of DoTA.
 
     ``W`` is viewed as the order-2N tensor with interleaved modes
-    ``(I_1 J_1)(I_2 J_2)...(I_N J_N)`` and decomposed by TT-SVD.
+    ``(I_1 J_1)(I_2 J_2)...(I_N J_N)`` and decomposed by TT-SVD [2]_.
 
     Parameters
     ----------
@@ -342,7 +396,17 @@ def mpo_decompose(
     MPO
         Cores ``(R_{k-1}, I_k, J_k, R_k)`` with ``W``'s array type, device and dtype;
         ``error_bound`` (from the discarded singular values) and ``relative_error``
-        (``||W - MPO||_F / ||W||_F``, computed in float64 before the cast to ``W``'s dtype).
+        (``||W - MPO||_F / ||W||_F`` of the returned cores).
+
+    Notes
+    -----
+    Inputs of 32 bits or fewer are computed in float32, others in float64. float32
+    resolves a squared relative error only down to about ``1e4`` units in the last
+    place, so a ``tol`` below ``1e-2``, or a result whose relative error turns out below
+    about 3e-2 (high ranks), is computed in float64 instead: the bound and the error are
+    then accurate to float64 rounding. Entries large enough to overflow a Gram matrix are
+    rescaled first. Each sweep's truncated SVD comes from the Gram matrix of the
+    unfolding on its small side, the method in [1]_ (Algorithm 1) computed as in [2]_.
 
     Raises
     ------
@@ -390,8 +454,9 @@ def mpo_decompose(
         ]
 
     cores, bound, rel, spectra = _run(
-        _matrix_layout(W, out_modes, in_modes),
+        lambda data: _matrix_layout(data, out_modes, in_modes),
         W,
+        "W",
         dims,
         caps,
         tol,

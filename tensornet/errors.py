@@ -30,7 +30,7 @@ class RankError(TensornetError, ValueError):
 
 
 class DTypeError(TensornetError, TypeError):
-    """An array has a dtype the operation cannot take (integer, complex, ...)."""
+    """A value has the wrong type, or an array a dtype the operation cannot take."""
 
 
 class NonFiniteError(TensornetError, ValueError):
@@ -38,7 +38,7 @@ class NonFiniteError(TensornetError, ValueError):
 
 
 class ConfigError(TensornetError, ValueError):
-    """An adapter configuration value is invalid."""
+    """An option or an adapter configuration value is invalid."""
 
 
 class AdapterMismatchError(TensornetError, ValueError):

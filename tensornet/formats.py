@@ -21,9 +21,7 @@ def _check_chain(cores: Sequence[Any], order: int, kind: str) -> tuple[int, ...]
     for k, core in enumerate(cores):
         shape = tuple(core.shape)
         if len(shape) != order:
-            raise ShapeError(
-                f"`cores[{k}]` of a {kind} must have {order} axes; got shape {shape}"
-            )
+            raise ShapeError(f"`cores[{k}]` of a {kind} must have {order} axes; got shape {shape}")
         if shape[0] != ranks[-1]:
             raise ShapeError(
                 f"bond mismatch at `cores[{k}]`: expected leading rank {ranks[-1]}, got "
@@ -50,8 +48,11 @@ class MPO:
     relative_error : float or None
         ``||W - to_dense()||_F / ||W||_F`` (None when not computed).
     singular_values : tuple of numpy arrays or None
-        For each of the ``N-1`` sweeps, every singular value of the unfolding (float64),
-        kept and discarded.
+        For each of the ``N-1`` sweeps, the leading singular values of the unfolding
+        (float64, descending): all of them for unfoldings under 128 rows or columns,
+        otherwise at least the kept ones (the eigensolver is asked for no more).
+    ranks : tuple of int
+        Bond dimensions ``(1, R_1, ..., R_{N-1}, 1)``, read off the cores.
 
     Examples
     --------
@@ -140,7 +141,7 @@ class TensorTrain:
     ----------
     cores : tuple of arrays
         ``N`` cores of shape ``(R_{k-1}, d_k, R_k)``.
-    error_bound, relative_error, singular_values
+    error_bound, relative_error, singular_values, ranks
         As for :class:`MPO`.
 
     Examples

@@ -24,7 +24,8 @@ def tt_ranks(shape: Sequence[int], rank: Any = None) -> tuple[int, ...]:
     """Bond dimensions ``(1, R_1, ..., R_{N-1}, 1)`` of a tensor train of ``shape``.
 
     ``R_k = min(prod_{n<=k} d_n, prod_{n>k} d_n)`` (eq. (1) of the DoTA paper with
-    ``d_n = I_n J_n``), each capped at ``rank``.
+    ``d_n = I_n J_n``), each capped at ``rank``. With per-bond caps a bond also cannot
+    exceed what the previous one passes on, ``R_{k-1} d_k`` (what TT-SVD produces).
 
     Parameters
     ----------
@@ -52,7 +53,7 @@ def tt_ranks(shape: Sequence[int], rank: Any = None) -> tuple[int, ...]:
     for k in range(len(dims) - 1):
         left *= dims[k]
         full = min(left, total // left)
-        ranks.append(full if caps is None else min(full, caps[k]))
+        ranks.append(full if caps is None else min(full, caps[k], ranks[-1] * dims[k]))
     ranks.append(1)
     return tuple(int(r) for r in ranks)
 
@@ -81,7 +82,9 @@ def _mode_products(out_modes: Sequence[int], in_modes: Sequence[int]) -> tuple[i
     return tuple(i * j for i, j in zip(out_modes, in_modes))
 
 
-def mpo_ranks(out_modes: Sequence[int], in_modes: Sequence[int], rank: Any = None) -> tuple[int, ...]:
+def mpo_ranks(
+    out_modes: Sequence[int], in_modes: Sequence[int], rank: Any = None
+) -> tuple[int, ...]:
     """Bond dimensions ``(1, R_1, ..., R_{N-1}, 1)`` of an MPO, eq. (1) capped at ``rank``.
 
     Examples

@@ -28,7 +28,7 @@ import opt_einsum as oe
 
 from ._backend import is_torch
 from ._validate import check_positive_int
-from .errors import ShapeError
+from .errors import ConfigError, ShapeError
 from .formats import MPO
 from .tensorize import cores_to_matrix
 
@@ -381,7 +381,7 @@ def mpo_matmul(
     True
     """
     if strategy not in ("auto", "dense", "contract"):
-        raise ValueError(
+        raise ConfigError(
             f"`strategy` must be one of 'auto', 'dense', 'contract'; got {strategy!r}"
         )
     core_list = tuple(cores.cores if isinstance(cores, MPO) else cores)

@@ -147,9 +147,7 @@ def _permute(x: Any, perm: Sequence[int]) -> Any:
     return x.permute(*perm) if hasattr(x, "permute") else np.transpose(x, perm)
 
 
-def matrix_to_tensor(
-    matrix: Any, out_modes: Sequence[int], in_modes: Sequence[int]
-) -> Any:
+def matrix_to_tensor(matrix: Any, out_modes: Sequence[int], in_modes: Sequence[int]) -> Any:
     """View a ``(prod(out_modes), prod(in_modes))`` matrix as the order-2N tensor of the MPO.
 
     The axes are interleaved ``(I_1, J_1, I_2, J_2, ..., I_N, J_N)``, so that the k-th
@@ -201,11 +199,33 @@ def tensor_to_matrix(tensor: Any) -> Any:
     return t.reshape(rows, cols)
 
 
+def _chain(cores: Sequence[Any]) -> tuple[Any, list[int], list[int]]:
+    """Contract consecutive cores into ``(R_first, I.., J.., R_last)`` (rows, then columns)."""
+    r0, i, j, r1 = cores[0].shape
+    acc = cores[0]  # (r0, I, J, r1)
+    rows, cols = [i], [j]
+    for core in cores[1:]:
+        q0, i, j, q1 = core.shape
+        if acc.shape[-1] != q0:
+            raise ShapeError(
+                f"bond mismatch: a core ends with rank {acc.shape[-1]}, the next starts with "
+                f"rank {q0}"
+            )
+        a0, ai, aj, _ = acc.shape
+        prod = (acc.reshape(-1, q0) @ core.reshape(q0, -1)).reshape(a0, ai, aj, i, j, q1)
+        acc = _permute(prod, (0, 1, 3, 2, 4, 5)).reshape(a0, ai * i, aj * j, q1)
+        rows.append(i)
+        cols.append(j)
+    return acc, rows, cols
+
+
 def cores_to_matrix(cores: Sequence[Any]) -> Any:
     """Contract MPO cores ``(R_{k-1}, I_k, J_k, R_k)`` into the dense ``(I, J)`` matrix.
 
-    Left-to-right chain of matrix products; works for numpy arrays and torch tensors
-    (autograd flows through it).
+    The cores are split where the two halves are smallest; each half is contracted into
+    a small ``(rows, columns, bond)`` block, and one matrix product over the shared bond
+    writes ``W`` followed by one 4-axis reordering. Works for numpy arrays and torch
+    tensors (autograd flows through it).
 
     Examples
     --------
@@ -216,29 +236,33 @@ def cores_to_matrix(cores: Sequence[Any]) -> Any:
     """
     if len(cores) == 0:
         raise ShapeError("`cores` must hold at least one core; got an empty sequence")
-    out_modes, in_modes = [], []
-    acc = None
     for k, core in enumerate(cores):
         if core.ndim != 4:
             raise ShapeError(
                 f"`cores[{k}]` must have 4 axes (R_prev, I_k, J_k, R_next); got shape "
                 f"{tuple(core.shape)}"
             )
-        r0, i, j, r1 = core.shape
-        out_modes.append(i)
-        in_modes.append(j)
-        if acc is None:
-            if r0 != 1:
-                raise ShapeError(f"`cores[0]` must have a leading rank of 1; got {r0}")
-            acc = core.reshape(i * j, r1)
-        else:
-            if acc.shape[-1] != r0:
-                raise ShapeError(
-                    f"bond mismatch: `cores[{k - 1}]` ends with rank {acc.shape[-1]}, "
-                    f"`cores[{k}]` starts with rank {r0}"
-                )
-            acc = (acc @ core.reshape(r0, i * j * r1)).reshape(-1, r1)
-    if acc.shape[-1] != 1:
-        raise ShapeError(f"the last core must have a trailing rank of 1; got {acc.shape[-1]}")
-    tensor = acc.reshape(*[d for pair in zip(out_modes, in_modes) for d in pair])
-    return tensor_to_matrix(tensor)
+    if cores[0].shape[0] != 1:
+        raise ShapeError(f"`cores[0]` must have a leading rank of 1; got {cores[0].shape[0]}")
+    if cores[-1].shape[-1] != 1:
+        raise ShapeError(f"the last core must have a trailing rank of 1; got {cores[-1].shape[-1]}")
+    n = len(cores)
+    if n == 1:
+        c = cores[0]
+        return c.reshape(c.shape[1], c.shape[2])
+    # split so that the two half-chains (sizes prod(I J) * R of each side) are smallest
+    sizes = [int(np.prod(c.shape[1:3])) for c in cores]
+    best, split = None, 1
+    for m in range(1, n):
+        r = int(cores[m].shape[0])
+        cost = int(np.prod(sizes[:m])) * r + r * int(np.prod(sizes[m:]))
+        if best is None or cost < best:
+            best, split = cost, m
+    left, lrows, lcols = _chain(cores[:split])
+    right, rrows, rcols = _chain(cores[split:])
+    if left.shape[-1] != right.shape[0]:
+        raise ShapeError(f"bond mismatch at core {split}: {left.shape[-1]} vs {right.shape[0]}")
+    li, lj, r = left.shape[1], left.shape[2], left.shape[3]
+    ri, rj = right.shape[1], right.shape[2]
+    prod = (left.reshape(li * lj, r) @ right.reshape(r, ri * rj)).reshape(li, lj, ri, rj)
+    return _permute(prod, (0, 2, 1, 3)).reshape(li * ri, lj * rj)

@@ -41,8 +41,12 @@ from .dota import DoTALinear, random_cores
 __all__ = ["plan_dota", "apply_dota", "merge", "unapply", "save_adapter", "load_adapter"]
 
 _STATE_ATTR = "_tensornet_adapter"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-           "float64": torch.float64}
+_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
 
 
 def _method(cfg: DoTAConfig) -> str:
@@ -91,8 +95,11 @@ def _targets(model: nn.Module, cfg: DoTAConfig, *, need_weights: bool) -> list[_
         module = model.get_submodule(name)
         if not (isinstance(module, nn.Linear) or is_4bit(module)):
             kind = type(module).__name__
-            hint = " (8-bit bases are not supported; load the model in 16/32 bit or 4 bit)" \
-                if "8bit" in kind else ""
+            hint = (
+                " (8-bit bases are not supported; load the model in 16/32 bit or 4 bit)"
+                if "8bit" in kind
+                else ""
+            )
             raise ConfigError(
                 f"target {name!r} is a {kind}; DoTA adapts nn.Linear and bitsandbytes "
                 f"Linear4bit layers{hint}"
@@ -122,7 +129,9 @@ def _targets(model: nn.Module, cfg: DoTAConfig, *, need_weights: bool) -> list[_
     return out
 
 
-def plan_dota(model: nn.Module, config: DoTAConfig | None = None, **overrides: Any) -> AdapterReport:
+def plan_dota(
+    model: nn.Module, config: DoTAConfig | None = None, **overrides: Any
+) -> AdapterReport:
     """Report what :func:`apply_dota` would do, without weights and without changes.
 
     Works on a model built on the meta device, so the adapter size of a 7B model can
@@ -143,17 +152,25 @@ def plan_dota(model: nn.Module, config: DoTAConfig | None = None, **overrides: A
     cfg = _resolve_config(config, overrides)
     targets = _targets(model, cfg, need_weights=False)
     layers = tuple(
-        LayerReport(t.name, math.prod(t.out_modes), math.prod(t.in_modes), t.out_modes,
-                    t.in_modes, t.ranks, mpo_num_params(t.out_modes, t.in_modes, cfg.rank))
+        LayerReport(
+            t.name,
+            math.prod(t.out_modes),
+            math.prod(t.in_modes),
+            t.out_modes,
+            t.in_modes,
+            t.ranks,
+            mpo_num_params(t.out_modes, t.in_modes, cfg.rank),
+        )
         for t in targets
     )
     adapter = sum(lay.num_params for lay in layers)
     _, total = count_parameters(model)
-    return AdapterReport(_method(cfg), layers, adapter, total + adapter,
-                         {"config": cfg.to_dict()})
+    return AdapterReport(_method(cfg), layers, adapter, total + adapter, {"config": cfg.to_dict()})
 
 
-def _initial_cores(t: _Target, cfg: DoTAConfig, index: int) -> tuple[list[torch.Tensor], float | None, str]:
+def _initial_cores(
+    t: _Target, cfg: DoTAConfig, index: int
+) -> tuple[list[torch.Tensor], float | None, str]:
     w0 = dense_weight(t.module)
     fp = fingerprint(w0)
     if cfg.init == "random":
@@ -175,8 +192,12 @@ def _progress(items: list[Any], enabled: bool, desc: str) -> Any:
     return tqdm(items, desc=desc, unit="layer", leave=False)
 
 
-def _install(model: nn.Module, cfg: DoTAConfig, targets: list[_Target],
-             inits: list[tuple[list[torch.Tensor], float | None, str]]) -> AdapterReport:
+def _install(
+    model: nn.Module,
+    cfg: DoTAConfig,
+    targets: list[_Target],
+    inits: list[tuple[list[torch.Tensor], float | None, str]],
+) -> AdapterReport:
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     dtype = _DTYPES[cfg.dtype] if cfg.dtype else None
     method = _method(cfg)
@@ -184,21 +205,37 @@ def _install(model: nn.Module, cfg: DoTAConfig, targets: list[_Target],
     for p in model.parameters():
         p.requires_grad_(False)
     for t, (cores, err, fp) in zip(targets, inits):
-        layer = DoTALinear.from_linear(t.module, cores, quantize=cfg.quantize, dtype=dtype,
-                                       strategy=cfg.strategy, method=method)
+        layer = DoTALinear.from_linear(
+            t.module,
+            cores,
+            quantize=cfg.quantize,
+            dtype=dtype,
+            strategy=cfg.strategy,
+            method=method,
+        )
         layer.base_fingerprint = fp
         layer.relative_error = err
         set_submodule(model, t.name, layer)
-        reports.append(LayerReport(t.name, layer.out_features, layer.in_features,
-                                   t.out_modes, t.in_modes, t.ranks,
-                                   sum(c.numel() for c in layer.cores), err))
+        reports.append(
+            LayerReport(
+                t.name,
+                layer.out_features,
+                layer.in_features,
+                t.out_modes,
+                t.in_modes,
+                t.ranks,
+                sum(c.numel() for c in layer.cores),
+                err,
+            )
+        )
     setattr(model, _STATE_ATTR, {"method": method, "config": cfg, "requires_grad": flags})
     trainable, total = count_parameters(model)
     return AdapterReport(method, tuple(reports), trainable, total, {"config": cfg.to_dict()})
 
 
-def apply_dota(model: nn.Module, config: DoTAConfig | None = None, *, progress: bool = True,
-               **overrides: Any) -> AdapterReport:
+def apply_dota(
+    model: nn.Module, config: DoTAConfig | None = None, *, progress: bool = True, **overrides: Any
+) -> AdapterReport:
     """Replace the target linear layers of ``model`` by DoTA layers, in place.
 
     Each target weight ``W0`` is decomposed (MPO, :func:`tensornet.mpo_decompose`); its
@@ -239,8 +276,9 @@ def apply_dota(model: nn.Module, config: DoTAConfig | None = None, *, progress: 
     """
     cfg = _resolve_config(config, overrides)
     targets = _targets(model, cfg, need_weights=True)
-    inits = [_initial_cores(t, cfg, i)
-             for i, t in enumerate(_progress(targets, progress, "decomposing"))]
+    inits = [
+        _initial_cores(t, cfg, i) for i, t in enumerate(_progress(targets, progress, "decomposing"))
+    ]
     with torch.no_grad():
         return _install(model, cfg, targets, inits)
 
@@ -258,8 +296,13 @@ def _replace_layers(model: nn.Module, weight_of: Any) -> nn.Module:
         base = layer.base_layer
         weight = weight_of(layer)
         bias = base.bias
-        linear = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None,
-                           device=weight.device, dtype=weight.dtype)
+        linear = nn.Linear(
+            layer.in_features,
+            layer.out_features,
+            bias=bias is not None,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
         with torch.no_grad():
             linear.weight.copy_(weight)
             if bias is not None:
@@ -295,6 +338,7 @@ def unapply(model: nn.Module) -> nn.Module:
     rounding to the base dtype (at most one unit in the last place). For QDoTA the
     residual was stored in NF4, so the rebuilt weight carries its quantization error.
     """
+
     def original(layer: DoTALinear) -> torch.Tensor:
         dt = torch.float64 if layer.compute_dtype == torch.float64 else torch.float32
         w = layer.residual_weight(dt) + cores_to_matrix([c.to(dt) for c in layer.init_cores()])
@@ -318,19 +362,35 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
         for k, (c, c0) in enumerate(zip(layer.cores, layer.init_cores())):
             tensors[f"{name}.cores.{k}"] = c.detach()
             tensors[f"{name}.init.{k}"] = c0
-        layers.append({
-            "name": name, "out_features": layer.out_features, "in_features": layer.in_features,
-            "out_modes": list(layer.out_modes), "in_modes": list(layer.in_modes),
-            "ranks": list(layer.ranks), "fingerprint": layer.base_fingerprint,
-            "dtype": str(layer.cores[0].dtype).replace("torch.", ""),
-        })
-    meta = {"format_version": FORMAT_VERSION, "tensornet_version": __version__,
-            "method": state["method"], "config": state["config"].to_dict(), "layers": layers}
+        layers.append(
+            {
+                "name": name,
+                "out_features": layer.out_features,
+                "in_features": layer.in_features,
+                "out_modes": list(layer.out_modes),
+                "in_modes": list(layer.in_modes),
+                "ranks": list(layer.ranks),
+                "fingerprint": layer.base_fingerprint,
+                "dtype": str(layer.cores[0].dtype).replace("torch.", ""),
+            }
+        )
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "tensornet_version": __version__,
+        "method": state["method"],
+        "config": state["config"].to_dict(),
+        "layers": layers,
+    }
     write_adapter_file(path, tensors, meta)
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, config: DoTAConfig | None = None,
-                 *, method: str = "dota") -> AdapterReport:
+def load_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    config: DoTAConfig | None = None,
+    *,
+    method: str = "dota",
+) -> AdapterReport:
     """Apply a saved adapter to a fresh base ``model``; outputs match the saved model.
 
     Parameters
@@ -366,14 +426,18 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, config: DoTAConfig |
         )
     cfg = saved.replace(target_modules=tuple(lay["name"] for lay in meta["layers"]))
     if getattr(model, _STATE_ATTR, None) is not None:
-        raise AdapterMismatchError("`model` already has tensornet adapters; load into a fresh model")
+        raise AdapterMismatchError(
+            "`model` already has tensornet adapters; load into a fresh model"
+        )
     modules = dict(model.named_modules())
     targets = []
     for lay in meta["layers"]:
         name = lay["name"]
         module = modules.get(name)
         if module is None or not (isinstance(module, nn.Linear) or is_4bit(module)):
-            raise AdapterMismatchError(f"the adapter's layer {name!r} is not a linear layer of `model`")
+            raise AdapterMismatchError(
+                f"the adapter's layer {name!r} is not a linear layer of `model`"
+            )
         shape = (int(module.out_features), int(module.in_features))
         if shape != (lay["out_features"], lay["in_features"]):
             raise AdapterMismatchError(
@@ -385,8 +449,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, config: DoTAConfig |
                 f"layer {name!r} of `model` has other weights than the base the adapter was "
                 f"trained on (fingerprint mismatch): load it into the same base model"
             )
-        targets.append(_Target(name, module, tuple(lay["out_modes"]), tuple(lay["in_modes"]),
-                               tuple(lay["ranks"])))
+        targets.append(
+            _Target(
+                name, module, tuple(lay["out_modes"]), tuple(lay["in_modes"]), tuple(lay["ranks"])
+            )
+        )
     inits = []
     for lay, t in zip(meta["layers"], targets):
         n = len(lay["out_modes"])

@@ -1,5 +1,7 @@
-"""Machinery shared by every tensornet adapter: finding and swapping target modules,
-fingerprints of base weights, the report, and atomic adapter files.
+"""Machinery shared by every tensornet adapter.
+
+Finding and swapping target modules, fingerprints of base weights, the report, and
+atomic adapter files.
 
 Nothing here knows a particular parametrization (DoTA, LoTR, ...).
 """
@@ -179,10 +181,13 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def write_adapter_file(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
-                       metadata: Mapping[str, Any]) -> Path:
-    """Write the adapter folder atomically: one safetensors file holding every tensor and,
-    in its header, the metadata; plus a human-readable JSON copy of the metadata.
+def write_adapter_file(
+    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]
+) -> Path:
+    """Write the adapter folder atomically.
+
+    One safetensors file holds every tensor and, in its header, the metadata; a
+    human-readable JSON copy of the metadata sits beside it.
 
     The safetensors file (the only one the loader reads) is written to a temporary file
     in the same folder and renamed over the old one, so a crash leaves either the old
@@ -196,7 +201,10 @@ def write_adapter_file(path: str | os.PathLike, tensors: Mapping[str, torch.Tens
     blobs = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     for name, writer in (
         (ADAPTER_FILE, lambda tmp: save_file(blobs, tmp, metadata=header)),
-        (CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(metadata, indent=2, sort_keys=True))),
+        (
+            CONFIG_FILE,
+            lambda tmp: Path(tmp).write_text(json.dumps(metadata, indent=2, sort_keys=True)),
+        ),
     ):
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=folder)
         os.close(fd)
@@ -219,7 +227,8 @@ def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     file = Path(path) / ADAPTER_FILE
     if not file.is_file():
         raise AdapterMismatchError(
-            f"`path` must be a folder written by save_adapter (with {ADAPTER_FILE}); got {str(path)!r}"
+            f"`path` must be a folder written by save_adapter (with {ADAPTER_FILE}); "
+            f"got {str(path)!r}"
         )
     with safe_open(str(file), framework="pt") as fh:
         meta = fh.metadata() or {}

@@ -110,9 +110,15 @@ class DoTAConfig:
             object.__setattr__(self, "target_modules", tuple(tm))
         n = _positive_int(self.num_cores, "num_cores")
         if n < 2:
-            raise ConfigError(f"`num_cores` must be >= 2 (an MPO of one core is the matrix); got {n}")
+            raise ConfigError(
+                f"`num_cores` must be >= 2 (an MPO of one core is the matrix); got {n}"
+            )
         r = self.rank
-        if isinstance(r, bool) or not isinstance(r, (numbers.Integral, Sequence)) or isinstance(r, str):
+        if (
+            isinstance(r, bool)
+            or not isinstance(r, (numbers.Integral, Sequence))
+            or isinstance(r, str)
+        ):
             raise ConfigError(
                 f"`rank` must be a positive int or a list of {n - 1} positive ints; got {r!r}"
             )
@@ -188,9 +194,9 @@ class DoTAConfig:
         tm = self.target_modules
         out["target_modules"] = tm if isinstance(tm, str) else list(tm)
         out["rank"] = self.rank if isinstance(self.rank, int) else list(self.rank)
-        out["modes"] = None if self.modes is None else {
-            str(k): list(v) for k, v in self.modes.items()
-        }
+        out["modes"] = (
+            None if self.modes is None else {str(k): list(v) for k, v in self.modes.items()}
+        )
         return out
 
     @classmethod

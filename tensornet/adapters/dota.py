@@ -65,8 +65,13 @@ class _DenseResidualMPO(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, bias: torch.Tensor | None, layer: DoTALinear,
-                *cores: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        bias: torch.Tensor | None,
+        layer: DoTALinear,
+        *cores: torch.Tensor,
+    ) -> torch.Tensor:
         ct = layer.compute_dtype
         weight = layer.residual_weight(ct) + cores_to_matrix(cores)
         y = F.linear(x.to(ct), weight, None if bias is None else bias.to(ct))
@@ -118,8 +123,14 @@ class DoTALinear(nn.Module):
         The cores at initialization (``W_res = W0 - MPO(T_init)``).
     """
 
-    def __init__(self, base_layer: nn.Module, init_cores: Sequence[torch.Tensor], *,
-                 strategy: str = "auto", method: str = "dota") -> None:
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        init_cores: Sequence[torch.Tensor],
+        *,
+        strategy: str = "auto",
+        method: str = "dota",
+    ) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.cores = nn.ParameterList([nn.Parameter(c.clone()) for c in init_cores])
@@ -133,9 +144,16 @@ class DoTALinear(nn.Module):
         self.relative_error: float | None = None
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, init_cores: Sequence[torch.Tensor], *,
-                    quantize: str | None = None, dtype: torch.dtype | None = None,
-                    strategy: str = "auto", method: str = "dota") -> DoTALinear:
+    def from_linear(
+        cls,
+        linear: nn.Module,
+        init_cores: Sequence[torch.Tensor],
+        *,
+        quantize: str | None = None,
+        dtype: torch.dtype | None = None,
+        strategy: str = "auto",
+        method: str = "dota",
+    ) -> DoTALinear:
         """Wrap ``linear``: residual ``W0 - MPO(init_cores)``, cores trainable.
 
         Parameters
@@ -178,14 +196,17 @@ class DoTALinear(nn.Module):
 
     @property
     def out_modes(self) -> tuple[int, ...]:
+        """Row modes ``I_1..I_N``."""
         return tuple(int(c.shape[1]) for c in self.cores)
 
     @property
     def in_modes(self) -> tuple[int, ...]:
+        """Column modes ``J_1..J_N``."""
         return tuple(int(c.shape[2]) for c in self.cores)
 
     @property
     def ranks(self) -> tuple[int, ...]:
+        """Bond dimensions ``(1, R_1, ..., 1)``."""
         return (1, *(int(c.shape[-1]) for c in self.cores))
 
     def init_cores(self) -> list[torch.Tensor]:
@@ -214,11 +235,13 @@ class DoTALinear(nn.Module):
             return self.strategy
         c0 = self.cores[0]
         profile = calibrate(c0.detach()[:0] if c0.numel() else c0.detach())
-        plan = plan_mpo_matmul(self.cores, max(batch, 1), itemsize=c0.element_size(),
-                               profile=profile)
+        plan = plan_mpo_matmul(
+            self.cores, max(batch, 1), itemsize=c0.element_size(), profile=profile
+        )
         return plan.residual_strategy(training=training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (W_res + MPO(T))^T + b`` by the planner's strategy."""
         cores = list(self.cores)
         batch = x.numel() // self.in_features
         training = torch.is_grad_enabled() and any(c.requires_grad for c in cores)
@@ -230,6 +253,7 @@ class DoTALinear(nn.Module):
         return _DenseResidualMPO.apply(x, bias, self, *cores)
 
     def extra_repr(self) -> str:
+        """Shapes, modes and ranks for ``print(model)``."""
         q = ", residual=nf4" if self.quantized else ""
         return (
             f"method={self.method}, in_features={self.in_features}, "
@@ -238,19 +262,26 @@ class DoTALinear(nn.Module):
         )
 
 
-def _nf4_linear(residual: torch.Tensor, bias: torch.Tensor | None,
-                compute_dtype: torch.dtype) -> nn.Module:
+def _nf4_linear(
+    residual: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype
+) -> nn.Module:
     """A bitsandbytes NF4 ``Linear4bit`` holding ``residual`` (quantized on creation)."""
     import bitsandbytes as bnb
 
     out_f, in_f = residual.shape
     device = residual.device
     layer = bnb.nn.Linear4bit(
-        in_f, out_f, bias=bias is not None, compute_dtype=compute_dtype, quant_type="nf4",
+        in_f,
+        out_f,
+        bias=bias is not None,
+        compute_dtype=compute_dtype,
+        quant_type="nf4",
         device="meta",
     )
     layer.weight = bnb.nn.Params4bit(
-        residual.to(torch.float32).cpu(), requires_grad=False, quant_type="nf4",
+        residual.to(torch.float32).cpu(),
+        requires_grad=False,
+        quant_type="nf4",
         compress_statistics=True,
     )
     if bias is not None:
