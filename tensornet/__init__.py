@@ -18,6 +18,8 @@ from .errors import (
 from .formats import MPO, TensorTrain
 from .params import (
     compression_ratio,
+    lorta_num_params,
+    lotr_num_params,
     mpo_num_params,
     mpo_ranks,
     rank_for_budget,
@@ -53,6 +55,8 @@ __all__ = [
     "compression_ratio",
     "cores_to_matrix",
     "factorize",
+    "lorta_num_params",
+    "lotr_num_params",
     "matrix_to_tensor",
     "mpo_decompose",
     "mpo_matmul",

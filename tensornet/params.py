@@ -1,8 +1,11 @@
-"""Parameter counting for MPO / tensor-train formats, without decomposing anything."""
+"""Parameter counting for MPO / tensor-train formats and the LoTR / LoRTA adapters.
+
+Formulas on shapes only: nothing is decomposed or allocated.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -17,6 +20,8 @@ __all__ = [
     "mpo_num_params",
     "compression_ratio",
     "rank_for_budget",
+    "lotr_num_params",
+    "lorta_num_params",
 ]
 
 
@@ -164,3 +169,110 @@ def rank_for_budget(out_modes: Sequence[int], in_modes: Sequence[int], budget: i
         else:
             hi = mid - 1
     return lo
+
+
+def lotr_num_params(
+    shapes_by_kind: Mapping[str, tuple[int, int]], num_layers: int, rank: int
+) -> int:
+    """Trainable parameters of LoTR: ``sum over kinds of r (out + in) + L r^2``.
+
+    LoTR shares ``A`` (out x r) and ``B`` (r x in) among the layers of one kind of matrix
+    (every ``q_proj``, say) and gives each of the ``L`` layers its own ``G_l`` (r x r).
+
+    Parameters
+    ----------
+    shapes_by_kind : mapping of str to (int, int)
+        ``(out_features, in_features)`` of each kind of adapted matrix.
+    num_layers : int
+        ``L``, the number of layers holding each kind.
+    rank : int
+        ``r``.
+
+    Returns
+    -------
+    int
+
+    Examples
+    --------
+    LLaMA-2-7B's q, k, v (4096 x 4096), up (11008 x 4096) and down (4096 x 11008) in its
+    32 layers, at r = 16:
+
+    >>> shapes = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096),
+    ...           "up_proj": (11008, 4096), "down_proj": (4096, 11008)}
+    >>> lotr_num_params(shapes, 32, 16)
+    917504
+    """
+    num_layers = check_positive_int(num_layers, "num_layers")
+    rank = check_positive_int(rank, "rank")
+    if not isinstance(shapes_by_kind, Mapping) or not shapes_by_kind:
+        raise ShapeError(
+            f"`shapes_by_kind` must be a non-empty mapping of kind -> (out, in); got "
+            f"{shapes_by_kind!r}"
+        )
+    total = 0
+    for kind, shape in shapes_by_kind.items():
+        out_f, in_f = check_modes(shape, f"shapes_by_kind[{kind!r}]")
+        total += rank * (out_f + in_f) + num_layers * rank * rank
+    return int(total)
+
+
+def lorta_num_params(
+    d_model: int,
+    d_head: int,
+    num_heads: int,
+    num_kv_heads: int,
+    num_layers: int,
+    rank: int,
+    *,
+    num_matrices: int = 4,
+) -> int:
+    """Trainable parameters of LoRTA: ``r (d_model + d_head + H + H_kv + M + L)``.
+
+    The five CP factors ``A`` (d_model x r), ``B`` (r x d_head), ``C_head`` (H x r),
+    ``C_matrix`` (M x r, M = 4 for Q, K, V, O) and ``C_layer`` (L x r). With grouped-query
+    attention (``num_kv_heads < num_heads``) K and V have their own head factor
+    ``C_kv_head`` (H_kv x r); without it (``num_kv_heads == num_heads``) they share
+    ``C_head`` and the count is the paper's ``r (d_model + d_head + H + 4 + L)``.
+
+    Parameters
+    ----------
+    d_model, d_head : int
+        Model width and width of one attention head.
+    num_heads, num_kv_heads : int
+        Query heads ``H`` and key/value heads ``H_kv`` (``H_kv == H`` without GQA).
+    num_layers : int
+        ``L``.
+    rank : int
+        CP rank ``r``.
+    num_matrices : int, default 4
+        ``M``, how many of Q, K, V, O are adapted. Pass ``num_kv_heads=num_heads`` when
+        neither K nor V is adapted.
+
+    Returns
+    -------
+    int
+
+    Examples
+    --------
+    LLaMA-2-7B (no GQA) at r = 16, and SmolLM2-135M (9 heads, 3 key/value heads):
+
+    >>> lorta_num_params(4096, 128, 32, 32, 32, 16)
+    68672
+    >>> lorta_num_params(576, 64, 9, 3, 30, 16)
+    10976
+    """
+    dims = [
+        check_positive_int(v, name)
+        for v, name in (
+            (d_model, "d_model"),
+            (d_head, "d_head"),
+            (num_heads, "num_heads"),
+            (num_kv_heads, "num_kv_heads"),
+            (num_layers, "num_layers"),
+            (rank, "rank"),
+            (num_matrices, "num_matrices"),
+        )
+    ]
+    d_model, d_head, num_heads, num_kv_heads, num_layers, rank, num_matrices = dims
+    kv = num_kv_heads if num_kv_heads != num_heads else 0
+    return int(rank * (d_model + d_head + num_heads + kv + num_matrices + num_layers))
