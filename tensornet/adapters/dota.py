@@ -142,6 +142,7 @@ class DoTALinear(nn.Module):
         self.out_features = int(base_layer.out_features)
         self.base_fingerprint = ""
         self.relative_error: float | None = None
+        self._strategies: dict[tuple[Any, ...], str] = {}
 
     @classmethod
     def from_linear(
@@ -230,15 +231,21 @@ class DoTALinear(nn.Module):
         return w.to(dtype or self.compute_dtype)
 
     def choose_strategy(self, batch: int, training: bool) -> str:
-        """Dense or contract for a batch of ``batch`` rows (the planner's choice)."""
+        """Dense or contract for a batch of ``batch`` rows (the planner's choice, cached)."""
         if self.strategy != "auto":
             return self.strategy
         c0 = self.cores[0]
-        profile = calibrate(c0.detach()[:0] if c0.numel() else c0.detach())
-        plan = plan_mpo_matmul(
-            self.cores, max(batch, 1), itemsize=c0.element_size(), profile=profile
-        )
-        return plan.residual_strategy(training=training)
+        key = (batch, training, c0.dtype, c0.device)
+        choice = self._strategies.get(key)
+        if choice is None:
+            plan = plan_mpo_matmul(
+                [tuple(c.shape) for c in self.cores],
+                max(batch, 1),
+                itemsize=c0.element_size(),
+                profile=calibrate(c0.detach()),
+            )
+            choice = self._strategies[key] = plan.residual_strategy(training=training)
+        return choice
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x (W_res + MPO(T))^T + b`` by the planner's strategy."""
