@@ -128,6 +128,7 @@ class DoTALinear(nn.Module):
         base_layer: nn.Module,
         init_cores: Sequence[torch.Tensor],
         *,
+        base_dtype: torch.dtype | None = None,
         strategy: str = "auto",
         method: str = "dota",
     ) -> None:
@@ -143,6 +144,8 @@ class DoTALinear(nn.Module):
         self.base_fingerprint = ""
         self.relative_error: float | None = None
         self._strategies: dict[tuple[Any, ...], str] = {}
+        #: dtype of the layer before it was adapted (merge and unapply give it back)
+        self.base_dtype = base_dtype or self.compute_dtype
 
     @classmethod
     def from_linear(
@@ -171,7 +174,7 @@ class DoTALinear(nn.Module):
         """
         w0 = dense_weight(linear)
         device = w0.device
-        base_dtype = linear.weight.dtype if not is_4bit(linear) else torch.bfloat16
+        base_dtype = linear.weight.dtype if not is_4bit(linear) else linear.compute_dtype
         cores_dtype = dtype or (torch.bfloat16 if quantize == "nf4" else base_dtype)
         cores = [c.to(device=device, dtype=cores_dtype) for c in init_cores]
         residual = w0 - cores_to_matrix([c.to(w0.dtype) for c in cores])
@@ -183,7 +186,7 @@ class DoTALinear(nn.Module):
         base.weight.requires_grad_(False)
         if base.bias is not None:
             base.bias.requires_grad_(False)
-        return cls(base, cores, strategy=strategy, method=method)
+        return cls(base, cores, base_dtype=base_dtype, strategy=strategy, method=method)
 
     @property
     def quantized(self) -> bool:
@@ -228,7 +231,7 @@ class DoTALinear(nn.Module):
         """``W_res + MPO(T)`` computed in float32 (at least), cast to ``dtype``."""
         dt = torch.float64 if self.compute_dtype == torch.float64 else torch.float32
         w = self.residual_weight(dt) + cores_to_matrix([c.detach().to(dt) for c in self.cores])
-        return w.to(dtype or self.compute_dtype)
+        return w.to(dtype or self.base_dtype)
 
     def choose_strategy(self, batch: int, training: bool) -> str:
         """Dense or contract for a batch of ``batch`` rows (the planner's choice, cached)."""
