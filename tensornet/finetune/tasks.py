@@ -1,0 +1,369 @@
+"""Fine-tuning data: the built-in ``arithmetic`` task, JSONL files, tokenization, batches.
+
+An :class:`Example` is a ``prompt`` and a ``response``. The built-in task generates
+GSM8K-style word problems of 2 to 4 reasoning steps whose response ends with the final
+answer in GSM8K's format, ``#### 42``. A user's own data is a JSONL file with one
+``{"prompt": ..., "response": ...}`` object per line. Both are split into train,
+validation and test sets deterministically and without overlap (examples are
+de-duplicated by prompt text before they are split).
+
+Tokenization formats a prompt with the tokenizer's chat template when it has one, and
+masks the prompt tokens with ``-100`` so that the loss is taken on the response only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import TensornetError
+
+__all__ = [
+    "DataError",
+    "Example",
+    "Splits",
+    "SYSTEM_PROMPT",
+    "arithmetic_problem",
+    "arithmetic_splits",
+    "load_jsonl",
+    "split_examples",
+    "extract_answer",
+    "format_prompt",
+    "encode_example",
+    "collate",
+]
+
+#: The system message used with chat templates: asks for GSM8K's answer format.
+SYSTEM_PROMPT = "Solve the problem step by step. End with '#### ' and the final number."
+
+IGNORE_INDEX = -100
+
+
+class DataError(TensornetError, ValueError):
+    """A data file or a data option is invalid (the message names the line)."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One prompt/response pair; ``answer`` is the expected final number, if known."""
+
+    prompt: str
+    response: str
+    answer: str | None = None
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Disjoint train / validation / test examples."""
+
+    train: tuple[Example, ...]
+    validation: tuple[Example, ...]
+    test: tuple[Example, ...]
+
+    def sizes(self) -> dict[str, int]:
+        """Number of examples per split."""
+        return {
+            "train": len(self.train),
+            "validation": len(self.validation),
+            "test": len(self.test),
+        }
+
+
+# --------------------------------------------------------------------------- arithmetic
+
+_NAMES = ("Ava", "Ben", "Chloe", "Dan", "Emma", "Finn", "Grace", "Hugo", "Ivy", "Jack",
+          "Kate", "Leo", "Mia", "Noah", "Olga", "Paul", "Rosa", "Sam", "Tara", "Omar")
+_ITEMS = ("apples", "books", "coins", "stamps", "marbles", "pencils", "cards", "shells",
+          "stickers", "cookies")
+_ADD = ("buys {n} more", "finds {n} more", "gets {n} more from a friend", "wins {n} more")
+_SUB = ("gives away {n}", "loses {n}", "sells {n}", "uses {n}")
+_MUL = {2: "doubles them", 3: "triples them"}
+
+
+def arithmetic_problem(rng: random.Random) -> Example:
+    """Draw one word problem of 2 to 4 steps from ``rng``.
+
+    Every intermediate result stays a positive integer below 1000; the response works
+    through each step (``12 + 5 = 17.``) and ends with ``#### <answer>``.
+
+    Parameters
+    ----------
+    rng : random.Random
+        Source of randomness; the same state gives the same problem.
+
+    Returns
+    -------
+    Example
+        With ``answer`` set to the final number as a string.
+
+    Examples
+    --------
+    >>> ex = arithmetic_problem(random.Random(0))
+    >>> ex.response.endswith("#### " + ex.answer)
+    True
+    """
+    name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+    value = rng.randint(2, 40)
+    sentences = [f"{name} has {value} {item}."]
+    steps = []
+    for _ in range(rng.randint(2, 4)):
+        kind = rng.choice(("add", "add", "sub", "sub", "mul"))
+        if kind == "mul" and value * 3 < 1000:
+            n = rng.choice((2, 3))
+            sentences.append(f"Then {name} {_MUL[n]}.")
+            steps.append(f"{value} * {n} = {value * n}.")
+            value *= n
+        elif kind == "sub" and value > 2:
+            n = rng.randint(1, value - 1)
+            sentences.append(f"Then {name} {rng.choice(_SUB).format(n=n)}.")
+            steps.append(f"{value} - {n} = {value - n}.")
+            value -= n
+        else:
+            n = rng.randint(1, 30)
+            sentences.append(f"Then {name} {rng.choice(_ADD).format(n=n)}.")
+            steps.append(f"{value} + {n} = {value + n}.")
+            value += n
+    sentences.append(f"How many {item} does {name} have now?")
+    return Example(" ".join(sentences), " ".join(steps) + f"\n#### {value}", str(value))
+
+
+def arithmetic_splits(
+    n_train: int, n_validation: int, n_test: int, *, seed: int = 0
+) -> Splits:
+    """Generate the built-in ``arithmetic`` task: disjoint, deterministic splits.
+
+    Problems are drawn from ``random.Random(seed)``; a problem whose question text was
+    already drawn is skipped, so no question appears in two splits (or twice in one).
+
+    Parameters
+    ----------
+    n_train, n_validation, n_test : int
+        Sizes of the splits (non-negative).
+    seed : int
+        The same seed gives the same splits.
+
+    Returns
+    -------
+    Splits
+
+    Raises
+    ------
+    DataError
+        If a size is negative.
+
+    Examples
+    --------
+    >>> s = arithmetic_splits(20, 5, 5, seed=1)
+    >>> s.sizes()
+    {'train': 20, 'validation': 5, 'test': 5}
+    >>> s == arithmetic_splits(20, 5, 5, seed=1)
+    True
+    """
+    sizes = (n_train, n_validation, n_test)
+    if any(not isinstance(n, int) or n < 0 for n in sizes):
+        raise DataError(f"split sizes must be non-negative ints; got {sizes}")
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    out: list[Example] = []
+    total = sum(sizes)
+    attempts = 0
+    while len(out) < total:
+        attempts += 1
+        if attempts > 50 * total + 1000:  # pragma: no cover - the space is far larger
+            raise DataError(f"cannot draw {total} distinct problems")
+        ex = arithmetic_problem(rng)
+        if ex.prompt not in seen:
+            seen.add(ex.prompt)
+            out.append(ex)
+    a, b = n_train, n_train + n_validation
+    return Splits(tuple(out[:a]), tuple(out[a:b]), tuple(out[b:]))
+
+
+# --------------------------------------------------------------------------- JSONL
+
+
+def load_jsonl(path: str | os.PathLike[str]) -> list[Example]:
+    """Read a JSONL file of ``{"prompt": str, "response": str}`` objects, one per line.
+
+    Blank lines are skipped. The final number of a response written as ``#### 42`` is
+    kept as the expected answer (used for accuracy).
+
+    Raises
+    ------
+    DataError
+        If the file cannot be read, or a line is not a JSON object with non-empty string
+        ``prompt`` and ``response`` fields (the message gives the line number).
+    """
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = fh.readlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read the data file {os.fspath(path)!r}: {exc}") from None
+    out = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{os.fspath(path)}, line {number}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{where}: not valid JSON ({exc.msg})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{where}: expected a JSON object with 'prompt' and 'response'")
+        for key in ("prompt", "response"):
+            value = obj.get(key)
+            if not isinstance(value, str) or not value.strip():
+                raise DataError(f"{where}: field {key!r} must be a non-empty string")
+        out.append(Example(obj["prompt"], obj["response"], extract_answer(obj["response"])))
+    if not out:
+        raise DataError(f"the data file {os.fspath(path)!r} holds no examples")
+    return out
+
+
+def split_examples(
+    examples: Iterable[Example],
+    *,
+    validation: int | float = 0.1,
+    test: int | float = 0.1,
+    seed: int = 0,
+) -> Splits:
+    """Split ``examples`` deterministically into disjoint train/validation/test sets.
+
+    Examples are de-duplicated by prompt (the first one is kept), ordered by a hash of
+    ``(seed, prompt)`` (so the split of an example does not depend on the file's order),
+    and cut into test, validation and train.
+
+    Parameters
+    ----------
+    examples : iterable of Example
+    validation, test : int or float
+        A count, or a fraction of the examples in [0, 1).
+    seed : int
+
+    Raises
+    ------
+    DataError
+        If the sizes do not leave at least one training example.
+    """
+    unique: dict[str, Example] = {}
+    for ex in examples:
+        unique.setdefault(ex.prompt, ex)
+    items = list(unique.values())
+
+    def key(ex: Example) -> str:
+        return hashlib.sha256(f"{seed}\0{ex.prompt}".encode()).hexdigest()
+
+    items.sort(key=key)
+    n = len(items)
+
+    def count(v: int | float, name: str) -> int:
+        if isinstance(v, float) and 0.0 <= v < 1.0:
+            return round(v * n)
+        if isinstance(v, int) and v >= 0:
+            return v
+        raise DataError(f"`{name}` must be a count >= 0 or a fraction in [0, 1); got {v!r}")
+
+    n_test, n_val = count(test, "test"), count(validation, "validation")
+    if n_test + n_val >= n:
+        raise DataError(
+            f"{n} distinct examples cannot give {n_val} validation and {n_test} test "
+            f"examples and still leave some for training"
+        )
+    return Splits(
+        tuple(items[n_test + n_val :]), tuple(items[n_test : n_test + n_val]),
+        tuple(items[:n_test]),
+    )
+
+
+_ANSWER = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def _normalize(number: str) -> str:
+    number = number.replace(",", "")
+    try:
+        value = float(number)
+    except ValueError:
+        return number
+    return str(int(value)) if value.is_integer() else str(value)
+
+
+def extract_answer(text: str) -> str | None:
+    r"""The final number of a response: after ``####`` if present, else the last number.
+
+    Commas are dropped and ``42.0`` becomes ``42``, so answers compare by exact match.
+
+    Examples
+    --------
+    >>> extract_answer("5 + 7 = 12.\n#### 12")
+    '12'
+    >>> extract_answer("so the answer is 1,234.0"), extract_answer("no idea")
+    ('1234', None)
+    """
+    m = _ANSWER.search(text)
+    if m:
+        return _normalize(m.group(1))
+    numbers = _NUMBER.findall(text)
+    return _normalize(numbers[-1]) if numbers else None
+
+
+# --------------------------------------------------------------------------- tokenization
+
+
+def format_prompt(tokenizer: Any, prompt: str) -> str:
+    r"""The text the model sees before its response.
+
+    With a chat template: a system message (:data:`SYSTEM_PROMPT`), the user's prompt
+    and the assistant header. Without one: ``"Question: ...\nAnswer: "``.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        messages = [
+            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": prompt},
+        ]
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+    return f"Question: {prompt}\nAnswer: "
+
+
+def encode_example(tokenizer: Any, example: Example, *, max_length: int) -> dict[str, list[int]]:
+    """Token ids and labels of one example; the prompt's labels are ``-100``.
+
+    The response is followed by the EOS token (so the model learns to stop). A sequence
+    longer than ``max_length`` is truncated from the right (the prompt is kept whole
+    when it fits).
+    """
+    prompt_ids = tokenizer(format_prompt(tokenizer, example.prompt), add_special_tokens=False)[
+        "input_ids"
+    ]
+    response_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        response_ids = [*response_ids, tokenizer.eos_token_id]
+    ids = (list(prompt_ids) + list(response_ids))[:max_length]
+    labels = ([IGNORE_INDEX] * len(prompt_ids) + list(response_ids))[:max_length]
+    return {"input_ids": ids, "labels": labels}
+
+
+def collate(
+    items: Sequence[dict[str, list[int]]], *, pad_token_id: int
+) -> dict[str, torch.Tensor]:
+    """Right-pad encoded examples into ``input_ids``, ``attention_mask`` and ``labels``."""
+    width = max(len(it["input_ids"]) for it in items)
+    ids = torch.full((len(items), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+    for i, it in enumerate(items):
+        n = len(it["input_ids"])
+        ids[i, :n] = torch.tensor(it["input_ids"])
+        mask[i, :n] = 1
+        labels[i, :n] = torch.tensor(it["labels"])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
