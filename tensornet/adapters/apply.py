@@ -1,4 +1,8 @@
-"""Applying DoTA to a model, and merge / unapply / save / load.
+"""Applying DoTA to a model, and merge / unapply / save / load for every method.
+
+``merge``, ``unapply``, ``save_adapter`` and ``load_adapter`` dispatch on the method
+recorded on the model by ``apply_dota`` / ``apply_lotr`` / ``apply_lorta`` (or, for
+loading, in the file); LoTR and LoRTA share the machinery of :mod:`.shared`.
 
 Every entry point validates everything before it changes anything: a bad config, a
 missing target or a mismatched adapter file leaves the model exactly as it was.
@@ -20,8 +24,10 @@ from ..decompose import mpo_decompose
 from ..errors import AdapterMismatchError, ConfigError, ShapeError
 from ..params import mpo_num_params, mpo_ranks
 from ..tensorize import cores_to_matrix, factorize
+from . import lorta, lotr
 from .base import (
     FORMAT_VERSION,
+    STATE_ATTR,
     AdapterReport,
     LayerReport,
     count_parameters,
@@ -30,23 +36,38 @@ from .base import (
     fingerprint,
     is_4bit,
     iter_layers,
+    progress_bar,
     read_adapter_file,
     restore_requires_grad,
     set_submodule,
     write_adapter_file,
 )
-from .config import DoTAConfig
+from .config import DoTAConfig, LoRTAConfig, LoTRConfig
 from .dota import DoTALinear, random_cores
+from .shared import load_additive, merge_additive, save_additive, unapply_additive
 
 __all__ = ["plan_dota", "apply_dota", "merge", "unapply", "save_adapter", "load_adapter"]
 
-_STATE_ATTR = "_tensornet_adapter"
+_STATE_ATTR = STATE_ATTR
 _DTYPES = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
     "float64": torch.float64,
 }
+
+
+#: Method family -> (display name, config class, prepare function or None for DoTA).
+_FAMILIES: dict[str, tuple[str, type, Any]] = {
+    "dota": ("DoTA", DoTAConfig, None),
+    "lotr": ("LoTR", LoTRConfig, lotr.prepare),
+    "lorta": ("LoRTA", LoRTAConfig, lorta.prepare),
+}
+
+
+def _family(method: str) -> str:
+    """``"dota"`` for dota, dota-random, qdota, qdota-random; else the method itself."""
+    return "dota" if "dota" in method else method
 
 
 def _method(cfg: DoTAConfig) -> str:
@@ -182,16 +203,6 @@ def _initial_cores(
     return list(mpo.cores), mpo.relative_error, fp
 
 
-def _progress(items: list[Any], enabled: bool, desc: str) -> Any:
-    if not enabled:
-        return items
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is in the adapters extra
-        return items
-    return tqdm(items, desc=desc, unit="layer", leave=False)
-
-
 def _install(
     model: nn.Module,
     cfg: DoTAConfig,
@@ -277,7 +288,8 @@ def apply_dota(
     cfg = _resolve_config(config, overrides)
     targets = _targets(model, cfg, need_weights=True)
     inits = [
-        _initial_cores(t, cfg, i) for i, t in enumerate(_progress(targets, progress, "decomposing"))
+        _initial_cores(t, cfg, i)
+        for i, t in enumerate(progress_bar(targets, progress, "decomposing"))
     ]
     with torch.no_grad():
         return _install(model, cfg, targets, inits)
@@ -286,7 +298,10 @@ def apply_dota(
 def _state(model: nn.Module) -> dict[str, Any]:
     state = getattr(model, _STATE_ATTR, None)
     if state is None:
-        raise ConfigError("`model` has no tensornet adapters (apply_dota was not called on it)")
+        raise ConfigError(
+            "`model` has no tensornet adapters (apply_dota, apply_lotr or apply_lorta was not "
+            "called on it)"
+        )
     return state
 
 
@@ -318,15 +333,32 @@ def merge(model: nn.Module) -> nn.Module:
     """Fold every adapter into a plain ``nn.Linear`` computing ``W_res + MPO(T)``, in place.
 
     The merged layers run at the base model's speed. The weight is computed in float32
-    (at least) and stored in the base layer's dtype; for QDoTA the residual is
-    dequantized and the merged layer is stored in the cores' dtype (bfloat16 by default).
+    (at least) and stored in the dtype the layer had before it was adapted; for QDoTA the
+    residual is dequantized first (the merged weight carries its NF4 rounding), and a base
+    that was 4-bit becomes a dense layer of its compute dtype.
     The model's original ``requires_grad`` flags are restored.
+
+    For LoTR and LoRTA the merged weight is ``W0 + Delta W`` (float32 compute, the base
+    dtype) and the shared factor container is removed from the model.
 
     Returns
     -------
     nn.Module
         ``model`` itself, without tensornet layers.
+
+    Examples
+    --------
+    >>> from tensornet.adapters import apply_lotr, merge, tiny_llama
+    >>> model = tiny_llama()
+    >>> _ = apply_lotr(model)
+    >>> type(merge(model).model.layers[0].self_attn.q_proj).__name__
+    'Linear'
+    >>> hasattr(model, "tensornet_lotr")
+    False
     """
+    state = _state(model)
+    if _family(state["method"]) != "dota":
+        return merge_additive(model, state)
     return _replace_layers(model, lambda layer: layer.merged_weight())
 
 
@@ -337,12 +369,16 @@ def unapply(model: nn.Module) -> nn.Module:
     The weight is rebuilt as ``W_res + MPO(T_init)``: the original ``W0`` up to one
     rounding to the base dtype (at most one unit in the last place). For QDoTA the
     residual was stored in NF4, so the rebuilt weight carries its quantization error.
+    LoTR and LoRTA never modified the base layers: they are put back exactly.
     """
+    state = _state(model)
+    if _family(state["method"]) != "dota":
+        return unapply_additive(model, state)
 
     def original(layer: DoTALinear) -> torch.Tensor:
         dt = torch.float64 if layer.compute_dtype == torch.float64 else torch.float32
         w = layer.residual_weight(dt) + cores_to_matrix([c.to(dt) for c in layer.init_cores()])
-        return w.to(layer.compute_dtype)
+        return w.to(layer.base_dtype)
 
     return _replace_layers(model, original)
 
@@ -354,8 +390,15 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     config, the layer list and a fingerprint of each base weight) and a readable
     ``adapter_config.json``. The initial cores let :func:`load_adapter` rebuild
     ``W_res`` exactly on any machine without an SVD.
+
+    LoTR and LoRTA files hold the shared factors (under ``tensornet_lotr.*`` /
+    ``tensornet_lorta.*``) and the per-layer cores (``<layer>.G`` for LoTR), with the same
+    metadata (method, config, layers with shapes and base fingerprints).
     """
     state = _state(model)
+    if _family(state["method"]) != "dota":
+        save_additive(model, state, path)
+        return
     tensors: dict[str, torch.Tensor] = {}
     layers = []
     for name, layer in iter_layers(model, DoTALinear):
@@ -387,9 +430,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
 def load_adapter(
     model: nn.Module,
     path: str | os.PathLike,
-    config: DoTAConfig | None = None,
+    config: DoTAConfig | LoTRConfig | LoRTAConfig | None = None,
     *,
-    method: str = "dota",
+    method: str | None = None,
 ) -> AdapterReport:
     """Apply a saved adapter to a fresh base ``model``; outputs match the saved model.
 
@@ -399,25 +442,57 @@ def load_adapter(
         The same base model the adapter was trained on (checked by fingerprint).
     path : str or PathLike
         Folder written by :func:`save_adapter`.
-    config : DoTAConfig, optional
-        If given, must equal the saved config.
-    method : str
+    config : DoTAConfig, LoTRConfig or LoRTAConfig, optional
+        If given, must be of the file's method and equal the saved config.
+    method : {"dota", "lotr", "lorta"} or None
         Family of the adapter expected in the file (``"dota"`` covers DoTA, DoTA-Random
-        and QDoTA).
+        and QDoTA; an exact method name such as ``"qdota"`` is accepted too). None: any.
 
     Raises
     ------
     AdapterMismatchError
-        The file is not a DoTA adapter, its config differs from ``config``, or a layer is
-        missing from ``model`` or has another shape or other weights. The model is left
-        untouched.
+        The file is of another method than ``method`` or ``config``, its config differs
+        from ``config``, or a layer is missing from ``model`` or has another shape or
+        other weights. The model is left untouched.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from tensornet.adapters import apply_lorta, load_adapter, save_adapter, tiny_llama
+    >>> model = tiny_llama()
+    >>> _ = apply_lorta(model)
+    >>> folder = tempfile.mkdtemp()
+    >>> save_adapter(model, folder)
+    >>> load_adapter(tiny_llama(), folder).method
+    'lorta'
+    >>> load_adapter(tiny_llama(), folder, method="dota")
+    Traceback (most recent call last):
+    ...
+    tensornet.errors.AdapterMismatchError: ... holds a 'lorta' adapter; load_adapter expected a
+    'dota' adapter
     """
     tensors, meta = read_adapter_file(path)
-    if not str(meta.get("method", "")).replace("q", "", 1).startswith(method):
+    file_method = str(meta.get("method", ""))
+    family = _family(file_method)
+    if family not in _FAMILIES:
+        raise AdapterMismatchError(
+            f"{os.fspath(path)!r} holds a {file_method!r} adapter, which this tensornet does "
+            f"not know; known: {sorted(_FAMILIES)}"
+        )
+    if method is not None and method not in (file_method, family):
         raise AdapterMismatchError(
             f"{os.fspath(path)!r} holds a {meta.get('method')!r} adapter; load_adapter "
             f"expected a {method!r} adapter"
         )
+    title, config_cls, prepare = _FAMILIES[family]
+    if config is not None and not isinstance(config, config_cls):
+        raise AdapterMismatchError(
+            f"{os.fspath(path)!r} holds a {file_method!r} adapter: a file made for {title} "
+            f"loads only into a matching {config_cls.__name__}; got `config` of type "
+            f"{type(config).__name__}"
+        )
+    if prepare is not None:
+        return load_additive(model, path, tensors, meta, config_cls, prepare, config)
     saved = DoTAConfig.from_dict(meta["config"])
     if config is not None and config.to_dict() != saved.to_dict():
         raise AdapterMismatchError(

@@ -39,6 +39,9 @@ __all__ = [
 ADAPTER_FILE = "adapter.safetensors"
 CONFIG_FILE = "adapter_config.json"
 FORMAT_VERSION = 1
+#: Attribute of an adapted model recording the method, its config and the original
+#: ``requires_grad`` flags (set by every ``apply_*``, removed by merge / unapply).
+STATE_ATTR = "_tensornet_adapter"
 
 
 @dataclass(frozen=True)
@@ -255,3 +258,14 @@ def restore_requires_grad(model: nn.Module, flags: Mapping[str, bool]) -> None:
 def iter_layers(model: nn.Module, cls: type) -> Iterable[tuple[str, Any]]:
     """Named submodules of type ``cls``."""
     return ((n, m) for n, m in model.named_modules() if isinstance(m, cls))
+
+
+def progress_bar(items: list[Any], enabled: bool, desc: str) -> Any:
+    """``items``, wrapped in a tqdm progress bar when ``enabled`` (and tqdm is installed)."""
+    if not enabled:
+        return items
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is in the adapters extra
+        return items
+    return tqdm(items, desc=desc, unit="layer", leave=False)
