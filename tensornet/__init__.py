@@ -29,9 +29,11 @@ from .params import (
 from .plan import ContractionPlan, MachineProfile, calibrate, mpo_matmul, plan_mpo_matmul
 from .tensorize import (
     PAPER_SHAPES,
+    combine_halves,
     cores_to_matrix,
     factorize,
     matrix_to_tensor,
+    mpo_halves,
     mpo_modes,
     tensor_to_matrix,
 )
@@ -53,6 +55,7 @@ __all__ = [
     "TensornetError",
     "calibrate",
     "compression_ratio",
+    "combine_halves",
     "cores_to_matrix",
     "factorize",
     "lorta_num_params",
@@ -60,6 +63,7 @@ __all__ = [
     "matrix_to_tensor",
     "mpo_decompose",
     "mpo_matmul",
+    "mpo_halves",
     "mpo_modes",
     "mpo_num_params",
     "mpo_ranks",

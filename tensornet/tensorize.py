@@ -24,6 +24,8 @@ __all__ = [
     "matrix_to_tensor",
     "tensor_to_matrix",
     "cores_to_matrix",
+    "mpo_halves",
+    "combine_halves",
 ]
 
 #: Tensor shapes of the DoTA paper's Table 2 (appendix B), used by :func:`factorize`
@@ -219,20 +221,21 @@ def _chain(cores: Sequence[Any]) -> tuple[Any, list[int], list[int]]:
     return acc, rows, cols
 
 
-def cores_to_matrix(cores: Sequence[Any]) -> Any:
-    """Contract MPO cores ``(R_{k-1}, I_k, J_k, R_k)`` into the dense ``(I, J)`` matrix.
+def mpo_halves(cores: Sequence[Any]) -> tuple[Any, Any]:
+    """Contract MPO cores into two small halves whose product is the matrix.
 
-    The cores are split where the two halves are smallest; each half is contracted into
-    a small ``(rows, columns, bond)`` block, and one matrix product over the shared bond
-    writes ``W`` followed by one 4-axis reordering. Works for numpy arrays and torch
-    tensors (autograd flows through it).
+    The cores are split where the two half-chains are smallest. Returns ``left`` of
+    shape ``(I_left, J_left, R)`` and ``right`` of shape ``(R, I_right, J_right)``, with
+    ``W[(i, i'), (j, j')] = sum_r left[i, j, r] right[r, i', j']``; see
+    :func:`combine_halves`. Differentiable for torch tensors.
 
     Examples
     --------
     >>> import numpy as np
-    >>> cores = [np.ones((1, 2, 3, 2)), np.ones((2, 2, 2, 1))]
-    >>> cores_to_matrix(cores).shape
-    (4, 6)
+    >>> cores = [np.ones((1, 2, 3, 4)), np.ones((4, 5, 6, 1))]
+    >>> left, right = mpo_halves(cores)
+    >>> left.shape, right.shape
+    ((2, 3, 4), (4, 5, 6))
     """
     if len(cores) == 0:
         raise ShapeError("`cores` must hold at least one core; got an empty sequence")
@@ -245,12 +248,14 @@ def cores_to_matrix(cores: Sequence[Any]) -> Any:
     if cores[0].shape[0] != 1:
         raise ShapeError(f"`cores[0]` must have a leading rank of 1; got {cores[0].shape[0]}")
     if cores[-1].shape[-1] != 1:
-        raise ShapeError(f"the last core must have a trailing rank of 1; got {cores[-1].shape[-1]}")
+        raise ShapeError(
+            f"the last core must have a trailing rank of 1; got {cores[-1].shape[-1]}"
+        )
     n = len(cores)
     if n == 1:
         c = cores[0]
-        return c.reshape(c.shape[1], c.shape[2])
-    # split so that the two half-chains (sizes prod(I J) * R of each side) are smallest
+        one = c.reshape(-1)[:1] * 0 + 1  # a 1 of c's array type, dtype and device
+        return c.reshape(c.shape[1], c.shape[2], 1), one.reshape(1, 1, 1)
     sizes = [int(np.prod(c.shape[1:3])) for c in cores]
     best, split = None, 1
     for m in range(1, n):
@@ -258,11 +263,62 @@ def cores_to_matrix(cores: Sequence[Any]) -> Any:
         cost = int(np.prod(sizes[:m])) * r + r * int(np.prod(sizes[m:]))
         if best is None or cost < best:
             best, split = cost, m
-    left, lrows, lcols = _chain(cores[:split])
-    right, rrows, rcols = _chain(cores[split:])
+    left, _, _ = _chain(cores[:split])
+    right, _, _ = _chain(cores[split:])
     if left.shape[-1] != right.shape[0]:
         raise ShapeError(f"bond mismatch at core {split}: {left.shape[-1]} vs {right.shape[0]}")
-    li, lj, r = left.shape[1], left.shape[2], left.shape[3]
-    ri, rj = right.shape[1], right.shape[2]
+    left = left.reshape(left.shape[1], left.shape[2], left.shape[3])
+    right = right.reshape(right.shape[0], right.shape[1], right.shape[2])
+    return left, right
+
+
+def combine_halves(left: Any, right: Any, *, base: Any = None) -> Any:
+    """The ``(I, J)`` matrix from :func:`mpo_halves`, plus ``base`` if given.
+
+    One matrix product writes the entries; one pass puts them in ``(I, J)`` order and,
+    with ``base``, adds ``base`` in the same pass (no separate sum).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> cores = [np.ones((1, 2, 3, 4)), np.ones((4, 5, 6, 1))]
+    >>> w = combine_halves(*mpo_halves(cores), base=np.ones((10, 18)))
+    >>> w.shape, float(w[0, 0])
+    ((10, 18), 5.0)
+    """
+    li, lj, r = left.shape
+    _, ri, rj = right.shape
     prod = (left.reshape(li * lj, r) @ right.reshape(r, ri * rj)).reshape(li, lj, ri, rj)
-    return _permute(prod, (0, 2, 1, 3)).reshape(li * ri, lj * rj)
+    ordered = _permute(prod, (0, 2, 1, 3))
+    if base is None:
+        return ordered.reshape(li * ri, lj * rj)
+    if tuple(base.shape) != (li * ri, lj * rj):
+        raise ShapeError(
+            f"`base` must have the matrix's shape {(li * ri, lj * rj)}; got {tuple(base.shape)}"
+        )
+    return (base.reshape(li, ri, lj, rj) + ordered).reshape(li * ri, lj * rj)
+
+
+def cores_to_matrix(cores: Sequence[Any], *, base: Any = None) -> Any:
+    """Contract MPO cores ``(R_{k-1}, I_k, J_k, R_k)`` into the dense ``(I, J)`` matrix.
+
+    The cores are split where the two halves are smallest (:func:`mpo_halves`); each
+    half is contracted into a small block, and one matrix product over the shared bond
+    writes ``W``, reordered in one more pass (:func:`combine_halves`). Works for numpy
+    arrays and torch tensors (autograd flows through it).
+
+    Parameters
+    ----------
+    cores : sequence of arrays
+        The MPO cores.
+    base : array, optional
+        A dense ``(I, J)`` matrix to add, in the same pass as the reordering.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> cores = [np.ones((1, 2, 3, 2)), np.ones((2, 2, 2, 1))]
+    >>> cores_to_matrix(cores).shape
+    (4, 6)
+    """
+    return combine_halves(*mpo_halves(cores), base=base)

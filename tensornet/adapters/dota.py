@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..plan import calibrate, mpo_matmul, plan_mpo_matmul
-from ..tensorize import cores_to_matrix
+from ..tensorize import combine_halves, cores_to_matrix, mpo_halves
 from .base import dense_weight, is_4bit
 
 __all__ = ["DoTALinear", "random_cores"]
@@ -59,9 +59,11 @@ def random_cores(
 class _DenseResidualMPO(torch.autograd.Function):
     """``x (W_res + MPO(T))^T + b`` that keeps no dense matrix alive for backward.
 
-    Forward builds ``W = W_res + MPO(T)``, uses it and drops it; only ``x`` and the small
-    cores are saved. Backward rebuilds ``W`` for ``dx = dy W`` and forms the dense
-    ``dW = dy^T x`` transiently to pull it back onto the cores.
+    Forward builds ``W = W_res + MPO(T)`` (the sum fused into the reordering pass of
+    :func:`~tensornet.tensorize.combine_halves`), uses it and drops it; only ``x`` and the
+    small cores are saved. Backward rebuilds ``W`` for ``dx = dy W``, forms the dense
+    ``dW = dy^T x`` transiently and pulls it back through the product of the two
+    half-chains by hand (two thin matmuls), then through each half by autograd.
     """
 
     @staticmethod
@@ -73,7 +75,7 @@ class _DenseResidualMPO(torch.autograd.Function):
         *cores: torch.Tensor,
     ) -> torch.Tensor:
         ct = layer.compute_dtype
-        weight = layer.residual_weight(ct) + cores_to_matrix(cores)
+        weight = cores_to_matrix(cores, base=layer.residual_weight(ct))
         y = F.linear(x.to(ct), weight, None if bias is None else bias.to(ct))
         ctx.layer = layer
         ctx.save_for_backward(x, *cores)
@@ -88,22 +90,36 @@ class _DenseResidualMPO(torch.autograd.Function):
         want = [c.requires_grad for c in cores]
         with torch.enable_grad():
             leaves = [c.detach().requires_grad_(w) for c, w in zip(cores, want)]
-            mpo = cores_to_matrix(leaves) if any(want) else None
+            left, right = mpo_halves(leaves)
         gy2 = gy.reshape(-1, gy.shape[-1]).to(ct)
         gx = None
         if ctx.needs_input_grad[0]:
-            built = mpo.detach() if mpo is not None else cores_to_matrix(cores)
-            weight = layer.residual_weight(ct) + built
+            weight = combine_halves(left.detach(), right.detach(), base=layer.residual_weight(ct))
             gx = (gy2 @ weight).reshape(x.shape).to(x.dtype)
-            del weight, built
+            del weight
         gb = gy2.sum(0).to(gy.dtype) if ctx.has_bias and ctx.needs_input_grad[1] else None
         grads: list[torch.Tensor | None] = [None] * len(cores)
-        if mpo is not None:
+        if any(want):
+            li, lj, r = left.shape
+            _, ri, rj = right.shape
             x2 = x.reshape(-1, x.shape[-1]).to(ct)
-            g_weight = gy2.T @ x2
+            g_weight = (gy2.T @ x2).reshape(li, ri, lj, rj)
+            g_prod = g_weight.permute(0, 2, 1, 3).reshape(li * lj, ri * rj)
+            del g_weight
+            g_left = (g_prod @ right.detach().reshape(r, ri * rj).T).reshape(li, lj, r)
+            g_right = (left.detach().reshape(li * lj, r).T @ g_prod).reshape(r, ri, rj)
+            del g_prod
             picked = [leaf for leaf, w in zip(leaves, want) if w]
-            it = iter(torch.autograd.grad(mpo, picked, g_weight))
+            it = iter(
+                torch.autograd.grad(
+                    (left, right), picked, (g_left, g_right), allow_unused=True
+                )
+            )
             grads = [next(it) if w else None for w in want]
+            grads = [
+                torch.zeros_like(c) if w and g is None else g
+                for c, g, w in zip(cores, grads, want)
+            ]
         return (gx, gb, None, *grads)
 
 
