@@ -1,0 +1,122 @@
+"""Generate the parameter-count table of ``docs/guide/parameter-counts.rst``.
+
+Counts the trainable parameters of LoRA, PiSSA and DoTA on LLaMA-2-7B, LLaMA-3-8B and
+SmolLM2-135M from their configurations alone: the models are built on the meta device (no
+weights, no memory), DoTA's counts come from :func:`tensornet.adapters.plan_dota`, LoRA's
+and PiSSA's from ``r * (in_features + out_features)`` per adapted matrix (PiSSA has LoRA's
+shapes; only its initialization differs). Every method adapts the same matrices, the DoTA
+paper's targets: q_proj, k_proj, v_proj, up_proj and down_proj of every layer.
+
+Usage::
+
+    .venv/bin/python docs/gen_param_table.py           # print the table
+    .venv/bin/python docs/gen_param_table.py --write   # update docs/guide/parameter-counts.txt
+
+``tests/test_docs.py`` checks that the committed table equals this script's output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from tensornet.adapters import plan_dota
+
+TABLE = pathlib.Path(__file__).resolve().parent / "guide" / "parameter-counts.txt"
+
+#: Published configurations (config.json of each checkpoint), the sizes that matter here.
+MODELS: dict[str, dict] = {
+    "LLaMA-2-7B": dict(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        tie_word_embeddings=False,
+    ),
+    "LLaMA-3-8B": dict(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
+    ),
+    "SmolLM2-135M": dict(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        tie_word_embeddings=True,
+    ),
+}
+
+#: (column title, method, rank); DoTA always with N = 5 cores.
+METHODS = (
+    ("LoRA r=32", "lora", 32),
+    ("PiSSA r=16", "lora", 16),
+    ("DoTA N=5 R=16", "dota", 16),
+    ("DoTA N=5 R=32", "dota", 32),
+)
+
+
+def count(name: str) -> tuple[int, list[int]]:
+    """Base parameters of model ``name`` and the trainable parameters of each method."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**MODELS[name]))
+    base = sum(p.numel() for p in model.parameters())  # tied embeddings counted once
+    layers = plan_dota(model).layers  # the five targets of every layer, with their shapes
+    out = []
+    for _, method, rank in METHODS:
+        if method == "lora":
+            out.append(sum(rank * (lay.in_features + lay.out_features) for lay in layers))
+        else:
+            out.append(plan_dota(model, num_cores=5, rank=rank).trainable_params)
+    return base, out
+
+
+def _cell(n: int, base: int) -> str:
+    return f"{n:,} ({100 * n / base:.3f}%)"
+
+
+def table() -> str:
+    """The table as reStructuredText (a grid table)."""
+    header = ["Model", "Base parameters", *(title for title, _, _ in METHODS)]
+    rows = []
+    for name in MODELS:
+        base, counts = count(name)
+        rows.append([name, f"{base:,}", *(_cell(n, base) for n in counts)])
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(ch: str) -> str:
+        return "+" + "+".join(ch * (w + 2) for w in widths) + "+"
+
+    def row(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+
+    out = [line("-"), row(header), line("=")]
+    for r in rows:
+        out += [row(r), line("-")]
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write", action="store_true", help=f"write {TABLE.name}")
+    args = parser.parse_args()
+    text = table()
+    if args.write:
+        TABLE.write_text(text)
+    else:
+        print(text, end="")
+
+
+if __name__ == "__main__":
+    main()
