@@ -75,7 +75,7 @@ class _DenseResidualMPO(torch.autograd.Function):
         *cores: torch.Tensor,
     ) -> torch.Tensor:
         ct = layer.compute_dtype
-        weight = cores_to_matrix(cores, base=layer.residual_weight(ct))
+        weight = cores_to_matrix([c.to(ct) for c in cores], base=layer.residual_weight(ct))
         y = F.linear(x.to(ct), weight, None if bias is None else bias.to(ct))
         ctx.layer = layer
         ctx.save_for_backward(x, *cores)
@@ -90,7 +90,7 @@ class _DenseResidualMPO(torch.autograd.Function):
         want = [c.requires_grad for c in cores]
         with torch.enable_grad():
             leaves = [c.detach().requires_grad_(w) for c, w in zip(cores, want)]
-            left, right = mpo_halves(leaves)
+            left, right = mpo_halves([leaf.to(ct) for leaf in leaves])
         gy2 = gy.reshape(-1, gy.shape[-1]).to(ct)
         gx = None
         if ctx.needs_input_grad[0]:
