@@ -13,10 +13,11 @@ the reentrant variant, and with ``bf16=True`` (CPU autocast).
 
 What gradient checkpointing needs: nothing beyond enabling it. DoTA freezes the embeddings, so
 with *reentrant* checkpointing the input of the first checkpointed block does not require
-grad and the block would give its cores no gradient. transformers (5.x, and 4.35+ for PEFT
-models) calls ``model.enable_input_require_grads()`` itself in
-``activation_checkpointing_enable`` / ``gradient_checkpointing_enable`` for models whose input
-is ``input_ids``, and its default is non-reentrant checkpointing, which does not need it at all.
+grad and the block would give its cores no gradient. transformers 5.x calls
+``model.enable_input_require_grads()`` itself in ``activation_checkpointing_enable`` /
+``gradient_checkpointing_enable`` for every model whose input is ``input_ids`` (4.x did so only
+for models with PEFT adapters loaded through its integration), and its default is
+non-reentrant checkpointing, which does not need it at all.
 ``test_reentrant_checkpointing_needs_input_grads`` shows what happens without that hook.
 """
 
