@@ -40,6 +40,7 @@ from .base import (
     read_adapter_file,
     restore_requires_grad,
     set_submodule,
+    tied_elsewhere,
     write_adapter_file,
 )
 from .config import DoTAConfig, LoRTAConfig, LoTRConfig
@@ -124,6 +125,13 @@ def _targets(model: nn.Module, cfg: DoTAConfig, *, need_weights: bool) -> list[_
             raise ConfigError(
                 f"target {name!r} is a {kind}; DoTA adapts nn.Linear and bitsandbytes "
                 f"Linear4bit layers{hint}"
+            )
+        tied = tied_elsewhere(model, name)
+        if tied:
+            raise ConfigError(
+                f"target {name!r} shares its weight with {tied} (tied weights); DoTA stores "
+                f"the residual in the base weight and would overwrite them. Leave it out of "
+                f"`target_modules`"
             )
         if is_4bit(module) and cfg.quantize != "nf4":
             raise ConfigError(

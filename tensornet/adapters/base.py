@@ -171,10 +171,17 @@ def fingerprint(weight: torch.Tensor) -> str:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """``(trainable, total)`` parameter counts; 4-bit weights count by logical size."""
+    """``(trainable, total)`` parameter counts; 4-bit weights count by logical size.
+
+    A parameter shared by several modules (tied input and output embeddings) counts once.
+    """
     trainable = total = 0
+    seen: set[int] = set()
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
             n = p.numel()
             if is_4bit(module) and name == "weight":
                 n = module.in_features * module.out_features
@@ -269,3 +276,14 @@ def progress_bar(items: list[Any], enabled: bool, desc: str) -> Any:
     except ImportError:  # pragma: no cover - tqdm is in the adapters extra
         return items
     return tqdm(items, desc=desc, unit="layer", leave=False)
+
+
+def tied_elsewhere(model: nn.Module, name: str) -> list[str]:
+    """Other qualified names of the parameters of module ``name`` (tied weights)."""
+    mine = {id(p) for p in model.get_submodule(name).parameters()}
+    prefix = name + "."
+    return [
+        n
+        for n, p in model.named_parameters(remove_duplicate=False)
+        if id(p) in mine and not n.startswith(prefix)
+    ]
