@@ -179,8 +179,10 @@ class DoTALinear(nn.Module):
         Parameters
         ----------
         linear : nn.Linear or bitsandbytes Linear4bit
-            The pretrained layer. An ``nn.Linear`` is modified in place (its weight becomes
-            the residual); a 4-bit layer is dequantized first.
+            The pretrained layer. An ``nn.Linear`` becomes the base layer: its weight is
+            replaced by a new frozen Parameter holding the residual (a weight it shared
+            with another module, such as a tied embedding, keeps ``W0`` there); a 4-bit
+            layer is dequantized first.
         init_cores : sequence of tensors
             Initial cores ``(R_{k-1}, I_k, J_k, R_k)``.
         quantize : {"nf4"} or None
@@ -198,7 +200,9 @@ class DoTALinear(nn.Module):
             base = _nf4_linear(residual, linear.bias, cores_dtype)
         else:
             base = linear
-            base.weight.data = residual.to(base_dtype)
+            # a new Parameter, not `.data =`: a weight tied to another module (lm_head and
+            # the embedding) must keep W0 there
+            base.weight = nn.Parameter(residual.to(base_dtype), requires_grad=False)
         base.weight.requires_grad_(False)
         if base.bias is not None:
             base.bias.requires_grad_(False)
