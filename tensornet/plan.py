@@ -41,6 +41,11 @@ Strategy = Literal["dense", "contract"]
 class MachineProfile:
     """Constants of the time model: ``t = flops / flops_per_s + bytes / bytes_per_s + ops * op_s``.
 
+    ``contract_factor`` scales the modelled time of a contraction through the cores: its
+    pairwise steps are thin matrix products with strided reorganizations, slower per
+    FLOP and per byte than one large matrix product. :func:`calibrate` measures it on a
+    probe contraction.
+
     Examples
     --------
     >>> MachineProfile(flops_per_s=1e11, bytes_per_s=1e10, op_seconds=1e-5).op_seconds
@@ -50,15 +55,22 @@ class MachineProfile:
     flops_per_s: float
     bytes_per_s: float
     op_seconds: float
+    contract_factor: float = 1.0
 
     def seconds(self, flops: float, bytes_moved: float, ops: int) -> float:
         """Modelled time of a computation."""
         return flops / self.flops_per_s + bytes_moved / self.bytes_per_s + ops * self.op_seconds
 
 
-#: Constants measured on a 2-core x86-64 CPU (float32, MKL); used when planning on shapes
+#: Constants fitted on a quiet 2-core x86-64 CPU (float32, MKL); used when planning on shapes
 #: alone. :func:`calibrate` measures the machine at hand.
-DEFAULT_PROFILE = MachineProfile(flops_per_s=1.5e11, bytes_per_s=6e9, op_seconds=1.5e-5)
+DEFAULT_PROFILE = MachineProfile(
+    flops_per_s=1.5e11, bytes_per_s=6e9, op_seconds=1.5e-5, contract_factor=1.5
+)
+
+# The probe contraction of calibrate(): a 1024 x 1024 MPO (N = 5, modes 4, rank 16).
+_PROBE_SHAPES = ((1, 4, 4, 16), (16, 4, 4, 16), (16, 4, 4, 16), (16, 4, 4, 16), (16, 4, 4, 1))
+_PROBE_BATCH = 256
 
 
 def _best_of(f: Any, reps: int = 3) -> float:
@@ -73,36 +85,54 @@ def _best_of(f: Any, reps: int = 3) -> float:
 
 @functools.cache
 def _calibrate_key(kind: str, device: str, dtype: str) -> MachineProfile:
+    rows, inner = 2048, 1024
     if kind == "torch":
         import torch
 
         dt = getattr(torch, dtype)
-        a = torch.randn(1024, 1024, device=device).to(dt)
-        big = torch.randn(1 << 23, device=device).to(dt)
-        tiny = torch.randn(4, 4, device=device).to(dt)
+
+        def rand(*shape: int) -> Any:
+            return torch.randn(*shape, device=device).to(dt)
+
         sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
         def run(f: Any) -> Any:
             return lambda: (f(), sync())
 
-        gemm = _best_of(run(lambda: a @ a))
-        copy = _best_of(run(lambda: big.clone()))
-        op = _best_of(run(lambda: tiny @ tiny), reps=20)
-        itemsize = big.element_size()
+        itemsize = torch.empty(0, dtype=dt).element_size()
     else:
         rng = np.random.default_rng(0)
-        a = rng.standard_normal((1024, 1024)).astype(dtype)
-        big = rng.standard_normal(1 << 23).astype(dtype)
-        tiny = a[:4, :4].copy()
-        gemm = _best_of(lambda: a @ a)
-        copy = _best_of(lambda: big.copy())
-        op = _best_of(lambda: tiny @ tiny, reps=20)
-        itemsize = big.itemsize
-    return MachineProfile(
-        flops_per_s=2 * 1024**3 / gemm,
-        bytes_per_s=2 * (1 << 23) * itemsize / copy,
-        op_seconds=max(op, 1e-6),
-    )
+
+        def rand(*shape: int) -> Any:
+            return rng.standard_normal(shape).astype(dtype)
+
+        def run(f: Any) -> Any:
+            return f
+
+        itemsize = np.dtype(dtype).itemsize
+    a, b = rand(rows, inner), rand(inner, inner)
+    big = rand(1 << 23)
+    gemm = _best_of(run(lambda: a @ b))
+    copy = _best_of(run(lambda: big.copy() if kind == "numpy" else big.clone()))
+    cores = [rand(*shape) for shape in _PROBE_SHAPES]
+    in_modes = tuple(shape[2] for shape in _PROBE_SHAPES)
+
+    def probe(batch: int, profile: MachineProfile) -> tuple[float, ContractionPlan]:
+        plan = _plan_cached(_PROBE_SHAPES, batch, itemsize, profile)
+        x = rand(batch, *in_modes)
+        expr = _expression(plan.equation, plan.path, ((batch, *in_modes), *_PROBE_SHAPES))
+        return _best_of(run(lambda: expr(x, *cores)), reps=5), plan
+
+    flops_per_s = 2 * rows * inner * inner / gemm
+    bytes_per_s = 2 * (1 << 23) * itemsize / copy
+    # per-kernel overhead: the probe contraction at one row is all overhead
+    latency, plan1 = probe(1, MachineProfile(flops_per_s, bytes_per_s, 0.0))
+    op_seconds = max(latency / (2 * len(plan1.path)), 1e-7)
+    base = MachineProfile(flops_per_s, bytes_per_s, op_seconds)
+    # the contraction's efficiency against the model, on the probe at a real batch
+    measured, plan = probe(_PROBE_BATCH, base)
+    factor = min(max(measured / plan.contract_seconds, 0.5), 20.0)
+    return MachineProfile(flops_per_s, bytes_per_s, op_seconds, factor)
 
 
 def calibrate(like: Any) -> MachineProfile:
@@ -280,7 +310,7 @@ def _plan_cached(
     best = None
     for path in candidates:
         flops, moved, kernels, peak = _path_cost(equation, operand_shapes, path, itemsize)
-        seconds = profile.seconds(flops, moved, kernels)
+        seconds = profile.seconds(flops, moved, kernels) * profile.contract_factor
         if best is None or seconds < best[0]:
             best = (seconds, flops, peak, path)
     c_seconds, c_flops, c_peak, c_path = best  # type: ignore[misc]
