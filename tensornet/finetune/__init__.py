@@ -2,22 +2,35 @@
 
 ``tasks`` builds the data (the built-in ``arithmetic`` task or a JSONL file), ``methods``
 prepares a model for a method (DoTA, DoTA-Random, QDoTA, and peft's LoRA, PiSSA and
-QLoRA, or full fine-tuning), ``train`` runs the paper's recipe with checkpoint/resume,
+QLoRA, or full fine-tuning), ``training`` runs the paper's recipe with checkpoint/resume,
 and ``compare`` runs several methods and seeds on the same data and budget.
 """
 
-from .compare import run_compare
-from .methods import DEFAULT_LR, METHODS, BuiltMethod, MethodOptions, build_method, save_trained
-from .tasks import (
-    DataError,
-    Example,
-    Splits,
-    arithmetic_splits,
-    extract_answer,
-    load_jsonl,
-    split_examples,
-)
-from .train import TrainConfig, TrainResult, evaluate_accuracy, evaluate_loss, train
+import importlib
+from typing import Any
+
+# Imported on first use, so that `tensornet --help` does not load torch and transformers.
+_WHERE = {
+    "run_compare": "compare",
+    "DEFAULT_LR": "names",
+    "METHODS": "names",
+    "BuiltMethod": "methods",
+    "MethodOptions": "methods",
+    "build_method": "methods",
+    "save_trained": "methods",
+    "DataError": "tasks",
+    "Example": "tasks",
+    "Splits": "tasks",
+    "arithmetic_splits": "tasks",
+    "extract_answer": "tasks",
+    "load_jsonl": "tasks",
+    "split_examples": "tasks",
+    "TrainConfig": "training",
+    "TrainResult": "training",
+    "evaluate_accuracy": "training",
+    "evaluate_loss": "training",
+    "train": "training",
+}
 
 __all__ = [
     "DEFAULT_LR",
@@ -40,3 +53,14 @@ __all__ = [
     "split_examples",
     "train",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Load the public names lazily from their modules."""
+    if name in _WHERE:
+        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..cli import UsageError, _positive_int_arg, _print_table, _rank_arg, _rank_list_arg, _tol_arg
+from .names import DEFAULT_MODEL_NAME, METHODS
 
 __all__ = ["add_commands"]
 
@@ -40,6 +42,7 @@ _DATA_HELP = (
 
 def _quiet() -> None:
     """Silence library chatter (weight-loading bars, deprecation warnings) on the terminal."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*requires_grad.*")
@@ -53,22 +56,36 @@ def _quiet() -> None:
 
 
 def _threads(args: argparse.Namespace) -> None:
+    _check_model(args.model)
     import torch
 
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
 
 
-def _load(model: str | None) -> tuple[Any, Any]:
+def _check_model(model: str | None) -> None:
+    """Fail fast (before torch is imported) on a MODEL that is neither built in nor a folder."""
+    if model is None or model == DEFAULT_MODEL_NAME:
+        return
+    if not (Path(model) / "config.json").is_file():
+        why = "no such folder" if not Path(model).is_dir() else "the folder has no config.json"
+        raise UsageError(
+            f"argument MODEL: {model!r} is not a local Hugging Face model folder ({why}); "
+            f"give a folder with config.json, or omit MODEL for the built-in "
+            f"{DEFAULT_MODEL_NAME}"
+        )
+
+
+def _load(model: str | None, dtype: str = "float32") -> tuple[Any, Any]:
+    import torch
+
     from ..adapters import load_pretrained
 
-    return load_pretrained(model)
+    return load_pretrained(model, dtype=getattr(torch, dtype))
 
 
 def _model_name(model: str | None) -> str:
-    from ..adapters import DEFAULT_MODEL
-
-    return DEFAULT_MODEL if model is None else os.fspath(model)
+    return DEFAULT_MODEL_NAME if model is None else os.fspath(model)
 
 
 def _check_out(out: Path, *, overwrite: bool, resume: bool = False) -> None:
@@ -100,7 +117,8 @@ def _splits(args: argparse.Namespace) -> Any:
     if args.data:
         return split_examples(load_jsonl(args.data), validation=args.n_val, test=args.n_test,
                               seed=args.data_seed)
-    return arithmetic_splits(args.n_train, args.n_val, args.n_test, seed=args.data_seed)
+    return arithmetic_splits(args.n_train, args.n_val, args.n_test, seed=args.data_seed,
+                             max_steps=args.max_reasoning_steps)
 
 
 def _options(args: argparse.Namespace, seed: int) -> Any:
@@ -112,7 +130,7 @@ def _options(args: argparse.Namespace, seed: int) -> Any:
 
 
 def _train_config(args: argparse.Namespace, lr: float, seed: int) -> Any:
-    from .train import TrainConfig
+    from .training import TrainConfig
 
     return TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr,
                        max_length=args.max_length, eval_every=args.eval_every,
@@ -126,6 +144,7 @@ class _Progress:
         self.enabled = enabled
         self.bar: Any = None
         self.label = ""
+        self.postfix: dict[str, str] = {}
 
     def __call__(self, event: str, info: dict[str, Any]) -> None:
         if event == "run":
@@ -135,13 +154,16 @@ class _Progress:
         elif event == "start" and self.enabled:
             from tqdm.auto import tqdm
 
+            self.postfix = {}
             self.bar = tqdm(total=info["steps"], initial=info["step"], unit="step",
                             desc=self.label or "training", dynamic_ncols=True, leave=True)
         elif event == "step" and self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{info['loss']:.3f}", refresh=False)
+            self.postfix["loss"] = f"{info['loss']:.3f}"
+            self.bar.set_postfix(self.postfix, refresh=False)
         elif event == "eval" and self.bar is not None:
-            self.bar.set_postfix(loss=self.bar.postfix, val=f"{info['val_loss']:.3f}")
+            self.postfix["val"] = f"{info['val_loss']:.3f}"
+            self.bar.set_postfix(self.postfix)
         elif event == "run_done":
             self.close()
             print(f"  {self.label}: best val loss {info['best_val_loss']:.4f} (step "
@@ -155,8 +177,6 @@ class _Progress:
 
 
 def _methods_arg(text: str) -> list[str]:
-    from .methods import METHODS
-
     names = [t.strip() for t in text.split(",") if t.strip()]
     bad = [n for n in names if n not in METHODS]
     if not names or bad:
@@ -242,7 +262,7 @@ def _cmd_decompose(args: argparse.Namespace) -> int:
     _quiet()
     _threads(args)
     out = Path(args.out)
-    model, _ = _load(args.model)
+    model, _ = _load(args.model, args.dtype)
     _decompose(args, model, out, full=True)
     return 0
 
@@ -255,7 +275,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     _threads(args)
     from .io import write_text_atomic
     from .methods import DEFAULT_LR, build_method
-    from .train import CHECKPOINT_FILE, evaluate_accuracy, train
+    from .training import CHECKPOINT_FILE, evaluate_accuracy, train
 
     out = Path(args.out)
     if args.resume and not (out / CHECKPOINT_FILE).is_file():
@@ -263,7 +283,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
                          f"(train with --checkpoint-every N first)")
     _check_out(out, overwrite=args.overwrite, resume=args.resume)
     splits = _splits(args)
-    model, tokenizer = _load(args.model)
+    model, tokenizer = _load(args.model, args.dtype)
     _prepare_out(out, overwrite=args.overwrite, resume=args.resume)
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.method]
     t0 = time.perf_counter()
@@ -311,7 +331,7 @@ def _compare(args: argparse.Namespace, out: Path, methods: Sequence[str],
     progress = _Progress(not args.no_progress)
     try:
         results = run_compare(
-            lambda: _load(args.model), methods, seeds, splits,
+            lambda: _load(args.model, args.dtype), methods, seeds, splits,
             _train_config(args, 1e-4, seeds[0]), out, options=_options(args, seeds[0]),
             lr=lr, max_new_tokens=args.max_new_tokens, callback=progress,
         )
@@ -330,7 +350,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     out = Path(args.out)
     _check_out(out, overwrite=args.overwrite)
     _splits(args)  # bad data fails before any output is written
-    _load(args.model)  # and so does a bad MODEL
+    _load(args.model, args.dtype)  # and so does a bad MODEL
     _prepare_out(out, overwrite=args.overwrite)
     _compare(args, out, args.methods, args.seeds)
     return 0
@@ -351,7 +371,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     _prepare_out(out, overwrite=args.overwrite or args.out == DEMO_OUT)
     print("== 1/3 decomposition report ==", flush=True)
-    model, tokenizer = _load(args.model)
+    model, tokenizer = _load(args.model, args.dtype)
     _decompose(args, model, out / "decompose", full=False)
     del model
     print(f"({time.perf_counter() - start:.0f} s)\n\n== 2/3 comparison on the built-in "
@@ -361,7 +381,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
           f"into a fresh model ==", flush=True)
     run = next((r for r in results["runs"] if r["method"] == "dota"), None)
     if run is not None:
-        fresh, tokenizer = _load(args.model)
+        fresh, tokenizer = _load(args.model, args.dtype)
         load_adapter(fresh, run["adapter"])
         splits = _splits(args)
         ex = splits.test[0]
@@ -396,6 +416,9 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                    help="MPO cores N (default: 5)")
     p.add_argument("--threads", type=_positive_int_arg, default=None, metavar="T",
                    help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="dtype of the model's weights (the paper trains in bf16; default: "
+                   "float32)")
 
 
 def _targets() -> tuple[str, ...]:
@@ -415,7 +438,7 @@ def _add_decompose_args(p: argparse.ArgumentParser, *, with_rank: bool = True) -
 
 def _add_train_args(p: argparse.ArgumentParser, *, steps: int, n_train: int, n_val: int,
                     n_test: int, out: str, max_length: int = 256,
-                    max_new_tokens: int = 64) -> None:
+                    max_new_tokens: int = 64, max_steps: int = 4, eval_every: int = 10) -> None:
     p.add_argument("--task", choices=["arithmetic"], default="arithmetic",
                    help="built-in task: GSM8K-style word problems of 2-4 steps, answer "
                    "'#### N', generated from --data-seed (default)")
@@ -427,6 +450,8 @@ def _add_train_args(p: argparse.ArgumentParser, *, steps: int, n_train: int, n_v
     p.add_argument("--n-test", type=_positive_int_arg, default=n_test, metavar="K",
                    help=f"test examples for the accuracy (default: {n_test})")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the data (default: 0)")
+    p.add_argument("--max-reasoning-steps", type=int, choices=[2, 3, 4], default=max_steps,
+                   help=f"most steps per built-in problem (default: {max_steps})")
     p.add_argument("--rank", type=_positive_int_arg, default=16, metavar="R",
                    help="DoTA rank R (default: 16)")
     p.add_argument("--lora-rank", type=_positive_int_arg, default=32, metavar="r",
@@ -441,8 +466,8 @@ def _add_train_args(p: argparse.ArgumentParser, *, steps: int, n_train: int, n_v
     p.add_argument("--batch-size", type=_positive_int_arg, default=4, help="default: 4")
     p.add_argument("--max-length", type=_positive_int_arg, default=max_length,
                    help=f"tokens per example (default: {max_length})")
-    p.add_argument("--eval-every", type=_positive_int_arg, default=10, metavar="K",
-                   help="validation loss every K steps (default: 10)")
+    p.add_argument("--eval-every", type=_positive_int_arg, default=eval_every, metavar="K",
+                   help=f"validation loss every K steps (default: {eval_every})")
     p.add_argument("--max-new-tokens", type=_positive_int_arg, default=max_new_tokens,
                    help=f"generation budget for test accuracy (default: {max_new_tokens})")
     p.add_argument("--out", default=out, metavar="DIR", help=f"output folder (default: {out})")
@@ -462,8 +487,6 @@ def add_commands(sub: Any) -> None:
     dec.add_argument("--out", default="runs/decompose", metavar="DIR",
                      help="folder for the JSON, CSV and plot (default: runs/decompose)")
     dec.set_defaults(func=_cmd_decompose)
-
-    from .methods import METHODS
 
     ft = sub.add_parser("finetune", help="fine-tune with one method",
                         description="Fine-tune with the DoTA paper's recipe (AdamW, cosine "
@@ -504,5 +527,6 @@ def add_commands(sub: Any) -> None:
     demo.add_argument("--methods", type=_methods_arg, default=["dota", "dota-random", "lora"],
                       metavar="A,B,...", help="methods (default: dota,dota-random,lora)")
     demo.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
-    _add_train_args(demo, steps=40, n_train=400, n_val=16, n_test=10, out=DEMO_OUT,
-                    max_length=128, max_new_tokens=40)
+    _add_train_args(demo, steps=20, n_train=400, n_val=8, n_test=10, out=DEMO_OUT,
+                    max_length=128, max_new_tokens=32, max_steps=3, eval_every=5)
+    demo.set_defaults(dtype="bfloat16", threads=1)

@@ -28,7 +28,7 @@ import numpy as np
 from .io import save_figure_atomic, write_text_atomic
 from .methods import DEFAULT_LR, MethodOptions, build_method
 from .tasks import Splits
-from .train import Callback, TrainConfig, evaluate_accuracy, train
+from .training import Callback, TrainConfig, evaluate_accuracy, train
 
 __all__ = [
     "RESULTS_FILE",

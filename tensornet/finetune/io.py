@@ -11,6 +11,17 @@ from typing import Any
 __all__ = ["atomic_dir", "write_text_atomic", "save_figure_atomic"]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish(path: str | os.PathLike[str], mode: int) -> None:
+    """Give a temporary file or folder the permissions a plain ``open``/``mkdir`` would."""
+    os.chmod(path, mode & ~_umask())
+
+
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
     path = Path(path)
@@ -19,6 +30,7 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
+        _publish(tmp, 0o666)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -34,6 +46,7 @@ def save_figure_atomic(fig: Any, path: str | os.PathLike[str], **kwargs: Any) ->
     os.close(fd)
     try:
         fig.savefig(tmp, **kwargs)
+        _publish(tmp, 0o666)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -55,6 +68,7 @@ class atomic_dir:  # noqa: N801 - used like a function: ``with atomic_dir(path) 
         """Create and return the temporary folder."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.path.parent))
+        _publish(self.tmp, 0o777)
         return self.tmp
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:

@@ -28,9 +28,10 @@ import torch
 from torch import nn
 
 from ..adapters import LLAMA_TARGETS, apply_dota, save_adapter
-from ..adapters.base import count_parameters, find_targets, set_submodule
+from ..adapters.base import find_targets, is_4bit, set_submodule
 from ..errors import ConfigError
 from .io import atomic_dir
+from .names import DEFAULT_LR, METHODS
 
 __all__ = [
     "METHODS",
@@ -38,23 +39,10 @@ __all__ = [
     "MethodOptions",
     "BuiltMethod",
     "build_method",
+    "count_parameters",
     "save_trained",
     "quantize_linears_nf4",
 ]
-
-METHODS: tuple[str, ...] = ("dota", "dota-random", "qdota", "lora", "pissa", "qlora", "full")
-
-#: Learning rates of the DoTA paper, appendix B.
-DEFAULT_LR: dict[str, float] = {
-    "dota": 3e-4,
-    "dota-random": 3e-4,
-    "qdota": 1e-4,
-    "lora": 3e-4,
-    "pissa": 1e-4,
-    "qlora": 1e-5,
-    "full": 1e-5,
-}
-
 
 @dataclass(frozen=True)
 class MethodOptions:
@@ -186,6 +174,26 @@ def build_method(
         model = _peft_model(model, method, opts)
     trainable, total = count_parameters(model)
     return BuiltMethod(method, model, trainable, total)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameters, each tensor counted once.
+
+    Tied weights (SmolLM2's input embedding and LM head share one tensor) count once, and
+    a bitsandbytes 4-bit weight counts by its logical size ``out * in``.
+    """
+    seen: set[int] = set()
+    trainable = total = 0
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            n = module.in_features * module.out_features if (
+                is_4bit(module) and name == "weight") else p.numel()
+            total += n
+            trainable += n if p.requires_grad else 0
+    return trainable, total
 
 
 def _peft_model(model: nn.Module, method: str, opts: MethodOptions) -> nn.Module:

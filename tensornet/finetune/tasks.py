@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 #: The system message used with chat templates: asks for GSM8K's answer format.
-SYSTEM_PROMPT = "Solve the problem step by step. End with '#### ' and the final number."
+SYSTEM_PROMPT = "Solve step by step; end with '#### N'."
 
 IGNORE_INDEX = -100
 
@@ -88,8 +88,8 @@ _SUB = ("gives away {n}", "loses {n}", "sells {n}", "uses {n}")
 _MUL = {2: "doubles them", 3: "triples them"}
 
 
-def arithmetic_problem(rng: random.Random) -> Example:
-    """Draw one word problem of 2 to 4 steps from ``rng``.
+def arithmetic_problem(rng: random.Random, *, max_steps: int = 4) -> Example:
+    """Draw one word problem of 2 to ``max_steps`` steps from ``rng``.
 
     Every intermediate result stays a positive integer below 1000; the response works
     through each step (``12 + 5 = 17.``) and ends with ``#### <answer>``.
@@ -98,6 +98,9 @@ def arithmetic_problem(rng: random.Random) -> Example:
     ----------
     rng : random.Random
         Source of randomness; the same state gives the same problem.
+    max_steps : int
+        Most reasoning steps (2 to 4; the built-in task uses 4, the demo 3 for shorter
+        sequences).
 
     Returns
     -------
@@ -114,7 +117,7 @@ def arithmetic_problem(rng: random.Random) -> Example:
     value = rng.randint(2, 40)
     sentences = [f"{name} has {value} {item}."]
     steps = []
-    for _ in range(rng.randint(2, 4)):
+    for _ in range(rng.randint(2, max_steps)):
         kind = rng.choice(("add", "add", "sub", "sub", "mul"))
         if kind == "mul" and value * 3 < 1000:
             n = rng.choice((2, 3))
@@ -136,7 +139,7 @@ def arithmetic_problem(rng: random.Random) -> Example:
 
 
 def arithmetic_splits(
-    n_train: int, n_validation: int, n_test: int, *, seed: int = 0
+    n_train: int, n_validation: int, n_test: int, *, seed: int = 0, max_steps: int = 4
 ) -> Splits:
     """Generate the built-in ``arithmetic`` task: disjoint, deterministic splits.
 
@@ -149,6 +152,8 @@ def arithmetic_splits(
         Sizes of the splits (non-negative).
     seed : int
         The same seed gives the same splits.
+    max_steps : int
+        Most reasoning steps per problem, 2 to 4 (see :func:`arithmetic_problem`).
 
     Returns
     -------
@@ -170,6 +175,8 @@ def arithmetic_splits(
     sizes = (n_train, n_validation, n_test)
     if any(not isinstance(n, int) or n < 0 for n in sizes):
         raise DataError(f"split sizes must be non-negative ints; got {sizes}")
+    if max_steps not in (2, 3, 4):
+        raise DataError(f"`max_steps` must be 2, 3 or 4; got {max_steps!r}")
     rng = random.Random(seed)
     seen: set[str] = set()
     out: list[Example] = []
@@ -179,7 +186,7 @@ def arithmetic_splits(
         attempts += 1
         if attempts > 50 * total + 1000:  # pragma: no cover - the space is far larger
             raise DataError(f"cannot draw {total} distinct problems")
-        ex = arithmetic_problem(rng)
+        ex = arithmetic_problem(rng, max_steps=max_steps)
         if ex.prompt not in seen:
             seen.add(ex.prompt)
             out.append(ex)
