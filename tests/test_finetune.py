@@ -308,3 +308,18 @@ def test_trainconfig_validates():
         TrainConfig(steps=0)
     assert not math.isnan(TrainConfig().lr)
     assert Example("p", "r").answer is None
+
+
+@pytest.mark.parametrize("method", ["dota", "dota-random", "qdota", "lora", "pissa", "qlora",
+                                    "full"])
+def test_every_method_trains_and_saves(method, tokenizer, splits, tmp_path):
+    built = build_method(tiny_llama(), method, TINY_OPTS)
+    before = _trainable(built)
+    assert 0 < built.trainable_params <= built.total_params
+    assert sum(p.numel() for p in before.values()) == built.trainable_params
+    result = train(built, tokenizer, splits.train, splits.validation[:2],
+                   _config(steps=2, eval_every=2, lr=1e-3), tmp_path)
+    assert all(math.isfinite(loss) for _, loss in result.train_loss)
+    after = _trainable(built)
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+    assert any((tmp_path / "adapter").iterdir())

@@ -371,7 +371,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     _prepare_out(out, overwrite=args.overwrite or args.out == DEMO_OUT)
     print("== 1/3 decomposition report ==", flush=True)
-    model, tokenizer = _load(args.model, args.dtype)
+    model, _ = _load(args.model)  # decomposed at float32, as `tensornet decompose` does
     _decompose(args, model, out / "decompose", full=False)
     del model
     print(f"({time.perf_counter() - start:.0f} s)\n\n== 2/3 comparison on the built-in "
