@@ -88,18 +88,19 @@ def _model_name(model: str | None) -> str:
     return DEFAULT_MODEL_NAME if model is None else os.fspath(model)
 
 
-def _check_out(out: Path, *, overwrite: bool, resume: bool = False) -> None:
+def _check_out(out: Path, *, overwrite: bool, resume: bool | None = None) -> None:
     """Refuse a folder that holds another run unless ``overwrite`` (or ``resume``)."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"argument --out: {out} exists and is not a folder")
     if not resume and not overwrite and out.is_dir() and any(out.iterdir()):
+        hint = "--resume to continue it, " if resume is not None else ""
         raise UsageError(
             f"argument --out: {out} already holds another run; pass --overwrite to "
-            f"replace it (or --resume to continue it, or another --out)"
+            f"replace it (or {hint}or another --out)"
         )
 
 
-def _prepare_out(out: Path, *, overwrite: bool, resume: bool = False) -> None:
+def _prepare_out(out: Path, *, overwrite: bool, resume: bool | None = None) -> None:
     """:func:`_check_out`, then empty a previous run's folder (``overwrite``) and mark it."""
     _check_out(out, overwrite=overwrite, resume=resume)
     if resume:

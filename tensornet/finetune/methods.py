@@ -15,6 +15,13 @@ full           every parameter                                                 1
 The learning rates are the DoTA paper's (appendix B: math for DoTA/LoRA/PiSSA/full,
 the quantization settings for QDoTA/QLoRA). LoRA, PiSSA and QLoRA are Hugging Face
 peft's own implementations; no dropout anywhere (the paper's recipe).
+
+QLoRA does not go through transformers' ``load_in_4bit`` path: the target ``nn.Linear``
+layers are replaced by bitsandbytes NF4 ``Linear4bit`` layers
+(:func:`quantize_linears_nf4`, which quantizes on the CPU too) before
+``get_peft_model``. On a CPU-only machine peft wraps those layers in its generic
+``lora.Linear`` (its bitsandbytes dispatch is not taken), which trains correctly but
+cannot be merged into the 4-bit base.
 """
 
 from __future__ import annotations
