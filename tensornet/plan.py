@@ -16,6 +16,7 @@ library, device and dtype (:func:`calibrate`). :func:`mpo_matmul` executes the c
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import time
@@ -71,6 +72,19 @@ DEFAULT_PROFILE = MachineProfile(
 # The probe contraction of calibrate(): a 1024 x 1024 MPO (N = 5, modes 4, rank 16).
 _PROBE_SHAPES = ((1, 4, 4, 16), (16, 4, 4, 16), (16, 4, 4, 16), (16, 4, 4, 16), (16, 4, 4, 1))
 _PROBE_BATCH = 256
+
+
+def _no_autocast(x: Any) -> Any:
+    """A context that turns torch autocast off for ``x``'s device (no-op for numpy).
+
+    The pairwise contractions run in the dtype of their operands: autocast would turn
+    some intermediates into bf16 while the cores stay in float32.
+    """
+    if is_torch(x):
+        import torch
+
+        return torch.autocast(device_type=x.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _best_of(f: Any, reps: int = 3) -> float:
@@ -148,7 +162,10 @@ def calibrate(like: Any) -> MachineProfile:
     MachineProfile
     """
     if is_torch(like):
-        return _calibrate_key("torch", str(like.device), str(like.dtype).replace("torch.", ""))
+        with _no_autocast(like):
+            return _calibrate_key(
+                "torch", str(like.device), str(like.dtype).replace("torch.", "")
+            )
     return _calibrate_key("numpy", "cpu", str(np.dtype(like.dtype)))
 
 
@@ -437,5 +454,6 @@ def mpo_matmul(
         assert plan is not None
         operand_shapes = ((batch, *in_modes), *shapes)
         expr = _expression(plan.equation, plan.path, operand_shapes)
-        y = expr(x.reshape(batch, *in_modes), *core_list)
+        with _no_autocast(x):
+            y = expr(x.reshape(batch, *in_modes), *core_list)
     return y.reshape(*lead, rows)

@@ -193,13 +193,12 @@ def test_reentrant_checkpointing_needs_input_grads():
 def test_trainer_bf16(tmp_path):
     # TrainingArguments(bf16=True, use_cpu=True) runs the forward under
     # torch.autocast("cpu", torch.bfloat16); the cores stay float32 (mixed precision).
-    # strategy="dense": the "contract" path (mpo_matmul) fails under CPU autocast, because
-    # autocast turns one tensordot's output into bfloat16 and the next tensordot with a
-    # float32 core raises "both inputs should have same dtype" (tensornet bug, reported).
-    # Under autocast the dense path also forms MPO(T) in bfloat16 (autocast casts the
-    # matmuls of cores_to_matrix), as peft's LoRA computes B(A(x)) in bfloat16; merge()
-    # forms it in float32, so the merge check below runs in float32, outside autocast.
-    model = _dota_model(strategy="dense")
+    # The planner's choice ("auto") is used: the contract path runs its small products
+    # with autocast off (tests/test_autocast.py covers both strategies). Under autocast
+    # the dense path forms MPO(T) in bfloat16 (autocast casts the matmuls of
+    # cores_to_matrix), as peft's LoRA computes B(A(x)) in bfloat16; merge() forms it in
+    # float32, so the merge check below runs in float32, outside autocast.
+    model = _dota_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     seen = []
     model.model.layers[0].mlp.gate_proj.register_forward_hook(

@@ -277,6 +277,7 @@ class DoTALinear(nn.Module):
         training = torch.is_grad_enabled() and any(c.requires_grad for c in cores)
         if self.choose_strategy(batch, training) == "contract":
             y = self.base_layer(x)
+            # mpo_matmul contracts in the cores' dtype, with autocast off
             delta = mpo_matmul(x.to(cores[0].dtype), cores, strategy="contract")
             return y + delta.to(y.dtype)
         bias = self.base_layer.bias
