@@ -45,6 +45,17 @@ def test_readme_example_runs_and_prints_what_it_says():
         assert says.startswith(got), (got, says)
 
 
+def test_readme_adapter_example_runs():
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    assert len(blocks) >= 2
+    for code in blocks[1:]:
+        namespace: dict = {}
+        exec(compile(code, "README.md", "exec"), namespace)
+    fresh = namespace["fresh"]
+    assert not any(type(m).__name__ == "DoTALinear" for m in fresh.modules())
+
+
 @pytest.fixture
 def one_thread():
     # The user-guide examples train tiny models; on a small machine shared with other jobs,
