@@ -23,7 +23,7 @@ import pathlib
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tensornet.adapters import plan_dota
+from tensornet.adapters import plan_dota, plan_lorta, plan_lotr
 
 TABLE = pathlib.Path(__file__).resolve().parent / "guide" / "parameter-counts.txt"
 
@@ -58,27 +58,38 @@ MODELS: dict[str, dict] = {
     ),
 }
 
-#: (column title, method, rank); DoTA always with N = 5 cores.
+#: (column title, method, rank); DoTA always with N = 5 cores. Two tables: the matrix
+#: adapters on the paper's targets, then the cross-layer tensor adapters.
 METHODS = (
     ("LoRA r=32", "lora", 32),
     ("PiSSA r=16", "lora", 16),
     ("DoTA N=5 R=16", "dota", 16),
     ("DoTA N=5 R=32", "dota", 32),
 )
+CROSS_LAYER = (
+    ("LoTR r=16", "lotr", 16),
+    ("LoTR r=64", "lotr", 64),
+    ("LoRTA r=16", "lorta", 16),
+    ("LoRTA r=64", "lorta", 64),
+)
 
 
-def count(name: str) -> tuple[int, list[int]]:
+def count(name: str, methods: tuple = METHODS) -> tuple[int, list[int]]:
     """Base parameters of model ``name`` and the trainable parameters of each method."""
     with torch.device("meta"):
         model = LlamaForCausalLM(LlamaConfig(**MODELS[name]))
     base = sum(p.numel() for p in model.parameters())  # tied embeddings counted once
     layers = plan_dota(model).layers  # the five targets of every layer, with their shapes
     out = []
-    for _, method, rank in METHODS:
+    for _, method, rank in methods:
         if method == "lora":
             out.append(sum(rank * (lay.in_features + lay.out_features) for lay in layers))
-        else:
+        elif method == "dota":
             out.append(plan_dota(model, num_cores=5, rank=rank).trainable_params)
+        elif method == "lotr":
+            out.append(plan_lotr(model, rank=rank).trainable_params)
+        else:
+            out.append(plan_lorta(model, rank=rank).trainable_params)
     return base, out
 
 
@@ -87,11 +98,15 @@ def _cell(n: int, base: int) -> str:
 
 
 def table() -> str:
-    """The table as reStructuredText (a grid table)."""
-    header = ["Model", "Base parameters", *(title for title, _, _ in METHODS)]
+    """Both tables as reStructuredText grid tables, separated by a blank line."""
+    return _grid(METHODS) + "\n" + _grid(CROSS_LAYER)
+
+
+def _grid(methods: tuple) -> str:
+    header = ["Model", "Base parameters", *(title for title, _, _ in methods)]
     rows = []
     for name in MODELS:
-        base, counts = count(name)
+        base, counts = count(name, methods)
         rows.append([name, f"{base:,}", *(_cell(n, base) for n in counts)])
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 

@@ -119,11 +119,22 @@ def test_parameter_count_table_is_up_to_date():
     assert ".. include:: parameter-counts.txt" in (GUIDE / "parameter-counts.rst").read_text()
     # The paper's figures (METHODS.md): DoTA R=16 is 0.15% of LLaMA-2-7B, 0.06% of
     # LLaMA-3-8B; R=32 is 0.2% of LLaMA-3-8B.
-    rows = {
-        line.split("|")[1].strip(): line for line in committed.splitlines() if "| LLaMA" in line
-    }
-    assert "10,043,392 (0.149%)" in rows["LLaMA-2-7B"]
-    assert "(0.065%)" in rows["LLaMA-3-8B"] and "(0.201%)" in rows["LLaMA-3-8B"]
+    matrix_table, cross_layer_table = committed.split("\n\n")
+
+    def rows(text):
+        return {line.split("|")[1].strip(): line for line in text.splitlines() if "| " in line}
+
+    first, second = rows(matrix_table), rows(cross_layer_table)
+    assert "10,043,392 (0.149%)" in first["LLaMA-2-7B"]
+    assert "(0.065%)" in first["LLaMA-3-8B"] and "(0.201%)" in first["LLaMA-3-8B"]
+    # LoTR r=16 on LLaMA-2-7B: q, k, v 16 (4096 + 4096) each, up and down 16 (4096 + 11008)
+    # each, plus 32 layers of 16 x 16 cores for each of the 5 kinds
+    lotr = 3 * 16 * 8192 + 2 * 16 * 15104 + 5 * 32 * 16 * 16
+    # LoRTA r=16: 16 (d_model + d_head + H + 4 + L); LLaMA-2 has no grouped-query attention
+    lorta = 16 * (4096 + 128 + 32 + 4 + 32)
+    assert f"{lotr:,} (" in second["LLaMA-2-7B"] and f"{lorta:,} (" in second["LLaMA-2-7B"]
+    # LLaMA-3-8B: 8 K/V heads get their own head factor (16 * 8 more)
+    assert f"{16 * (4096 + 128 + 32 + 8 + 4 + 32):,} (" in second["LLaMA-3-8B"]
 
 
 def test_parameter_count_formulas():
