@@ -298,6 +298,12 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         result = train(built, tokenizer, splits.train, splits.validation,
                        _train_config(args, lr, args.seed), out, resume=args.resume,
                        callback=progress)
+    except KeyboardInterrupt:
+        progress.close()
+        where = (f"; continue from the last checkpoint with the same command and --resume"
+                 if (out / CHECKPOINT_FILE).is_file() else " (no checkpoint was written)")
+        print(f"tensornet finetune: interrupted{where}", file=sys.stderr)
+        return 130
     finally:
         progress.close()
     acc, preds = evaluate_accuracy(built.model, tokenizer, splits.test,
