@@ -300,7 +300,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
                        callback=progress)
     except KeyboardInterrupt:
         progress.close()
-        where = (f"; continue from the last checkpoint with the same command and --resume"
+        where = ("; continue from the last checkpoint with the same command and --resume"
                  if (out / CHECKPOINT_FILE).is_file() else " (no checkpoint was written)")
         print(f"tensornet finetune: interrupted{where}", file=sys.stderr)
         return 130
