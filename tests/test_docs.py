@@ -77,6 +77,7 @@ DOCTEST_PAGES = [
     "guide/finetune.rst",
     "guide/qdota.rst",
     "guide/save-load.rst",
+    "guide/lotr-lorta.rst",
 ]
 
 
