@@ -69,9 +69,12 @@ DEFAULT_PROFILE = MachineProfile(
     flops_per_s=1.5e11, bytes_per_s=6e9, op_seconds=1.5e-5, contract_factor=1.5
 )
 
-# The probe contraction of calibrate(): a 1024 x 1024 MPO (N = 5, modes 4, rank 16).
+# The probe contraction of calibrate(): a 1024 x 1024 MPO (N = 5, modes 4, rank 16) applied
+# to 4096 rows, whose intermediates (~64 MB in float32) exceed the caches, as those of the
+# large batches do where dense and contract come close (small batches fit in cache and are
+# far from the crossover).
 _PROBE_SHAPES = ((1, 4, 4, 16), (16, 4, 4, 16), (16, 4, 4, 16), (16, 4, 4, 16), (16, 4, 4, 1))
-_PROBE_BATCH = 256
+_PROBE_BATCH = 4096
 
 
 def _no_autocast(x: Any) -> Any:
