@@ -310,8 +310,8 @@ def test_trainconfig_validates():
     assert Example("p", "r").answer is None
 
 
-@pytest.mark.parametrize("method", ["dota", "dota-random", "qdota", "lora", "pissa", "qlora",
-                                    "full"])
+@pytest.mark.parametrize("method", ["dota", "dota-random", "qdota", "lotr", "lorta", "lora",
+                                    "pissa", "qlora", "full"])
 def test_every_method_trains_and_saves(method, tokenizer, splits, tmp_path):
     built = build_method(tiny_llama(), method, TINY_OPTS)
     before = _trainable(built)

@@ -460,14 +460,14 @@ def _add_train_args(p: argparse.ArgumentParser, *, steps: int, n_train: int, n_v
     p.add_argument("--max-reasoning-steps", type=int, choices=[2, 3, 4], default=max_steps,
                    help=f"most steps per built-in problem (default: {max_steps})")
     p.add_argument("--rank", type=_positive_int_arg, default=16, metavar="R",
-                   help="DoTA rank R (default: 16)")
+                   help="rank of the tensor adapters: DoTA's R, LoTR's and LoRTA's r (default: 16)")
     p.add_argument("--lora-rank", type=_positive_int_arg, default=32, metavar="r",
                    help="LoRA/QLoRA rank, alpha = r (default: 32)")
     p.add_argument("--pissa-rank", type=_positive_int_arg, default=16, metavar="r",
                    help="PiSSA rank, alpha = r (default: 16)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the "
                    "paper's per method: dota 3e-4, lora 3e-4, pissa 1e-4, qdota 1e-4, "
-                   "qlora 1e-5, full 1e-5)")
+                   "qlora 1e-5, full 1e-5; lotr and lorta 3e-4, not from the paper)")
     p.add_argument("--steps", type=_positive_int_arg, default=steps,
                    help=f"optimizer steps (default: {steps})")
     p.add_argument("--batch-size", type=_positive_int_arg, default=4, help="default: 4")

@@ -6,6 +6,8 @@ method         what trains                                                     d
 dota           MPO cores of q, k, v, up, down (:func:`tensornet.adapters.apply_dota`)  3e-4
 dota-random    the same cores, Gaussian-initialized, residual not subtracted   3e-4
 qdota          DoTA with the frozen residual in NF4 (``quantize="nf4"``)       1e-4
+lotr           LoTR, factors shared per kind of target, ``r = rank`` (16)      3e-4
+lorta          LoRTA, one CP decomposition of q, k, v, o, ``r = rank`` (16)    3e-4
 lora           peft LoRA, ``r = lora_rank`` (32), ``alpha = r``                3e-4
 pissa          peft PiSSA (``init_lora_weights="pissa_niter_4"``), r = 16      1e-4
 qlora          peft LoRA on NF4 bitsandbytes ``Linear4bit`` bases              1e-5
@@ -34,8 +36,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..adapters import LLAMA_TARGETS, apply_dota, save_adapter
-from ..adapters.base import find_targets, is_4bit, set_submodule
+from ..adapters import (
+    LLAMA_TARGETS,
+    LoRTAConfig,
+    LoTRConfig,
+    apply_dota,
+    apply_lorta,
+    apply_lotr,
+    save_adapter,
+)
+from ..adapters.base import count_parameters, find_targets, set_submodule
 from ..errors import ConfigError
 from .io import atomic_dir
 from .names import DEFAULT_LR, METHODS
@@ -58,7 +68,8 @@ class MethodOptions:
     Attributes
     ----------
     rank : int
-        DoTA's bond cap ``R`` (dota, dota-random, qdota).
+        Rank of the tensor adapters: DoTA's bond cap ``R`` (dota, dota-random, qdota),
+        LoTR's and LoRTA's ``r``.
     num_cores : int
         DoTA's number of cores ``N``.
     lora_rank : int
@@ -174,6 +185,10 @@ def build_method(
             seed=opts.seed,
             progress=False,
         )
+    elif method == "lotr":
+        apply_lotr(model, LoTRConfig(target_modules=targets, rank=opts.rank, seed=opts.seed))
+    elif method == "lorta":  # LoRTA's tensor spans the attention projections q, k, v, o
+        apply_lorta(model, LoRTAConfig(rank=opts.rank, seed=opts.seed))
     elif method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -181,26 +196,6 @@ def build_method(
         model = _peft_model(model, method, opts)
     trainable, total = count_parameters(model)
     return BuiltMethod(method, model, trainable, total)
-
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """``(trainable, total)`` parameters, each tensor counted once.
-
-    Tied weights (SmolLM2's input embedding and LM head share one tensor) count once, and
-    a bitsandbytes 4-bit weight counts by its logical size ``out * in``.
-    """
-    seen: set[int] = set()
-    trainable = total = 0
-    for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            n = module.in_features * module.out_features if (
-                is_4bit(module) and name == "weight") else p.numel()
-            total += n
-            trainable += n if p.requires_grad else 0
-    return trainable, total
 
 
 def _peft_model(model: nn.Module, method: str, opts: MethodOptions) -> nn.Module:
@@ -229,7 +224,7 @@ def _peft_model(model: nn.Module, method: str, opts: MethodOptions) -> nn.Module
 def save_trained(built: BuiltMethod, path: str | os.PathLike[str]) -> Path:
     """Save what ``built`` trained to the folder ``path``, atomically.
 
-    DoTA methods: :func:`tensornet.adapters.save_adapter`; peft methods:
+    tensornet methods: :func:`tensornet.adapters.save_adapter`; peft methods:
     ``save_pretrained``; full fine-tuning: the model's state dict as
     ``model.safetensors``.
     """
@@ -240,7 +235,7 @@ def save_trained(built: BuiltMethod, path: str | os.PathLike[str]) -> Path:
 
 
 def _save_into(built: BuiltMethod, folder: Path) -> None:
-    if built.method in ("dota", "dota-random", "qdota"):
+    if built.method in ("dota", "dota-random", "qdota", "lotr", "lorta"):
         save_adapter(built.model, folder)
     elif built.method == "full":
         from safetensors.torch import save_file
