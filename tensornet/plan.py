@@ -57,16 +57,42 @@ class MachineProfile:
     bytes_per_s: float
     op_seconds: float
     contract_factor: float = 1.0
+    #: ``(run length in bytes, fraction of bytes_per_s)`` of a reorganizing copy whose
+    #: contiguous runs have that length (interpolated in log-length, flat beyond the ends)
+    copy_efficiency: tuple[tuple[int, float], ...] = ((16, 0.8), (64, 1.0))
+
+    def copy_seconds(self, copies: Sequence[tuple[int, int]]) -> float:
+        """Modelled time of reorganizing copies given as ``(bytes, run bytes)``."""
+        table = self.copy_efficiency
+        total = 0.0
+        for nbytes, run in copies:
+            if run <= table[0][0]:
+                eff = table[0][1]
+            elif run >= table[-1][0]:
+                eff = table[-1][1]
+            else:
+                for (r0, e0), (r1, e1) in zip(table, table[1:]):
+                    if r0 <= run <= r1:
+                        t = math.log(run / r0) / math.log(r1 / r0)
+                        eff = e0 + t * (e1 - e0)
+                        break
+            total += nbytes / (self.bytes_per_s * eff)
+        return total
 
     def seconds(self, flops: float, bytes_moved: float, ops: int) -> float:
         """Modelled time of a computation."""
         return flops / self.flops_per_s + bytes_moved / self.bytes_per_s + ops * self.op_seconds
 
 
-#: Constants fitted on a quiet 2-core x86-64 CPU (float32, MKL); used when planning on shapes
-#: alone. :func:`calibrate` measures the machine at hand.
+#: Constants measured on a quiet 2-core x86-64 CPU (float32, MKL), the contraction factor
+#: fitted to benchmarks/bench_plan.py there; used when planning on shapes alone.
+#: :func:`calibrate` measures the machine at hand.
 DEFAULT_PROFILE = MachineProfile(
-    flops_per_s=1.5e11, bytes_per_s=6e9, op_seconds=1.5e-5, contract_factor=1.5
+    flops_per_s=1.5e11,
+    bytes_per_s=5e9,
+    op_seconds=3e-5,
+    contract_factor=1.2,
+    copy_efficiency=((16, 0.8), (64, 1.0)),
 )
 
 # The probe contraction of calibrate(): a 1024 x 1024 MPO (N = 5, modes 4, rank 16) applied
@@ -142,14 +168,33 @@ def _calibrate_key(kind: str, device: str, dtype: str) -> MachineProfile:
 
     flops_per_s = 2 * rows * inner * inner / gemm
     bytes_per_s = 2 * (1 << 23) * itemsize / copy
+    # reorganizing copies: (a, b, n) -> (b, a, n) moves contiguous runs of n items
+    table = []
+    for length in (4, 16, 64, 256):
+        side = int(math.sqrt((1 << 23) // length))
+        block = big[: side * side * length].reshape(side, side, length)
+        if kind == "numpy":
+            seconds = _best_of(run(lambda b=block: b.transpose(1, 0, 2).copy()))
+        else:
+            seconds = _best_of(run(lambda b=block: b.permute(1, 0, 2).contiguous()))
+        rate = 2 * side * side * length * itemsize / seconds
+        table.append((length * itemsize, min(rate / bytes_per_s, 1.0)))
     # per-kernel overhead: the probe contraction at one row is all overhead
-    latency, plan1 = probe(1, MachineProfile(flops_per_s, bytes_per_s, 0.0))
+    efficiency = tuple(table)
+    latency, plan1 = probe(
+        1, MachineProfile(flops_per_s, bytes_per_s, 0.0, copy_efficiency=efficiency)
+    )
     op_seconds = max(latency / (2 * len(plan1.path)), 1e-7)
-    base = MachineProfile(flops_per_s, bytes_per_s, op_seconds)
+    base = MachineProfile(flops_per_s, bytes_per_s, op_seconds, copy_efficiency=efficiency)
     # the contraction's efficiency against the model, on the probe at a real batch
     measured, plan = probe(_PROBE_BATCH, base)
-    factor = min(max(measured / plan.contract_seconds, 0.5), 20.0)
-    return MachineProfile(flops_per_s, bytes_per_s, op_seconds, factor)
+    # The step model charges every product and copy a contraction makes, yet on CPU the
+    # contractions of LLaMA-sized layers ran ~1.2x slower than it says (fitted with
+    # benchmarks/bench_plan.py on a quiet machine); the probe, noisy run to run, may only
+    # raise that floor.
+    floor = DEFAULT_PROFILE.contract_factor
+    factor = min(max(measured / plan.contract_seconds, floor), 20.0)
+    return MachineProfile(flops_per_s, bytes_per_s, op_seconds, factor, efficiency)
 
 
 def calibrate(like: Any) -> MachineProfile:
@@ -261,33 +306,69 @@ def _equation(num_cores: int) -> str:
     return f"{x},{','.join(ops)}->{sym(0)}{''.join(i)}"
 
 
+def _common_suffix(a: str, b: str) -> str:
+    n = 0
+    while n < min(len(a), len(b)) and a[len(a) - 1 - n] == b[len(b) - 1 - n]:
+        n += 1
+    return a[len(a) - n :] if n else ""
+
+
 def _path_cost(
     equation: str, shapes: Sequence[tuple[int, ...]], path: Sequence[tuple[int, ...]], itemsize: int
-) -> tuple[int, int, int, int]:
-    """FLOPs, bytes moved, kernel count and peak intermediate of a pairwise path."""
+) -> tuple[int, int, list[tuple[int, int]], int, int]:
+    """Cost of a pairwise path as opt_einsum runs it with tensordot.
+
+    Returns FLOPs, bytes streamed by the matrix products, the reorganizing copies as
+    ``(bytes, contiguous run in bytes)`` pairs, the kernel count and the peak
+    intermediate. Each step's result is contiguous in tensordot's order (the left
+    operand's free indices, then the right's) and is handed on as a transposed view; the
+    next tensordot copies an operand unless its memory order already puts the free
+    indices before (left operand) or after (right operand) the contracted ones. A copy
+    moves runs as long as the innermost indices that keep their place.
+    """
     inputs, output = equation.split("->")
     terms = inputs.split(",")
     sizes: dict[str, int] = {}
     for term, shape in zip(terms, shapes):
         sizes.update(zip(term, shape))
-    live = list(terms)
-    flops = moved = peak = 0
-    kernels = 0
+    order = "".join(terms)
+
+    def size(idx: str) -> int:
+        return math.prod(sizes[c] for c in idx)
+
+    # each live operand: (logical index order, memory order)
+    live = [(t, t) for t in terms]
+    flops = moved = peak = kernels = 0
+    copies: list[tuple[int, int]] = []
+
+    def copy_to(memory: str, wanted: str) -> None:
+        if memory != wanted:
+            run = size(_common_suffix(memory, wanted)) * itemsize
+            copies.append((2 * size(memory) * itemsize, run))
+
     for step in path:
-        picked = [live[p] for p in step]
+        picked = [live[p] for p in sorted(step, reverse=True)]  # opt_einsum's left, right
         for p in sorted(step, reverse=True):
             live.pop(p)
-        rest = set("".join(live)) | set(output)
-        involved = set("".join(picked))
-        result = "".join(sorted({c for c in involved if c in rest}, key=lambda c: c))
-        out_size = math.prod(sizes[c] for c in result)
-        in_size = sum(math.prod(sizes[c] for c in t) for t in picked)
-        flops += 2 * math.prod(sizes[c] for c in involved)
-        moved += (in_size + 2 * out_size) * itemsize  # read, write, one layout copy
+        (left, left_mem), (right, right_mem) = picked
+        keep = set("".join(t for t, _ in live)) | set(output)
+        removed = [c for c in left if c in right and c not in keep]
+        removed.sort(key=left.find)
+        free_left = "".join(c for c in left if c not in removed)
+        free_right = "".join(c for c in right if c not in removed)
+        copy_to(left_mem, free_left + "".join(removed))
+        copy_to(right_mem, "".join(removed) + free_right)
+        result_mem = free_left + free_right
+        result = "".join(sorted(result_mem, key=order.find))
+        out_size = size(result_mem)
+        flops += 2 * size(set(left + right))
+        moved += (size(left) + size(right) + out_size) * itemsize
         kernels += 2
         peak = max(peak, out_size)
-        live.append(result)
-    return flops, moved, kernels, peak
+        live.append((result, result_mem))
+    (last, last_mem), = live
+    copy_to(last_mem, output)  # the final reshape to (batch, out_features)
+    return flops, moved, copies, kernels, peak
 
 
 @functools.lru_cache(maxsize=1024)
@@ -329,8 +410,11 @@ def _plan_cached(
     ]
     best = None
     for path in candidates:
-        flops, moved, kernels, peak = _path_cost(equation, operand_shapes, path, itemsize)
-        seconds = profile.seconds(flops, moved, kernels) * profile.contract_factor
+        flops, moved, copies, kernels, peak = _path_cost(
+            equation, operand_shapes, path, itemsize
+        )
+        seconds = profile.seconds(flops, moved, kernels) + profile.copy_seconds(copies)
+        seconds *= profile.contract_factor
         if best is None or seconds < best[0]:
             best = (seconds, flops, peak, path)
     c_seconds, c_flops, c_peak, c_path = best  # type: ignore[misc]
