@@ -19,13 +19,9 @@ test on small matrices (its numbers mean nothing).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
-import shlex
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -35,6 +31,7 @@ from typing import Any
 import numpy as np
 import tensorly as tl
 import torch
+from _environment import environment, print_environment
 from tensorly.decomposition import tensor_train_matrix
 from tensorly.tt_matrix import tt_matrix_to_matrix
 
@@ -84,82 +81,6 @@ directions. Because U and V are random, the MPO unfoldings do not inherit W's de
 rank-16 MPO keeps little of W and both libraries' errors are large: the goal is parity
 of the error with tensorly at the same modes and rank, not a small error. Generation
 time is not part of any timed region."""
-
-
-# ----------------------------------------------------------------------------- environment
-
-
-def _git(*args: str) -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True,
-            text=True, timeout=10, check=True,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip()
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment(argv: list[str]) -> dict[str, Any]:
-    """Everything needed to tell where and how the numbers were taken."""
-    try:
-        from threadpoolctl import threadpool_info
-
-        blas = [
-            f"{p.get('internal_api')} {p.get('version')} ({p.get('num_threads')} threads)"
-            for p in threadpool_info()
-        ]
-    except ImportError:
-        blas = []
-    status = _git("status", "--porcelain", "--untracked-files=no")
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:
-        affinity = os.cpu_count()
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join([Path(sys.executable).name, *argv]),
-        "git_commit": _git("rev-parse", "--short", "HEAD"),
-        "git_dirty": bool(status) if status is not None else None,
-        "platform": platform.platform(),
-        "cpu": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": affinity,
-        "load_avg_start": [round(v, 2) for v in os.getloadavg()],
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(),
-        "numpy": np.__version__,
-        "tensorly": tl.__version__,
-        "tensornet": tensornet.__version__,
-        "thread_pools": blas,
-    }
-
-
-def print_environment(env: dict[str, Any]) -> None:
-    print(f"# date              {env['date']}")
-    print(f"# command           {env['command']}")
-    dirty = " (uncommitted changes)" if env["git_dirty"] else ""
-    print(f"# git commit        {env['git_commit']}{dirty}")
-    print(f"# platform          {env['platform']}")
-    print(f"# cpu               {env['cpu']}; cpu_count={env['cpu_count']}, "
-          f"usable={env['cpus_usable']}, load avg at start={env['load_avg_start']}")
-    print(f"# python {env['python']}  torch {env['torch']}  numpy {env['numpy']}  "
-          f"tensorly {env['tensorly']}  tensornet {env['tensornet']}")
-    print(f"# torch threads     {env['torch_threads']} (interop {env['torch_interop_threads']})")
-    for pool in env["thread_pools"]:
-        print(f"# thread pool       {pool}")
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -365,10 +286,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     tl.set_backend("pytorch")
 
-    env = environment([sys.argv[0], *argv])
+    versions = {"tensorly": tl.__version__}
+    env = environment([sys.argv[0], *argv], versions)
     print("# tensornet MPO decomposition benchmark: tensornet.mpo_decompose vs "
           "tensorly.decomposition.tensor_train_matrix")
-    print_environment(env)
+    print_environment(env, versions)
     print(f"# goals             speed ratio tensorly/tensornet >= {GOAL_SPEEDUP:g}; error diff "
           f"<= +{GOAL_ERR_DIFF_PCT:g}%; {args.layers} LLaMA-2-7B layers < "
           f"{GOAL_MODEL_SECONDS:g} s")

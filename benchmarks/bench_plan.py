@@ -17,13 +17,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import math
 import os
-import platform
-import shlex
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -32,8 +28,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from _environment import environment, print_environment
 
-import tensornet
 from tensornet import calibrate, mpo_matmul, plan_mpo_matmul
 from tensornet.plan import DEFAULT_PROFILE
 
@@ -54,81 +50,6 @@ QUICK_SHAPES = [
 ]
 FULL_BATCHES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
 QUICK_BATCHES = [1, 8, 64, 512]
-
-
-# ----------------------------------------------------------------------------- environment
-
-
-def _git(*args: str) -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True,
-            text=True, timeout=10, check=True,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip()
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment(argv: list[str]) -> dict[str, Any]:
-    """Everything needed to tell where and how the numbers were taken."""
-    try:
-        from threadpoolctl import threadpool_info
-
-        blas = [
-            f"{p.get('internal_api')} {p.get('version')} ({p.get('num_threads')} threads)"
-            for p in threadpool_info()
-        ]
-    except ImportError:
-        blas = []
-    status = _git("status", "--porcelain", "--untracked-files=no")
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:
-        affinity = os.cpu_count()
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join([Path(sys.executable).name, *argv]),
-        "git_commit": _git("rev-parse", "--short", "HEAD"),
-        "git_dirty": bool(status) if status is not None else None,
-        "platform": platform.platform(),
-        "cpu": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": affinity,
-        "load_avg_start": [round(v, 2) for v in os.getloadavg()],
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(),
-        "numpy": np.__version__,
-        "tensornet": tensornet.__version__,
-        "thread_pools": blas,
-    }
-
-
-def print_environment(env: dict[str, Any]) -> None:
-    print(f"# date              {env['date']}")
-    print(f"# command           {env['command']}")
-    dirty = " (uncommitted changes)" if env["git_dirty"] else ""
-    print(f"# git commit        {env['git_commit']}{dirty}")
-    print(f"# platform          {env['platform']}")
-    print(f"# cpu               {env['cpu']}; cpu_count={env['cpu_count']}, "
-          f"usable={env['cpus_usable']}, load avg at start={env['load_avg_start']}")
-    print(f"# python {env['python']}  torch {env['torch']}  numpy {env['numpy']}  "
-          f"tensornet {env['tensornet']}")
-    print(f"# torch threads     {env['torch_threads']} (interop {env['torch_interop_threads']})")
-    for pool in env["thread_pools"]:
-        print(f"# thread pool       {pool}")
 
 
 # ----------------------------------------------------------------------------- inputs

@@ -1,0 +1,96 @@
+"""Where and how benchmark numbers were taken: the header every benchmark prints."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import tensornet
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True,
+            text=True, timeout=10, check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(argv: list[str], versions: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Everything needed to tell where and how the numbers were taken.
+
+    ``versions`` adds the versions of the other libraries a benchmark compares with.
+    """
+    try:
+        from threadpoolctl import threadpool_info
+
+        blas = [
+            f"{p.get('internal_api')} {p.get('version')} ({p.get('num_threads')} threads)"
+            for p in threadpool_info()
+        ]
+    except ImportError:
+        blas = []
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = os.cpu_count()
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join([Path(sys.executable).name, *argv]),
+        "git_commit": _git("rev-parse", "--short", "HEAD"),
+        "git_dirty": bool(status) if status is not None else None,
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": affinity,
+        "load_avg_start": [round(v, 2) for v in os.getloadavg()],
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "numpy": np.__version__,
+        **dict(versions or {}),
+        "tensornet": tensornet.__version__,
+        "thread_pools": blas,
+    }
+
+
+def print_environment(env: dict[str, Any], versions: Mapping[str, str] | None = None) -> None:
+    """Print the header lines of ``env`` (``versions`` as passed to :func:`environment`)."""
+    print(f"# date              {env['date']}")
+    print(f"# command           {env['command']}")
+    dirty = " (uncommitted changes)" if env["git_dirty"] else ""
+    print(f"# git commit        {env['git_commit']}{dirty}")
+    print(f"# platform          {env['platform']}")
+    print(f"# cpu               {env['cpu']}; cpu_count={env['cpu_count']}, "
+          f"usable={env['cpus_usable']}, load avg at start={env['load_avg_start']}")
+    others = "".join(f"  {name} {env[name]}" for name in (versions or {}))
+    print(f"# python {env['python']}  torch {env['torch']}  numpy {env['numpy']}{others}  "
+          f"tensornet {env['tensornet']}")
+    print(f"# torch threads     {env['torch_threads']} (interop {env['torch_interop_threads']})")
+    for pool in env["thread_pools"]:
+        print(f"# thread pool       {pool}")
