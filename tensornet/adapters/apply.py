@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,7 +44,14 @@ from .base import (
 )
 from .config import DoTAConfig, LoRTAConfig, LoTRConfig
 from .dota import DoTALinear, random_cores
-from .shared import load_additive, merge_additive, save_additive, unapply_additive
+from .shared import (
+    check_fresh,
+    load_additive,
+    merge_additive,
+    resolve_config,
+    save_additive,
+    unapply_additive,
+)
 
 __all__ = ["plan_dota", "apply_dota", "merge", "unapply", "save_adapter", "load_adapter"]
 
@@ -86,12 +92,6 @@ class _Target:
     ranks: tuple[int, ...]
 
 
-def _resolve_config(config: DoTAConfig | None, overrides: Mapping[str, Any]) -> DoTAConfig:
-    if config is not None and not isinstance(config, DoTAConfig):
-        raise ConfigError(f"`config` must be a DoTAConfig or None; got {type(config).__name__}")
-    return (config or DoTAConfig()).replace(**overrides)
-
-
 def _modes(cfg: DoTAConfig, dim: int, layer: str, which: str) -> tuple[int, ...]:
     if cfg.modes and dim in cfg.modes:
         return tuple(cfg.modes[dim])
@@ -106,12 +106,7 @@ def _modes(cfg: DoTAConfig, dim: int, layer: str, which: str) -> tuple[int, ...]
 
 def _targets(model: nn.Module, cfg: DoTAConfig, *, need_weights: bool) -> list[_Target]:
     """Validate every target of ``cfg`` in ``model`` without changing anything."""
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"`model` must be a torch.nn.Module; got {type(model).__name__}")
-    if getattr(model, _STATE_ATTR, None) is not None:
-        raise ConfigError(
-            "`model` already has tensornet adapters; call merge(model) or unapply(model) first"
-        )
+    check_fresh(model)
     out = []
     for name in find_targets(model, cfg.target_modules):
         module = model.get_submodule(name)
@@ -178,7 +173,7 @@ def plan_dota(
     >>> report.trainable_params, f"{100 * report.trainable_share:.3f}%"
     (10043392, '0.149%')
     """
-    cfg = _resolve_config(config, overrides)
+    cfg = resolve_config(config, DoTAConfig, overrides)
     targets = _targets(model, cfg, need_weights=False)
     layers = tuple(
         LayerReport(
@@ -293,7 +288,7 @@ def apply_dota(
     >>> report.method, len(report.layers), report.trainable_params
     ('dota', 10, 39232)
     """
-    cfg = _resolve_config(config, overrides)
+    cfg = resolve_config(config, DoTAConfig, overrides)
     targets = _targets(model, cfg, need_weights=True)
     inits = [
         _initial_cores(t, cfg, i)
