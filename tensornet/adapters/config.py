@@ -38,8 +38,84 @@ def _positive_int(value: Any, name: str) -> int:
     return int(value)
 
 
+def _check_targets(tm: Any) -> Sequence[str] | str:
+    """``target_modules`` validated: a tuple of names or a compiled-checked regex string."""
+    if isinstance(tm, str):
+        try:
+            re.compile(tm)
+        except re.error as exc:
+            raise ConfigError(
+                f"`target_modules` as a string must be a valid regular expression; got "
+                f"{tm!r} ({exc})"
+            ) from None
+        return tm
+    if (
+        not isinstance(tm, Sequence)
+        or len(tm) == 0
+        or not all(isinstance(t, str) and t for t in tm)
+    ):
+        raise ConfigError(
+            f"`target_modules` must be a non-empty list of module names or a regex string; "
+            f"got {tm!r}"
+        )
+    return tuple(tm)
+
+
+def _check_scale(value: Any) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or value == 0
+    ):
+        raise ConfigError(f"`scale` must be a finite nonzero number; got {value!r}")
+    return float(value)
+
+
+def _check_seed(value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+        raise ConfigError(f"`seed` must be None or an int; got {value!r}")
+
+
+class _ConfigIO:
+    """``replace`` / ``to_dict`` / ``from_dict`` of the adapter configs."""
+
+    def replace(self, **overrides: Any) -> Any:
+        """Return a copy with ``overrides`` applied (this config is left unchanged).
+
+        Raises
+        ------
+        ConfigError
+            If an override names no field of the config.
+        """
+        names = {f.name for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise ConfigError(
+                f"unknown {type(self).__name__} field(s) {unknown}; valid fields: {sorted(names)}"
+            )
+        return dataclasses.replace(self, **overrides)  # type: ignore[type-var]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dictionary of the fields."""
+        out = dataclasses.asdict(self)  # type: ignore[call-overload]
+        tm = out["target_modules"]
+        out["target_modules"] = tm if isinstance(tm, str) else list(tm)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Any:
+        """Inverse of :meth:`to_dict`."""
+        data = dict(data)
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"unknown {cls.__name__} field(s) {unknown}")
+        return cls(**data)
+
+
 @dataclass(frozen=True)
-class DoTAConfig:
+class DoTAConfig(_ConfigIO):
     """Configuration of DoTA, DoTA-Random and QDoTA adapters.
 
     Parameters
@@ -93,26 +169,7 @@ class DoTAConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        tm = self.target_modules
-        if isinstance(tm, str):
-            try:
-                re.compile(tm)
-            except re.error as exc:
-                raise ConfigError(
-                    f"`target_modules` as a string must be a valid regular expression; got "
-                    f"{tm!r} ({exc})"
-                ) from None
-        elif (
-            not isinstance(tm, Sequence)
-            or len(tm) == 0
-            or not all(isinstance(t, str) and t for t in tm)
-        ):
-            raise ConfigError(
-                f"`target_modules` must be a non-empty list of module names or a regex string; "
-                f"got {tm!r}"
-            )
-        else:
-            object.__setattr__(self, "target_modules", tuple(tm))
+        object.__setattr__(self, "target_modules", _check_targets(self.target_modules))
         n = _positive_int(self.num_cores, "num_cores")
         if n < 2:
             raise ConfigError(
@@ -172,32 +229,11 @@ class DoTAConfig:
             if value not in options:
                 valid = ", ".join(repr(o) for o in options)
                 raise ConfigError(f"`{name}` must be one of {valid}; got {value!r}")
-        if self.seed is not None and (
-            isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)
-        ):
-            raise ConfigError(f"`seed` must be None or an int; got {self.seed!r}")
-
-    def replace(self, **overrides: Any) -> DoTAConfig:
-        """Return a copy with ``overrides`` applied (this config is left unchanged).
-
-        Raises
-        ------
-        ConfigError
-            If an override names no field of the config.
-        """
-        names = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(overrides) - names)
-        if unknown:
-            raise ConfigError(
-                f"unknown DoTAConfig field(s) {unknown}; valid fields: {sorted(names)}"
-            )
-        return dataclasses.replace(self, **overrides)
+        _check_seed(self.seed)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary of the fields."""
-        out = dataclasses.asdict(self)
-        tm = self.target_modules
-        out["target_modules"] = tm if isinstance(tm, str) else list(tm)
+        out = super().to_dict()
         out["rank"] = self.rank if isinstance(self.rank, int) else list(self.rank)
         out["modes"] = (
             None if self.modes is None else {str(k): list(v) for k, v in self.modes.items()}
@@ -212,89 +248,7 @@ class DoTAConfig:
             data["modes"] = {int(k): tuple(v) for k, v in data["modes"].items()}
         if isinstance(data.get("rank"), list):
             data["rank"] = tuple(data["rank"])
-        if isinstance(data.get("target_modules"), list):
-            data["target_modules"] = tuple(data["target_modules"])
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ConfigError(f"unknown DoTAConfig field(s) {unknown}")
-        return cls(**data)
-
-
-def _check_targets(tm: Any) -> Sequence[str] | str:
-    """``target_modules`` validated: a tuple of names or a compiled-checked regex string."""
-    if isinstance(tm, str):
-        try:
-            re.compile(tm)
-        except re.error as exc:
-            raise ConfigError(
-                f"`target_modules` as a string must be a valid regular expression; got "
-                f"{tm!r} ({exc})"
-            ) from None
-        return tm
-    if (
-        not isinstance(tm, Sequence)
-        or len(tm) == 0
-        or not all(isinstance(t, str) and t for t in tm)
-    ):
-        raise ConfigError(
-            f"`target_modules` must be a non-empty list of module names or a regex string; "
-            f"got {tm!r}"
-        )
-    return tuple(tm)
-
-
-def _check_scale(value: Any) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Real)
-        or not math.isfinite(value)
-        or value == 0
-    ):
-        raise ConfigError(f"`scale` must be a finite nonzero number; got {value!r}")
-    return float(value)
-
-
-def _check_seed(value: Any) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
-        raise ConfigError(f"`seed` must be None or an int; got {value!r}")
-
-
-class _ConfigIO:
-    """``replace`` / ``to_dict`` / ``from_dict`` for the flat configs of LoTR and LoRTA."""
-
-    def replace(self, **overrides: Any) -> Any:
-        """Return a copy with ``overrides`` applied (this config is left unchanged).
-
-        Raises
-        ------
-        ConfigError
-            If an override names no field of the config.
-        """
-        names = {f.name for f in dataclasses.fields(self)}  # type: ignore[arg-type]
-        unknown = sorted(set(overrides) - names)
-        if unknown:
-            raise ConfigError(
-                f"unknown {type(self).__name__} field(s) {unknown}; valid fields: {sorted(names)}"
-            )
-        return dataclasses.replace(self, **overrides)  # type: ignore[type-var]
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dictionary of the fields."""
-        out = dataclasses.asdict(self)  # type: ignore[call-overload]
-        tm = out["target_modules"]
-        out["target_modules"] = tm if isinstance(tm, str) else list(tm)
-        return out
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Any:
-        """Inverse of :meth:`to_dict`."""
-        data = dict(data)
-        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ConfigError(f"unknown {cls.__name__} field(s) {unknown}")
-        return cls(**data)
+        return super().from_dict(data)
 
 
 @dataclass(frozen=True)
