@@ -291,8 +291,14 @@ def _core_shapes(cores: Any) -> tuple[tuple[int, int, int, int], ...]:
                 f"got {shape}"
             )
         shapes.append(shape)
-    MPO(tuple(np.empty(s, dtype=np.int8) for s in shapes))  # validates the bond chain
+    _check_chain(tuple(shapes))
     return tuple(shapes)  # type: ignore[return-value]
+
+
+@functools.lru_cache(maxsize=1024)
+def _check_chain(shapes: tuple[tuple[int, ...], ...]) -> None:
+    """Validate the bond chain once per shape tuple (mpo_matmul runs on every forward)."""
+    MPO(tuple(np.empty(s, dtype=np.int8) for s in shapes))
 
 
 @functools.lru_cache(maxsize=256)
