@@ -472,6 +472,36 @@ def test_gradients_match_naive_reference(strategy, shape, dtype, input_grad):
     assert layer.base_layer.weight.grad is None
 
 
+def test_dense_path_layers_of_different_sizes_share_scratch_correctly():
+    # the dense path writes W and dW into per-thread buffers reused by every layer: a
+    # stack of a large, a small and a large layer must still match plain autograd
+    torch.manual_seed(0)
+    stack = nn.Sequential(OrderedDict(a=nn.Linear(48, 40), b=nn.Linear(40, 12),
+                                      c=nn.Linear(12, 48)))
+    apply_dota(stack, target_modules=["a", "b", "c"], progress=False, strategy="dense",
+               rank=4, num_cores=3)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(1)
+        for c in stack.parameters():
+            if c.requires_grad:
+                c.add_(0.1 * torch.randn(c.shape, generator=gen))
+    x = torch.randn(6, 48, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    g = torch.randn(6, 48, generator=torch.Generator().manual_seed(3))
+    (stack(x) * g).sum().backward()
+    layers = [stack.a, stack.b, stack.c]
+    refs = [[c.detach().clone().requires_grad_(True) for c in layer.cores] for layer in layers]
+    xr = x.detach().clone().requires_grad_(True)
+    h = xr
+    for layer, cores in zip(layers, refs):
+        w = layer.base_layer.weight.detach() + cores_to_matrix(cores)
+        h = F.linear(h, w, layer.base_layer.bias.detach())
+    (h * g).sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad, atol=1e-5, rtol=1e-5)
+    for layer, cores in zip(layers, refs):
+        for c, cr in zip(layer.cores, cores):
+            torch.testing.assert_close(c.grad, cr.grad, atol=1e-5, rtol=1e-5)
+
+
 def test_dense_path_gradcheck_float64():
     holder, layer = single_layer(12, 8, bias=True, dtype=torch.float64, strategy="dense",
                                  rank=3, num_cores=2)

@@ -10,6 +10,7 @@ be rebuilt from the base weight on any machine, without an SVD.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..plan import calibrate, mpo_matmul, plan_mpo_matmul
-from ..tensorize import combine_halves, cores_to_matrix, mpo_halves
+from ..tensorize import cores_to_matrix, mpo_halves
 from .base import dense_weight, is_4bit
 
 __all__ = ["DoTALinear", "random_cores"]
@@ -56,14 +57,62 @@ def random_cores(
     return cores
 
 
+class _Scratch(threading.local):
+    """Per-thread reusable CPU buffers for the W-sized temporaries of the dense path.
+
+    A training step builds ``W`` twice and forms ``dW`` once per layer; on the CPU each
+    fresh W-sized tensor costs page faults on first touch (as much as the arithmetic that
+    fills it), so they are written into two buffers that grow to the largest layer and
+    are reused by every layer. GPU tensors use the caching allocator instead.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def get(self, slot: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        numel = math.prod(shape)
+        if like.device.type != "cpu":
+            return torch.empty(shape, dtype=like.dtype, device=like.device)
+        key = (slot, like.dtype)
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < numel:
+            self.buffers[key] = buf = torch.empty(numel, dtype=like.dtype)
+        return buf[:numel].view(shape)
+
+
+_SCRATCH = _Scratch()
+
+
+def release_scratch() -> None:
+    """Free this thread's CPU scratch buffers of the dense DoTA path (they regrow on use)."""
+    _SCRATCH.buffers.clear()
+
+
+def _build_weight(left: torch.Tensor, right: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """``base + MPO`` from the two half-chains, written into the scratch buffers.
+
+    The result is a view of a scratch buffer: valid until the next build on this thread.
+    """
+    li, lj, r = left.shape
+    _, ri, rj = right.shape
+    prod = _SCRATCH.get("prod", (li * lj, ri * rj), left)
+    weight = _SCRATCH.get("weight", (li, ri, lj, rj), left)
+    with torch.autocast(device_type=left.device.type, enabled=False):  # the cores' dtype
+        torch.mm(left.reshape(li * lj, r), right.reshape(r, ri * rj), out=prod)
+        torch.add(base.reshape(li, ri, lj, rj), prod.view(li, lj, ri, rj).permute(0, 2, 1, 3),
+                  out=weight)
+    return weight.view(li * ri, lj * rj)
+
+
 class _DenseResidualMPO(torch.autograd.Function):
     """``x (W_res + MPO(T))^T + b`` that keeps no dense matrix alive for backward.
 
-    Forward builds ``W = W_res + MPO(T)`` (the sum fused into the reordering pass of
-    :func:`~tensornet.tensorize.combine_halves`), uses it and drops it; only ``x`` and the
-    small cores are saved. Backward rebuilds ``W`` for ``dx = dy W``, forms the dense
-    ``dW = dy^T x`` transiently and pulls it back through the product of the two
-    half-chains by hand (two thin matmuls), then through each half by autograd.
+    Forward builds ``W = W_res + MPO(T)`` (one product of the two half-chains, then the
+    sum with ``W_res`` fused into the reordering pass), uses it and drops it; only ``x``
+    and the small cores are saved. Backward rebuilds ``W`` for ``dx = dy W``, forms the
+    dense ``dW = dy^T x`` in the same buffer and pulls it back through the product of the
+    two half-chains by hand (two thin matmuls), then through each half by autograd. On
+    the CPU the W-sized temporaries live in reused per-thread buffers (:class:`_Scratch`).
     """
 
     @staticmethod
@@ -75,8 +124,11 @@ class _DenseResidualMPO(torch.autograd.Function):
         *cores: torch.Tensor,
     ) -> torch.Tensor:
         ct = layer.compute_dtype
-        weight = cores_to_matrix([c.to(ct) for c in cores], base=layer.residual_weight(ct))
+        with torch.autocast(device_type=x.device.type, enabled=False):  # W in the cores' dtype
+            left, right = mpo_halves([c.to(ct) for c in cores])
+        weight = _build_weight(left, right, layer.residual_weight(ct))
         y = F.linear(x.to(ct), weight, None if bias is None else bias.to(ct))
+        del weight
         ctx.layer = layer
         ctx.save_for_backward(x, *cores)
         ctx.has_bias = bias is not None
@@ -88,13 +140,13 @@ class _DenseResidualMPO(torch.autograd.Function):
         layer = ctx.layer
         ct = layer.compute_dtype
         want = [c.requires_grad for c in cores]
-        with torch.enable_grad():
+        with torch.enable_grad(), torch.autocast(device_type=x.device.type, enabled=False):
             leaves = [c.detach().requires_grad_(w) for c, w in zip(cores, want)]
             left, right = mpo_halves([leaf.to(ct) for leaf in leaves])
         gy2 = gy.reshape(-1, gy.shape[-1]).to(ct)
         gx = None
         if ctx.needs_input_grad[0]:
-            weight = combine_halves(left.detach(), right.detach(), base=layer.residual_weight(ct))
+            weight = _build_weight(left.detach(), right.detach(), layer.residual_weight(ct))
             gx = (gy2 @ weight).reshape(x.shape).to(x.dtype)
             del weight
         gb = gy2.sum(0).to(gy.dtype) if ctx.has_bias and ctx.needs_input_grad[1] else None
@@ -103,8 +155,12 @@ class _DenseResidualMPO(torch.autograd.Function):
             li, lj, r = left.shape
             _, ri, rj = right.shape
             x2 = x.reshape(-1, x.shape[-1]).to(ct)
-            g_weight = (gy2.T @ x2).reshape(li, ri, lj, rj)
-            g_prod = g_weight.permute(0, 2, 1, 3).reshape(li * lj, ri * rj)
+            g_weight = _SCRATCH.get("weight", (li * ri, lj * rj), gy2)
+            with torch.autocast(device_type=gy2.device.type, enabled=False):
+                torch.mm(gy2.T, x2, out=g_weight)
+            g_prod = _SCRATCH.get("prod", (li, lj, ri, rj), gy2)
+            g_prod.copy_(g_weight.view(li, ri, lj, rj).permute(0, 2, 1, 3))
+            g_prod = g_prod.view(li * lj, ri * rj)
             del g_weight
             g_left = (g_prod @ right.detach().reshape(r, ri * rj).T).reshape(li, lj, r)
             g_right = (left.detach().reshape(li * lj, r).T @ g_prod).reshape(r, ri, rj)
