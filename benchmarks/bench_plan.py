@@ -85,22 +85,31 @@ def reference_matrix(cores: list[torch.Tensor]) -> np.ndarray:
 # ----------------------------------------------------------------------------- measuring
 
 
-def time_call(fn: Callable[[], Any], args: argparse.Namespace) -> tuple[float, int]:
-    """Best wall time after one warm-up call; repeats adapt to the call's duration."""
-    t0 = time.perf_counter()
-    fn()
-    warm = time.perf_counter() - t0
-    if args.quick:
-        repeats = 1
-    else:
-        repeats = int(min(max(math.ceil(args.target_seconds / max(warm, 1e-7)),
-                              args.min_repeats), args.max_repeats))
-    best = math.inf
-    for _ in range(repeats):
+def time_interleaved(fns: dict[str, Callable[[], Any]],
+                     args: argparse.Namespace) -> tuple[dict[str, float], int]:
+    """Best wall time of each call, measured round-robin after one warm-up call each.
+
+    Interleaving puts the calls under the same machine conditions (another process's load,
+    frequency changes), which matters more than the number of repeats when two strategies
+    are within a few percent. The number of rounds adapts to the slowest call's duration.
+    """
+    warm = 0.0
+    for fn in fns.values():
         t0 = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, repeats
+        warm = max(warm, time.perf_counter() - t0)
+    if args.quick:
+        rounds = 1
+    else:
+        rounds = int(min(max(math.ceil(args.target_seconds / max(warm, 1e-7)),
+                             args.min_repeats), args.max_repeats))
+    best = dict.fromkeys(fns, math.inf)
+    for _ in range(rounds):
+        for key, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[key] = min(best[key], time.perf_counter() - t0)
+    return best, rounds
 
 
 def check_shape(cores: list[torch.Tensor], in_features: int, seed: int) -> dict[str, float]:
@@ -130,11 +139,12 @@ def run_shape(name: str, out_modes: tuple[int, ...], in_modes: tuple[int, ...],
         # strategy="contract" follows the path planned with DEFAULT_PROFILE, "auto" the path
         # planned with the calibrated profile; flag when they differ
         default_plan = plan_mpo_matmul(cores, batch, profile=DEFAULT_PROFILE)
-        t_dense, n_dense = time_call(lambda x=x: mpo_matmul(x, cores, strategy="dense"), args)
-        t_contract, n_contract = time_call(
-            lambda x=x: mpo_matmul(x, cores, strategy="contract"), args
-        )
-        t_auto, n_auto = time_call(lambda x=x: mpo_matmul(x, cores), args)
+        times, rounds = time_interleaved({
+            "dense": lambda x=x: mpo_matmul(x, cores, strategy="dense"),
+            "contract": lambda x=x: mpo_matmul(x, cores, strategy="contract"),
+            "auto": lambda x=x: mpo_matmul(x, cores),
+        }, args)
+        t_dense, t_contract, t_auto = times["dense"], times["contract"], times["auto"]
         best = min(t_dense, t_contract)
         t_picked = t_dense if plan.strategy == "dense" else t_contract
         row = {
@@ -142,7 +152,7 @@ def run_shape(name: str, out_modes: tuple[int, ...], in_modes: tuple[int, ...],
             "t_dense": t_dense,
             "t_contract": t_contract,
             "t_auto": t_auto,
-            "repeats": {"dense": n_dense, "contract": n_contract, "auto": n_auto},
+            "repeats": rounds,
             "picked": plan.strategy,
             "faster": "dense" if t_dense < t_contract else "contract",
             "ratio_picked": t_picked / best,
@@ -177,17 +187,17 @@ def run_shape(name: str, out_modes: tuple[int, ...], in_modes: tuple[int, ...],
 
 
 HEADER = (f"  {'batch':>5} {'t_dense':>10} {'t_contract':>10} {'t_auto':>10}  {'picked':8} "
-          f"{'faster':8} {'picked/min':>10} {'auto/min':>8}  {'model d/c':>9}  {'reps d/c/a':>11}")
+          f"{'faster':8} {'picked/min':>10} {'auto/min':>8}  {'model d/c':>9}  {'rounds':>6}")
 
 
 def print_row(r: dict[str, Any]) -> None:
     mark = "ok" if r["pass"] else "FAIL"
     model = r["model_dense_seconds"] / r["model_contract_seconds"]
-    reps = "/".join(str(v) for v in r["repeats"].values())
+    reps = str(r["repeats"])
     note = "" if r["contract_path_same_as_default_profile"] else "  (path differs)"
     print(f"  {r['batch']:5d} {r['t_dense'] * 1e3:8.3f}ms {r['t_contract'] * 1e3:8.3f}ms "
           f"{r['t_auto'] * 1e3:8.3f}ms  {r['picked']:8} {r['faster']:8} "
-          f"{r['ratio_picked']:10.3f} {r['ratio_auto']:8.3f}  {model:9.3f}  {reps:>11}  "
+          f"{r['ratio_picked']:10.3f} {r['ratio_auto']:8.3f}  {model:9.3f}  {reps:>6}  "
           f"{mark}{note}")
 
 
@@ -201,8 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, nargs="+", default=None,
                    help=f"batch sizes (rows of x); default {FULL_BATCHES}")
     p.add_argument("--target-seconds", type=float, default=0.5,
-                   help="aim for this much timed work per measurement (default 0.5)")
-    p.add_argument("--min-repeats", type=int, default=3, help="default 3")
+                   help="aim for this much timed work per strategy (default 0.5)")
+    p.add_argument("--min-repeats", type=int, default=7,
+                   help="fewest rounds (one call of each strategy per round; default 7)")
     p.add_argument("--max-repeats", type=int, default=200, help="default 200")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: "
                    "leave torch's choice)")
@@ -223,13 +234,14 @@ def main(argv: list[str] | None = None) -> int:
           f"every shape and batch")
     print(f"# settings          rank {args.rank}, seed {args.seed}, batches {args.batches}, "
           f"repeats {'1 (QUICK smoke test, not a measurement)' if args.quick else ''}"
-          f"{'' if args.quick else f'adaptive: ~{args.target_seconds} s per measurement, '}"
+          f"{'' if args.quick else 'interleaved rounds, adaptive: '}"
+          f"{'' if args.quick else f'~{args.target_seconds} s per strategy, '}"
           f"{'' if args.quick else f'{args.min_repeats}..{args.max_repeats}'}, best taken "
-          f"after one warm-up call")
+          f"after one warm-up call of each")
     print("# columns           times are best-of wall times; picked = plan_mpo_matmul(cores, "
           "batch, profile=calibrate(x)).strategy (what auto runs); faster = measured winner;")
     print("#                   model d/c = modelled dense / contract time (< 1: model prefers "
-          "dense); reps = repeats dense/contract/auto")
+          "dense); rounds = timed calls of each strategy, round-robin")
     x0 = torch.zeros(1, 8)
     t0 = time.perf_counter()
     profile = calibrate(x0)
