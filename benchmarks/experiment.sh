@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The comparison of issue 5 on the offline SmolLM2-135M-Instruct: every method with seeds
+# 0,1,2 on the same data and budget, plus a DoTA rank sweep (R = 8, 16, 32).
+# One `tensornet compare` process per method (a crash loses one method, not the run); a
+# method whose results.json exists is skipped, so re-running the script resumes.
+# Usage: benchmarks/experiment.sh [OUT]   (default runs/experiment), then
+#        python benchmarks/summarize_experiment.py OUT benchmarks/results/experiment
+# CPU pinning: CORES (default "0") and 1 torch thread, so a second core stays free.
+set -euo pipefail
+OUT=${1:-runs/experiment}
+CORES=${CORES:-0}
+BIN=${BIN:-.venv/bin}
+COMMON=(--dtype bfloat16 --threads 1 --seeds 0,1,2 --steps 40 --batch-size 4
+        --max-length 128 --eval-every 5 --n-train 800 --n-val 32 --n-test 25
+        --max-new-tokens 48 --data-seed 0 --no-progress)
+run() {  # label, then extra arguments
+    local label=$1; shift
+    if [[ -f "$OUT/$label/results.json" ]]; then echo "skip $label (done)"; return; fi
+    echo "== $label: $(date -u +%H:%M:%S)"
+    taskset -c "$CORES" "$BIN/tensornet" compare "${COMMON[@]}" "$@" \
+        --out "$OUT/$label" --overwrite
+}
+run dota        --methods dota --rank 16
+run dota-random --methods dota-random --rank 16
+run lora        --methods lora --lora-rank 32
+run pissa       --methods pissa --pissa-rank 16
+run full        --methods full
+run qdota       --methods qdota --rank 16
+run qlora       --methods qlora --lora-rank 32
+run dota-r8     --methods dota --rank 8
+run dota-r32    --methods dota --rank 32
+echo "== done: $(date -u +%H:%M:%S)"
