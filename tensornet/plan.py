@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -485,6 +486,39 @@ def _expression(equation: str, path: tuple[tuple[int, ...], ...], shapes: tuple)
     return oe.contract_expression(equation, *shapes, optimize=list(path))
 
 
+def _torch_compiling(x: Any) -> bool:
+    """True while torch.compile (dynamo) traces the call that received ``x``."""
+    torch = sys.modules.get("torch")
+    return torch is not None and is_torch(x) and bool(torch.compiler.is_compiling())
+
+
+def _plan_for(shapes: tuple, batch: int, itemsize: int, strategy: str, x: Any) -> ContractionPlan:
+    profile = calibrate(x) if strategy == "auto" else DEFAULT_PROFILE
+    return _plan_cached(shapes, max(int(batch), 1), itemsize, profile)
+
+
+def _run_path(equation: str, path: Sequence[Sequence[int]], operands: Sequence[Any]) -> Any:
+    """Contract ``operands`` pairwise along ``path`` with ``torch.einsum``.
+
+    The same contraction as opt_einsum's expression (path in its linear format), in plain
+    torch calls that torch.compile traces; opt_einsum's own dispatch does not trace.
+    """
+    import torch
+
+    inputs, out = equation.split("->")
+    terms, ops = inputs.split(","), list(operands)
+    for pair in path:
+        picked = sorted(pair, reverse=True)
+        group_ops = [ops.pop(k) for k in picked]
+        group_terms = [terms.pop(k) for k in picked]
+        keep = set("".join(terms)) | set(out)
+        joined = dict.fromkeys("".join(group_terms))
+        result = "".join(ch for ch in joined if ch in keep)
+        ops.append(torch.einsum(f"{','.join(group_terms)}->{result}", *group_ops))
+        terms.append(result)
+    return ops[0] if terms[0] == out else torch.einsum(f"{terms[0]}->{out}", ops[0])
+
+
 def mpo_matmul(
     x: Any,
     cores: Any,
@@ -537,16 +571,24 @@ def mpo_matmul(
     batch = math.prod(lead)
     itemsize = x.element_size() if is_torch(x) else x.itemsize
     plan = None
+    compiling = _torch_compiling(x)
     if strategy == "auto" or strategy == "contract":
-        profile = calibrate(x) if strategy == "auto" else DEFAULT_PROFILE
-        plan = _plan_cached(shapes, max(batch, 1), itemsize, profile)
+        if compiling:  # plan outside the traced graph, on concrete sizes
+            import torch
+
+            plan = torch.compiler.disable(_plan_for)(shapes, batch, itemsize, strategy, x)
+        else:
+            plan = _plan_for(shapes, batch, itemsize, strategy, x)
         strategy = plan.strategy if strategy == "auto" else "contract"
     if strategy == "dense":
         y = x.reshape(batch, cols) @ cores_to_matrix(core_list).T
     else:
         assert plan is not None
-        operand_shapes = ((batch, *in_modes), *shapes)
-        expr = _expression(plan.equation, plan.path, operand_shapes)
+        operands = (x.reshape(batch, *in_modes), *core_list)
         with _no_autocast(x):
-            y = expr(x.reshape(batch, *in_modes), *core_list)
+            if compiling:
+                y = _run_path(plan.equation, plan.path, operands)
+            else:
+                expr = _expression(plan.equation, plan.path, ((batch, *in_modes), *shapes))
+                y = expr(*operands)
     return y.reshape(*lead, rows)

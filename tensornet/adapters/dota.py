@@ -331,7 +331,10 @@ class DoTALinear(nn.Module):
         cores = list(self.cores)
         batch = x.numel() // self.in_features
         training = torch.is_grad_enabled() and any(c.requires_grad for c in cores)
-        if self.choose_strategy(batch, training) == "contract":
+        choose = self.choose_strategy
+        if torch.compiler.is_compiling():  # plan outside the traced graph, on concrete sizes
+            choose = torch.compiler.disable(choose)
+        if choose(batch, training) == "contract":
             y = self.base_layer(x)
             # mpo_matmul contracts in the cores' dtype, with autocast off
             delta = mpo_matmul(x.to(cores[0].dtype), cores, strategy="contract")
