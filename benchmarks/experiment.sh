@@ -6,6 +6,8 @@
 # Usage: benchmarks/experiment.sh [OUT]   (default runs/experiment), then
 #        python benchmarks/summarize_experiment.py OUT benchmarks/results/experiment
 # CPU pinning: CORES (default "0") and 1 torch thread, so a second core stays free.
+# LABELS="dota-r8 dota-r32" runs only those labels (e.g. a second instance on CORES=1, with
+# another OUT: two instances must not share a label in one OUT).
 set -euo pipefail
 OUT=${1:-runs/experiment}
 CORES=${CORES:-0}
@@ -13,8 +15,10 @@ BIN=${BIN:-.venv/bin}
 COMMON=(--dtype bfloat16 --threads 1 --seeds 0,1,2 --steps 40 --batch-size 4
         --max-length 128 --eval-every 5 --n-train 800 --n-val 32 --n-test 25
         --max-new-tokens 48 --data-seed 0 --no-progress)
+LABELS=${LABELS:-}
 run() {  # label, then extra arguments
     local label=$1; shift
+    if [[ -n "$LABELS" && " $LABELS " != *" $label "* ]]; then return; fi
     if [[ -f "$OUT/$label/results.json" ]]; then echo "skip $label (done)"; return; fi
     echo "== $label: $(date -u +%H:%M:%S)"
     taskset -c "$CORES" "$BIN/tensornet" compare "${COMMON[@]}" "$@" \
@@ -25,6 +29,9 @@ run dota-random --methods dota-random --rank 16
 run lora        --methods lora --lora-rank 32
 run pissa       --methods pissa --pissa-rank 16
 run full        --methods full
+# full fine-tuning with float32 weights: in pure bfloat16 AdamW's updates at lr 1e-5 fall
+# below the weights' resolution (the paper's bf16 training keeps float32 master weights)
+run full-fp32   --methods full --dtype float32
 run qdota       --methods qdota --rank 16
 run qlora       --methods qlora --lora-rank 32
 run dota-r8     --methods dota --rank 8

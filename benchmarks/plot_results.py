@@ -1,6 +1,6 @@
 """Plots of the committed benchmark results (benchmarks/results/*.json) for the docs.
 
-    python benchmarks/plot_results.py     # writes benchmarks/results/plan.png and memory.png
+    python benchmarks/plot_results.py     # writes plan.png, memory.png, speed.png there
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ def plot_plan(data: dict, out: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("wall time per x @ W.T (s)")
     axes[0].legend()
-    fig.suptitle("MPO matmul: dense vs contract (rank 16, float32, 2 CPU cores)")
+    threads = data["environment"].get("torch_threads", "?")
+    fig.suptitle(f"MPO matmul: dense vs contract (rank 16, float32, {threads} CPU thread(s))")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
 
@@ -51,9 +52,43 @@ def plot_memory(data: dict, out: Path) -> None:
     fig.savefig(out, dpi=110)
 
 
+def plot_speed(data: dict, out: Path) -> None:
+    groups = data["training"]
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.6 * len(groups), 4.2))
+    axes = axes if len(groups) > 1 else [axes]
+    for ax, group in zip(axes, groups):
+        runs: dict[str, list[dict]] = {}
+        for r in group["rows"]:
+            runs.setdefault(r["method"], []).append(r)
+        names = list(runs)
+        mean = {m: {k: sum(r[k] for r in rs) / len(rs) for k in ("forward_s", "backward_s",
+                                                                   "optimizer_s")}
+                for m, rs in runs.items()}
+        y = range(len(names))
+        left = [0.0] * len(names)
+        for key, label in (("forward_s", "forward"), ("backward_s", "backward"),
+                           ("optimizer_s", "optimizer")):
+            widths = [mean[m][key] for m in names]
+            ax.barh(y, widths, left=left, label=label)
+            left = [a + b for a, b in zip(left, widths)]
+        floor = sum(mean["floor"].values())
+        ax.axvline(floor, color="k", lw=1)
+        ax.axvline(1.6 * floor, color="k", lw=1, ls="--", label="1.6 x floor")
+        ax.set_yticks(list(y), names)
+        ax.invert_yaxis()
+        what = f"{group['tokens']} tokens" if group["workload"] == "stack" else "8 x 128 tokens"
+        ax.set_title(f"{group['workload']}, {what}", fontsize=10)
+        ax.set_xlabel("seconds per training step")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("training step by method (float32, CPU); mean of the readings")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
 def main() -> int:
     plot_plan(json.loads((RESULTS / "plan.json").read_text()), RESULTS / "plan.png")
     plot_memory(json.loads((RESULTS / "memory.json").read_text()), RESULTS / "memory.png")
+    plot_speed(json.loads((RESULTS / "speed.json").read_text()), RESULTS / "speed.png")
     return 0
 
 
