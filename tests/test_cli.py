@@ -62,3 +62,14 @@ def test_python_dash_m_help():
     )
     assert proc.returncode == 0, proc.stderr
     assert "demo" in proc.stdout
+
+
+def test_full_fine_tuning_in_bfloat16_is_warned_about(capsys):
+    from tensornet.finetune.cli import _warn_low_precision_full
+
+    _warn_low_precision_full(["dota", "full"], "bfloat16")
+    err = capsys.readouterr().err
+    assert "warning" in err and "--dtype float32" in err
+    _warn_low_precision_full(["full"], "float32")
+    _warn_low_precision_full(["dota", "lora"], "bfloat16")
+    assert capsys.readouterr().err == ""

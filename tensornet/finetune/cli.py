@@ -271,6 +271,15 @@ def _cmd_decompose(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- finetune
 
 
+def _warn_low_precision_full(methods: Sequence[str], dtype: str) -> None:
+    """Full fine-tuning in bfloat16 updates the weights in bfloat16: say what that costs."""
+    if "full" in methods and dtype == "bfloat16":
+        print("tensornet: warning: full fine-tuning with --dtype bfloat16 keeps no float32 "
+              "copy of the weights; AdamW updates smaller than bfloat16's resolution "
+              "(~0.4% of a weight) are lost at small learning rates. Use --dtype float32 "
+              "for a faithful full fine-tuning baseline.", file=sys.stderr, flush=True)
+
+
 def _cmd_finetune(args: argparse.Namespace) -> int:
     _quiet()
     _threads(args)
@@ -284,6 +293,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
                          f"(train with --checkpoint-every N first)")
     _check_out(out, overwrite=args.overwrite, resume=args.resume)
     splits = _splits(args)
+    _warn_low_precision_full([args.method], args.dtype)
     model, tokenizer = _load(args.model, args.dtype)
     _prepare_out(out, overwrite=args.overwrite, resume=args.resume)
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.method]
@@ -332,6 +342,7 @@ def _compare(args: argparse.Namespace, out: Path, methods: Sequence[str],
     from .compare import run_compare
 
     splits = _splits(args)
+    _warn_low_precision_full(methods, args.dtype)
     lr = {m: args.lr for m in methods} if args.lr is not None else None
     print(f"comparing {', '.join(methods)} with seeds {', '.join(map(str, seeds))}: "
           f"{args.steps} steps of {args.batch_size}, data {splits.sizes()}", flush=True)
