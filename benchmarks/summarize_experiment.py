@@ -30,6 +30,7 @@ import math
 import re
 import shlex
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -109,12 +110,19 @@ def run_label(method: str, options: dict[str, Any]) -> tuple[str, int | None]:
 
 
 def collect_runs(folders: Sequence[Folder]) -> list[dict[str, Any]]:
-    """Every run record, relabelled, without test predictions; a repeated (label, seed) once."""
+    """Every run record, relabelled, without test predictions; a repeated (label, seed) once.
+
+    A folder trained in another dtype than most gets it appended ("full (float32)").
+    """
     runs, seen = [], {}
+    dtypes = {f.label: getattr(_parse_argv(f.argv), "dtype", None) for f in folders}
+    common = Counter(dtypes.values()).most_common(1)[0][0] if dtypes else None
     for folder in folders:
         options = folder.results["settings"].get("options", {})
         for record in folder.results["runs"]:
             label, rank = run_label(record["method"], options)
+            if dtypes[folder.label] != common:  # e.g. full fine-tuning in float32
+                label = f"{label} ({dtypes[folder.label]})"
             key = (label, record["seed"])
             if key in seen:
                 print(f"warning: {label} seed {record['seed']} in both {seen[key]} and "
