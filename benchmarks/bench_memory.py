@@ -23,29 +23,12 @@ import os
 import platform
 import subprocess
 import sys
-import threading
 import time
+
+from _measure import PeakRSS, rss
 
 METHODS = ("full", "lora", "dota", "qlora", "qdota")
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
-PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * PAGE
-
-
-class _Sampler(threading.Thread):
-    def __init__(self) -> None:
-        super().__init__(daemon=True)
-        self.peak = _rss()
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            self.peak = max(self.peak, _rss())
-            time.sleep(0.0005)
 
 
 def _quantize_targets(model, torch, nn):
@@ -70,7 +53,7 @@ def worker(model_name: str, method: str, batch: int, seq: int) -> dict:
     from torch import nn
 
     torch.manual_seed(0)
-    base_rss = _rss()
+    base_rss = rss()
     from tensornet.adapters import apply_dota, load_pretrained, tiny_llama
 
     if model_name == "tiny":
@@ -104,13 +87,13 @@ def worker(model_name: str, method: str, batch: int, seq: int) -> dict:
         return float(loss)
 
     step()
-    before = _rss()
-    sampler = _Sampler()
+    before = rss()
+    sampler = PeakRSS()
     sampler.start()
     t0 = time.perf_counter()
     step()
     seconds = time.perf_counter() - t0
-    sampler.stop.set()
+    sampler.done.set()
     sampler.join()
     trainable = sum(p.numel() for p in params)
     return {"model": model_name, "method": method, "batch": batch, "seq": seq,

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 from _environment import environment, print_environment
+from _measure import best_round_robin
 
 from tensornet import calibrate, mpo_matmul, plan_mpo_matmul
 from tensornet.plan import DEFAULT_PROFILE
@@ -87,29 +88,10 @@ def reference_matrix(cores: list[torch.Tensor]) -> np.ndarray:
 
 def time_interleaved(fns: dict[str, Callable[[], Any]],
                      args: argparse.Namespace) -> tuple[dict[str, float], int]:
-    """Best wall time of each call, measured round-robin after one warm-up call each.
-
-    Interleaving puts the calls under the same machine conditions (another process's load,
-    frequency changes), which matters more than the number of repeats when two strategies
-    are within a few percent. The number of rounds adapts to the slowest call's duration.
-    """
-    warm = 0.0
-    for fn in fns.values():
-        t0 = time.perf_counter()
-        fn()
-        warm = max(warm, time.perf_counter() - t0)
+    """Best wall time of each strategy, round-robin (:func:`_measure.best_round_robin`)."""
     if args.quick:
-        rounds = 1
-    else:
-        rounds = int(min(max(math.ceil(args.target_seconds / max(warm, 1e-7)),
-                             args.min_repeats), args.max_repeats))
-    best = dict.fromkeys(fns, math.inf)
-    for _ in range(rounds):
-        for key, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            best[key] = min(best[key], time.perf_counter() - t0)
-    return best, rounds
+        return best_round_robin(fns, 0.0, 1, 1)
+    return best_round_robin(fns, args.target_seconds, args.min_repeats, args.max_repeats)
 
 
 def check_shape(cores: list[torch.Tensor], in_features: int, seed: int) -> dict[str, float]:

@@ -44,10 +44,11 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from _measure import PeakRSS, best_round_robin, rss
 
 GOAL_FLOOR = 1.6  # DoTA / floor and QDoTA / floor-nf4 step time, at most
 GOAL_FULL = 1.0  # DoTA / full fine-tuning step time, at most
@@ -57,29 +58,6 @@ SMOLLM2_METHODS = ("floor", "full", "lora", "dota", "dota-random", "floor-nf4", 
                    "qlora")
 STACK_TARGETS = ("q_proj", "up_proj", "down_proj")
 LLM_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
-PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-# ----------------------------------------------------------------------------- memory
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * PAGE
-
-
-class _PeakRSS(threading.Thread):
-    """Samples the process's RSS every 0.5 ms until stopped."""
-
-    def __init__(self) -> None:
-        super().__init__(daemon=True)
-        self.peak = _rss()
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        while not self.done.is_set():
-            self.peak = max(self.peak, _rss())
-            time.sleep(0.0005)
 
 
 # ----------------------------------------------------------------------------- workloads
@@ -198,11 +176,11 @@ def make_step(workload: str, method: str, tokens: int, quick: bool) -> tuple[Any
 
 def worker(workload: str, method: str, tokens: int, steps: int, quick: bool) -> dict[str, Any]:
     """Build one (workload, method), time ``steps`` training steps; one JSON record."""
-    base_rss = _rss()
+    base_rss = rss()
     step, trainable = make_step(workload, method, tokens, quick)
     step()  # warm-up: AdamW state, the planner's calibration, peft's lazy setup
-    before = _rss()
-    sampler = _PeakRSS()
+    before = rss()
+    sampler = PeakRSS()
     sampler.start()
     phases = [step() for _ in range(steps)]
     sampler.done.set()
@@ -255,23 +233,6 @@ def paired(args: argparse.Namespace) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- inference
 
 
-def _best_round_robin(fns: dict[str, Any], seconds: float, min_rounds: int) -> dict[str, float]:
-    """Best wall time of each call, measured round-robin after one warm-up call each."""
-    warm = 0.0
-    for fn in fns.values():
-        t0 = time.perf_counter()
-        fn()
-        warm = max(warm, time.perf_counter() - t0)
-    rounds = max(min_rounds, min(200, math.ceil(seconds / max(warm, 1e-7))))
-    best = dict.fromkeys(fns, math.inf)
-    for _ in range(rounds):
-        for key, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            best[key] = min(best[key], time.perf_counter() - t0)
-    return best
-
-
 def inference(quick: bool) -> dict[str, Any]:
     """Rows/s through the stack and generated tokens/s on SmolLM2: base, unmerged, merged."""
     import copy
@@ -291,7 +252,7 @@ def inference(quick: bool) -> dict[str, Any]:
     with torch.inference_mode():
         for rows in (1, 4, 16):
             x = torch.randn(rows, hidden, generator=gen)
-            t = _best_round_robin({k: (lambda x=x, m=m: m(x)) for k, m in stacks.items()},
+            t, _ = best_round_robin({k: (lambda x=x, m=m: m(x)) for k, m in stacks.items()},
                                   1.0, 5)
             strategies = sorted({m.choose_strategy(rows, False) for m in unmerged.modules()
                                  if hasattr(m, "choose_strategy")})
@@ -324,7 +285,7 @@ def inference(quick: bool) -> dict[str, Any]:
                                   max_new_tokens=new, min_new_tokens=new, do_sample=False,
                                   pad_token_id=0)
 
-            t = _best_round_robin({k: (lambda m=m: generate(m)) for k, m in models.items()},
+            t, _ = best_round_robin({k: (lambda m=m: generate(m)) for k, m in models.items()},
                                   2.0, 3)
             rec = {"batch": batch, "new_tokens": new,
                    **{f"{k}_tokens_per_s": batch * new / v for k, v in t.items()}}
@@ -376,10 +337,10 @@ def compile_check(tokens: int, quick: bool) -> dict[str, Any]:
         for p in eager.parameters():
             p.grad = None
 
-    t = _best_round_robin({"eager": lambda: train_step(eager),
+    t, _ = best_round_robin({"eager": lambda: train_step(eager),
                            "compiled": lambda: train_step(compiled)}, 3.0, 3)
     with torch.inference_mode():
-        f = _best_round_robin({"eager": lambda: eager(x1), "compiled": lambda: compiled(x1)},
+        f, _ = best_round_robin({"eager": lambda: eager(x1), "compiled": lambda: compiled(x1)},
                               1.0, 5)
     rec.update({"train_eager_s": t["eager"], "train_compiled_s": t["compiled"],
                 "forward1_eager_s": f["eager"], "forward1_compiled_s": f["compiled"]})
