@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ._backend import is_torch
 from ._validate import check_modes, check_positive_int
 from .errors import ShapeError
 
@@ -145,6 +146,15 @@ def mpo_modes(
     return factorize(out_features, num_cores), factorize(in_features, num_cores)
 
 
+def _lib(x: Any) -> Any:
+    """``torch`` for a torch tensor, ``numpy`` otherwise (their ``matmul``/``add`` take ``out``)."""
+    if is_torch(x):
+        import torch
+
+        return torch
+    return np
+
+
 def _permute(x: Any, perm: Sequence[int]) -> Any:
     return x.permute(*perm) if hasattr(x, "permute") else np.transpose(x, perm)
 
@@ -272,11 +282,18 @@ def mpo_halves(cores: Sequence[Any]) -> tuple[Any, Any]:
     return left, right
 
 
-def combine_halves(left: Any, right: Any, *, base: Any = None) -> Any:
+def combine_halves(
+    left: Any, right: Any, *, base: Any = None, out: Any = None, work: Any = None
+) -> Any:
     """The ``(I, J)`` matrix from :func:`mpo_halves`, plus ``base`` if given.
 
     One matrix product writes the entries; one pass puts them in ``(I, J)`` order and,
     with ``base``, adds ``base`` in the same pass (no separate sum).
+
+    ``work`` (``(I_left * J_left, I_right * J_right)``) and ``out`` (``(I, J)``, only with
+    ``base``) are contiguous arrays to write the product and the result into instead of
+    allocating them: a caller that builds matrices repeatedly reuses its buffers (no
+    autograd through them).
 
     Examples
     --------
@@ -288,15 +305,26 @@ def combine_halves(left: Any, right: Any, *, base: Any = None) -> Any:
     """
     li, lj, r = left.shape
     _, ri, rj = right.shape
-    prod = (left.reshape(li * lj, r) @ right.reshape(r, ri * rj)).reshape(li, lj, ri, rj)
-    ordered = _permute(prod, (0, 2, 1, 3))
+    a, b = left.reshape(li * lj, r), right.reshape(r, ri * rj)
+    if work is None:
+        prod = a @ b
+    else:
+        prod = work.reshape(li * lj, ri * rj)
+        _lib(a).matmul(a, b, out=prod)
+    ordered = _permute(prod.reshape(li, lj, ri, rj), (0, 2, 1, 3))
     if base is None:
+        if out is not None:
+            raise ShapeError("`out` needs `base`: without it the result is a reordered view")
         return ordered.reshape(li * ri, lj * rj)
     if tuple(base.shape) != (li * ri, lj * rj):
         raise ShapeError(
             f"`base` must have the matrix's shape {(li * ri, lj * rj)}; got {tuple(base.shape)}"
         )
-    return (base.reshape(li, ri, lj, rj) + ordered).reshape(li * ri, lj * rj)
+    if out is None:
+        return (base.reshape(li, ri, lj, rj) + ordered).reshape(li * ri, lj * rj)
+    target = out.reshape(li, ri, lj, rj)
+    _lib(a).add(base.reshape(li, ri, lj, rj), ordered, out=target)
+    return target.reshape(li * ri, lj * rj)
 
 
 def cores_to_matrix(cores: Sequence[Any], *, base: Any = None) -> Any:

@@ -287,3 +287,24 @@ def test_factorize_type_errors_are_tensornet_errors():
         with pytest.raises(TypeError) as info:
             factorize(*args)
         assert isinstance(info.value, tn.TensornetError), (args, type(info.value))
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_combine_halves_into_given_buffers(kind):
+    from tensornet.tensorize import combine_halves, mpo_halves
+
+    # `work` and `out` receive the product and the result; values equal the allocating call
+    rng = np.random.default_rng(0)
+    cores = [rng.standard_normal(s) for s in ((1, 2, 3, 4), (4, 5, 2, 3), (3, 2, 2, 1))]
+    base = rng.standard_normal((20, 12))
+    if kind == "torch":
+        cores, base = [torch.from_numpy(c) for c in cores], torch.from_numpy(base)
+    left, right = mpo_halves(cores)
+    want = combine_halves(left, right, base=base)
+    work = np.empty(240) if kind == "numpy" else torch.empty(240, dtype=torch.float64)
+    out = np.empty(240) if kind == "numpy" else torch.empty(240, dtype=torch.float64)
+    got = combine_halves(left, right, base=base, out=out, work=work)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-14, atol=1e-14)
+    assert np.shares_memory(np.asarray(got), np.asarray(out))
+    with pytest.raises(ShapeError, match="`out` needs `base`"):
+        combine_halves(left, right, out=out)

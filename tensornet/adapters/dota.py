@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..plan import calibrate, mpo_matmul, plan_mpo_matmul
-from ..tensorize import cores_to_matrix, mpo_halves
+from ..tensorize import combine_halves, cores_to_matrix, mpo_halves
 from .base import dense_weight, is_4bit
 
 __all__ = ["DoTALinear", "random_cores"]
@@ -91,17 +91,17 @@ def release_scratch() -> None:
 def _build_weight(left: torch.Tensor, right: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     """``base + MPO`` from the two half-chains, written into the scratch buffers.
 
-    The result is a view of a scratch buffer: valid until the next build on this thread.
+    The result (:func:`~tensornet.tensorize.combine_halves` with ``work``/``out``) is valid
+    until the next build on this thread.
     """
-    li, lj, r = left.shape
+    li, lj, _ = left.shape
     _, ri, rj = right.shape
-    prod = _SCRATCH.get("prod", (li * lj, ri * rj), left)
-    weight = _SCRATCH.get("weight", (li, ri, lj, rj), left)
     with torch.autocast(device_type=left.device.type, enabled=False):  # the cores' dtype
-        torch.mm(left.reshape(li * lj, r), right.reshape(r, ri * rj), out=prod)
-        torch.add(base.reshape(li, ri, lj, rj), prod.view(li, lj, ri, rj).permute(0, 2, 1, 3),
-                  out=weight)
-    return weight.view(li * ri, lj * rj)
+        return combine_halves(
+            left, right, base=base,
+            work=_SCRATCH.get("prod", (li * lj, ri * rj), left),
+            out=_SCRATCH.get("weight", (li * ri, lj * rj), left),
+        )
 
 
 class _DenseResidualMPO(torch.autograd.Function):
