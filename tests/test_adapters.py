@@ -881,3 +881,13 @@ def test_plain_dota_on_a_4bit_base_is_refused():
         apply_dota(base4, progress=False)
     assert_untouched(base4, before)
     assert not dota_layers(base4)
+
+
+def test_merge_frees_the_dense_path_scratch_buffers():
+    from tensornet.adapters.dota import _SCRATCH
+
+    holder, layer = single_layer(40, 48, strategy="dense", rank=4, num_cores=3)
+    holder(torch.randn(3, 48, requires_grad=True)).sum().backward()
+    assert _SCRATCH.buffers  # the dense path wrote W into reused buffers
+    merge(holder)
+    assert not _SCRATCH.buffers

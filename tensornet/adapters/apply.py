@@ -43,7 +43,7 @@ from .base import (
     write_adapter_file,
 )
 from .config import DoTAConfig, LoRTAConfig, LoTRConfig
-from .dota import DoTALinear, random_cores
+from .dota import DoTALinear, random_cores, release_scratch
 from .shared import (
     check_fresh,
     load_additive,
@@ -328,6 +328,7 @@ def _replace_layers(model: nn.Module, weight_of: Any) -> nn.Module:
         set_submodule(model, name, linear)
     delattr(model, _STATE_ATTR)
     restore_requires_grad(model, state["requires_grad"])
+    release_scratch()  # the dense path's reused buffers regrow if DoTA runs again
     return model
 
 
