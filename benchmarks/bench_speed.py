@@ -197,6 +197,25 @@ def worker(workload: str, method: str, tokens: int, steps: int, quick: bool) -> 
     }
 
 
+RATIOS = (("dota", "floor", GOAL_FLOOR), ("qdota", "floor-nf4", GOAL_FLOOR),
+          ("dota", "full", GOAL_FULL), ("lora", "floor", None), ("qlora", "floor-nf4", None),
+          ("full", "floor", None), ("dota-random", "floor", None), ("dota-dense", "floor", None),
+          ("dota-contract", "floor", None), ("floor-nf4", "floor", None))
+
+
+def check_ratios(t: dict[str, float]) -> list[dict[str, Any]]:
+    """The ratios of :data:`RATIOS` whose two methods were measured, printed with verdicts."""
+    checks = []
+    for a, b, goal in RATIOS:
+        if a in t and b in t:
+            value = t[a] / t[b]
+            ok = None if goal is None else value <= goal
+            checks.append({"name": f"{a} / {b}", "ratio": value, "goal": goal, "pass": ok})
+            mark = "" if goal is None else f"  (goal <= {goal:.2f}) {'PASS' if ok else 'FAIL'}"
+            print(f"  {a + ' / ' + b:26s} {value:6.3f}{mark}", flush=True)
+    return checks
+
+
 PAIRED_METHODS = ("floor", "full", "dota", "floor-nf4", "qdota")
 
 
@@ -217,15 +236,7 @@ def paired(args: argparse.Namespace) -> dict[str, Any]:
     med = {m: statistics.median(v) for m, v in times.items()}
     print(f"  stack, {tokens} tokens, median of {args.paired_rounds} rounds (s): "
           + ", ".join(f"{m} {v:.3f}" for m, v in med.items()))
-    checks = []
-    for a, b, goal in (("dota", "floor", GOAL_FLOOR), ("qdota", "floor-nf4", GOAL_FLOOR),
-                       ("dota", "full", GOAL_FULL), ("full", "floor", None),
-                       ("floor-nf4", "floor", None)):
-        value = med[a] / med[b]
-        ok = None if goal is None else value <= goal
-        checks.append({"name": f"{a} / {b}", "ratio": value, "goal": goal, "pass": ok})
-        mark = "" if goal is None else f"  (goal <= {goal:.2f}) {'PASS' if ok else 'FAIL'}"
-        print(f"  {a + ' / ' + b:26s} {value:6.3f}{mark}", flush=True)
+    checks = check_ratios(med)
     return {"tokens": tokens, "rounds": args.paired_rounds, "times": times, "median": med,
             "checks": checks}
 
@@ -408,24 +419,8 @@ def verdicts(workload: str, tokens: int, rows: list[dict[str, Any]]) -> dict[str
         step.setdefault(r["method"], []).append(r["step_s"])
     t = {m: sum(v) / len(v) for m, v in step.items()}
     drift = max(step["floor"]) / min(step["floor"]) if "floor" in step else math.nan
-    checks = []
-
-    def ratio(a: str, b: str, goal: float | None) -> None:
-        if a in t and b in t:
-            value = t[a] / t[b]
-            ok = None if goal is None else value <= goal
-            checks.append({"name": f"{a} / {b}", "ratio": value, "goal": goal, "pass": ok})
-            mark = "" if goal is None else f"  (goal <= {goal:.2f}) {'PASS' if ok else 'FAIL'}"
-            print(f"  {a + ' / ' + b:26s} {value:6.3f}{mark}")
-
     print(f"  floor drift (first vs last reading): {drift:.3f}")
-    ratio("dota", "floor", GOAL_FLOOR)
-    ratio("qdota", "floor-nf4", GOAL_FLOOR)
-    ratio("dota", "full", GOAL_FULL)
-    for a, b in (("lora", "floor"), ("qlora", "floor-nf4"), ("full", "floor"),
-                 ("dota-random", "floor"), ("dota-dense", "floor"), ("dota-contract", "floor"),
-                 ("floor-nf4", "floor")):
-        ratio(a, b, None)
+    checks = check_ratios(t)
     return {"workload": workload, "tokens": tokens, "rows": rows, "floor_drift": drift,
             "checks": checks}
 
