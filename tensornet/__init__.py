@@ -7,10 +7,12 @@ in :mod:`tensornet.adapters`.
 
 from .decompose import mpo_decompose, tt_decompose
 from .errors import (
+    AdapterFileError,
     AdapterMismatchError,
     ConfigError,
     DTypeError,
     NonFiniteError,
+    PeftVersionError,
     RankError,
     ShapeError,
     TensornetError,
@@ -43,12 +45,14 @@ __version__ = "0.1.0"
 __all__ = [
     "MPO",
     "PAPER_SHAPES",
+    "AdapterFileError",
     "AdapterMismatchError",
     "ConfigError",
     "ContractionPlan",
     "MachineProfile",
     "DTypeError",
     "NonFiniteError",
+    "PeftVersionError",
     "RankError",
     "ShapeError",
     "TensorTrain",

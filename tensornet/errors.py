@@ -14,6 +14,8 @@ __all__ = [
     "NonFiniteError",
     "ConfigError",
     "AdapterMismatchError",
+    "AdapterFileError",
+    "PeftVersionError",
 ]
 
 
@@ -43,3 +45,11 @@ class ConfigError(TensornetError, ValueError):
 
 class AdapterMismatchError(TensornetError, ValueError):
     """A saved adapter does not match the model or configuration it is loaded into."""
+
+
+class AdapterFileError(TensornetError, ValueError):
+    """A saved adapter file is missing, truncated, damaged or inconsistent with its config."""
+
+
+class PeftVersionError(TensornetError, ImportError):
+    """The installed peft is a version tensornet's methods were not tested with."""

@@ -1,50 +1,45 @@
-"""Torch adapters built on the tensornet core: DoTA, DoTA-Random, QDoTA, LoTR and LoRTA.
+"""Tensor adapters as peft methods: DoTA, DoTA-Random, QDoTA, LoTR and LoRTA.
 
-Usage mirrors peft::
+Importing this package registers the methods with the installed peft (a tested version,
+see :data:`TESTED_PEFT`), after which they work as any peft method::
 
-    report = tensornet.adapters.apply_dota(model)      # N=5, R=16 on q,k,v,up,down
-    ...                                                # train the cores
-    tensornet.adapters.save_adapter(model, "out/")
-    tensornet.adapters.load_adapter(fresh_model, "out/")
-    tensornet.adapters.merge(model)                    # plain nn.Linear layers
+    from peft import PeftModel, get_peft_model
+    from tensornet.adapters import DoTAConfig
 
-``apply_lotr(model)`` and ``apply_lorta(model)`` take the place of ``apply_dota`` for
-LoTR and LoRTA; merge / unapply / save_adapter / load_adapter serve all three.
+    model = get_peft_model(base, DoTAConfig(rank=16, num_cores=5))
+    model.save_pretrained("out/")
+    again = PeftModel.from_pretrained(fresh_base, "out/")
+    merged = again.merge_and_unload()
+
+``apply_dota(model)``, ``apply_lotr`` and ``apply_lorta`` are one-line entry points that
+return what ``get_peft_model`` returns; ``plan_dota`` / ``plan_lotr`` / ``plan_lorta``
+count an adapter on a model built on the meta device.
 """
 
-from .apply import apply_dota, load_adapter, merge, plan_dota, save_adapter, unapply
-from .base import AdapterReport, LayerReport
-from .config import ATTENTION_TARGETS, LLAMA_TARGETS, DoTAConfig, LoRTAConfig, LoTRConfig
-from .dota import DoTALinear, random_cores
-from .lorta import LoRTAFactors, LoRTALinear, apply_lorta, plan_lorta
-from .lotr import LoTRFactors, LoTRLinear, apply_lotr, plan_lotr
-from .models import DEFAULT_MODEL, load_pretrained, tiny_llama
+from ._registry import METHODS, TESTED_PEFT, check_peft
+
+check_peft()
+
+from .base import AdapterReport, LayerReport  # noqa: E402
+from .dota import LLAMA_TARGETS, DoTAConfig, DoTALinear, DoTAModel, random_cores  # noqa: E402
+from .entry import apply, apply_dota, plan, plan_dota  # noqa: E402
+from .models import DEFAULT_MODEL, load_pretrained, tiny_llama  # noqa: E402
 
 __all__ = [
-    "ATTENTION_TARGETS",
     "DEFAULT_MODEL",
     "LLAMA_TARGETS",
+    "METHODS",
+    "TESTED_PEFT",
     "AdapterReport",
     "DoTAConfig",
     "DoTALinear",
+    "DoTAModel",
     "LayerReport",
-    "LoRTAConfig",
-    "LoRTAFactors",
-    "LoRTALinear",
-    "LoTRConfig",
-    "LoTRFactors",
-    "LoTRLinear",
+    "apply",
     "apply_dota",
-    "apply_lorta",
-    "apply_lotr",
-    "load_adapter",
     "load_pretrained",
-    "merge",
+    "plan",
     "plan_dota",
-    "plan_lorta",
-    "plan_lotr",
     "random_cores",
-    "save_adapter",
     "tiny_llama",
-    "unapply",
 ]

@@ -1,27 +1,21 @@
-"""Machinery shared by every tensornet adapter.
+"""Helpers shared by every tensornet adapter: layer kinds, dense weights, fingerprints, counts.
 
-Finding and swapping target modules, fingerprints of base weights, the report, and
-atomic adapter files.
-
-Nothing here knows a particular parametrization (DoTA, LoTR, ...).
+Nothing here knows a particular parametrization (DoTA, LoTR, ...), and nothing here
+duplicates peft's lifecycle (injection, save/load, merge), which the methods use.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import re
-import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import AdapterMismatchError, ConfigError
+from ..errors import ConfigError
 
 __all__ = [
     "AdapterReport",
@@ -32,16 +26,7 @@ __all__ = [
     "fingerprint",
     "count_parameters",
     "is_4bit",
-    "write_adapter_file",
-    "read_adapter_file",
 ]
-
-ADAPTER_FILE = "adapter.safetensors"
-CONFIG_FILE = "adapter_config.json"
-FORMAT_VERSION = 1
-#: Attribute of an adapted model recording the method, its config and the original
-#: ``requires_grad`` flags (set by every ``apply_*``, removed by merge / unapply).
-STATE_ATTR = "_tensornet_adapter"
 
 
 @dataclass(frozen=True)
@@ -189,101 +174,3 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
             if p.requires_grad:
                 trainable += n
     return trainable, total
-
-
-def write_adapter_file(
-    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]
-) -> Path:
-    """Write the adapter folder atomically.
-
-    One safetensors file holds every tensor and, in its header, the metadata; a
-    human-readable JSON copy of the metadata sits beside it.
-
-    The safetensors file (the only one the loader reads) is written to a temporary file
-    in the same folder and renamed over the old one, so a crash leaves either the old
-    adapter or the new one, never a torn file.
-    """
-    from safetensors.torch import save_file
-
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    header = {"tensornet": json.dumps(metadata, sort_keys=True)}
-    blobs = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    for name, writer in (
-        (ADAPTER_FILE, lambda tmp: save_file(blobs, tmp, metadata=header)),
-        (
-            CONFIG_FILE,
-            lambda tmp: Path(tmp).write_text(json.dumps(metadata, indent=2, sort_keys=True)),
-        ),
-    ):
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=folder)
-        os.close(fd)
-        try:
-            writer(tmp)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, folder / name)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-    return folder
-
-
-def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read ``(tensors, metadata)`` written by :func:`write_adapter_file`."""
-    from safetensors import safe_open
-
-    file = Path(path) / ADAPTER_FILE
-    if not file.is_file():
-        raise AdapterMismatchError(
-            f"`path` must be a folder written by save_adapter (with {ADAPTER_FILE}); "
-            f"got {str(path)!r}"
-        )
-    with safe_open(str(file), framework="pt") as fh:
-        meta = fh.metadata() or {}
-        if "tensornet" not in meta:
-            raise AdapterMismatchError(f"{file} is not a tensornet adapter file (no metadata)")
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    metadata = json.loads(meta["tensornet"])
-    if metadata.get("format_version") != FORMAT_VERSION:
-        raise AdapterMismatchError(
-            f"{file} has format version {metadata.get('format_version')!r}; this tensornet "
-            f"reads version {FORMAT_VERSION}"
-        )
-    return tensors, metadata
-
-
-def restore_requires_grad(model: nn.Module, flags: Mapping[str, bool]) -> None:
-    """Set ``requires_grad`` back on the parameters named in ``flags``."""
-    params = dict(model.named_parameters())
-    for name, flag in flags.items():
-        if name in params:
-            params[name].requires_grad_(flag)
-
-
-def iter_layers(model: nn.Module, cls: type) -> Iterable[tuple[str, Any]]:
-    """Named submodules of type ``cls``."""
-    return ((n, m) for n, m in model.named_modules() if isinstance(m, cls))
-
-
-def progress_bar(items: list[Any], enabled: bool, desc: str) -> Any:
-    """``items``, wrapped in a tqdm progress bar when ``enabled`` (and tqdm is installed)."""
-    if not enabled:
-        return items
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is in the adapters extra
-        return items
-    return tqdm(items, desc=desc, unit="layer", leave=False)
-
-
-def tied_elsewhere(model: nn.Module, name: str) -> list[str]:
-    """Other qualified names of the parameters of module ``name`` (tied weights)."""
-    mine = {id(p) for p in model.get_submodule(name).parameters()}
-    prefix = name + "."
-    return [
-        n
-        for n, p in model.named_parameters(remove_duplicate=False)
-        if id(p) in mine and not n.startswith(prefix)
-    ]

@@ -1,0 +1,532 @@
+"""DoTA's layer: ``y = x (W0 + MPO(T) - MPO(T_init))^T + b`` with trainable cores ``T``.
+
+Each adapter holds its cores ``T`` (``dota_cores``, trained) and its initial cores
+``T_init`` (``dota_init``, stored, frozen). The base weight ``W0`` is not modified, so the
+layer follows peft's semantics (disable, several adapters, unload) exactly; the paper's
+``W_res + MPO(T)`` with ``W_res = W0 - MPO(T_init)`` is the same matrix.
+
+``MPO(T) - MPO(T_init)`` (summed over the active adapters) is itself one MPO, of bond
+``R_T + R_init`` (:func:`chain_sum`: first cores side by side, middle cores block
+diagonal, last cores stacked with a sign). The layer computes with that one chain, by
+the planner's strategy:
+
+* ``"contract"``: ``base(x) + x MPO(chain)^T`` through the cores;
+* ``"dense"``: ``W = W0 + MPO(chain)`` built in one product of the two half-chains with
+  the sum fused into the reordering pass, in a reused buffer, used for one matmul and
+  dropped (:class:`_DenseResidualMPO`). Backward rebuilds it; no dense matrix is kept.
+
+QDoTA stores ``NF4(W0 - MPO(T_init))`` as the base (the paper's form, the only way the
+base can be 4-bit) and adds ``MPO(T)``; disabled, it adds ``MPO(T_init)`` back, which gives
+``W0`` up to the residual's NF4 rounding.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+from torch.nn import functional as F
+
+from ...errors import ConfigError
+from ...plan import DEFAULT_PROFILE, mpo_matmul, plan_mpo_matmul
+from ...tensorize import combine_halves, cores_to_matrix, mpo_halves
+from ..base import dense_weight, is_4bit
+
+__all__ = ["DoTALayer", "DoTALinear", "chain_sum", "random_cores", "release_scratch"]
+
+
+def random_cores(
+    out_modes: Sequence[int],
+    in_modes: Sequence[int],
+    ranks: Sequence[int],
+    *,
+    generator: torch.Generator | None = None,
+    zero_last: bool = True,
+) -> list[torch.Tensor]:
+    """Cores of the DoTA-Random baseline: Gaussian, the last one zero (float32, CPU).
+
+    Core ``k`` is drawn with variance ``1 / R_{k-1}`` (the first with ``1 / in_features``),
+    so that the product of the first ``N-1`` cores maps an input of unit scale to unit
+    scale, as peft's LoRA ``A`` does; the zero last core makes ``MPO(T) = 0`` at start.
+
+    Examples
+    --------
+    >>> cores = random_cores((2, 2), (3, 2), (1, 4, 1))
+    >>> [tuple(c.shape) for c in cores], bool((cores[-1] == 0).all())
+    ([(1, 2, 3, 4), (4, 2, 2, 1)], True)
+    """
+    n = len(out_modes)
+    in_features = math.prod(in_modes)
+    cores = []
+    for k in range(n):
+        shape = (ranks[k], out_modes[k], in_modes[k], ranks[k + 1])
+        if k == n - 1 and zero_last:
+            cores.append(torch.zeros(shape))
+        else:
+            std = (1.0 / in_features if k == 0 else 1.0 / ranks[k]) ** 0.5
+            cores.append(torch.randn(shape, generator=generator) * std)
+    return cores
+
+
+def chain_sum(chains: Sequence[tuple[float, Sequence[torch.Tensor]]]) -> list[torch.Tensor]:
+    """Cores of one MPO equal to ``sum_i sign_i * MPO(chain_i)`` (bonds add up).
+
+    Differentiable: gradients flow back to every chain's cores.
+
+    Examples
+    --------
+    >>> a = random_cores((2, 3), (2, 2), (1, 3, 1), zero_last=False)
+    >>> b = random_cores((2, 3), (2, 2), (1, 2, 1), zero_last=False)
+    >>> s = chain_sum([(1.0, a), (-1.0, b)])
+    >>> [tuple(c.shape) for c in s]
+    [(1, 2, 2, 5), (5, 3, 2, 1)]
+    >>> bool(torch.allclose(cores_to_matrix(s), cores_to_matrix(a) - cores_to_matrix(b)))
+    True
+    """
+    if len(chains) == 1 and chains[0][0] == 1:
+        return list(chains[0][1])
+    n = len(chains[0][1])
+    out = []
+    for k in range(n):
+        parts = [c[k] for _, c in chains]
+        if k == n - 1:
+            out.append(torch.cat([p if s == 1 else p * s for (s, _), p in zip(chains, parts)], 0))
+        elif k == 0:
+            out.append(torch.cat(parts, 3))
+        else:  # block diagonal
+            right = sum(int(p.shape[3]) for p in parts)
+            rows, off = [], 0
+            for p in parts:
+                a, i, j, b = p.shape
+                pieces = [p.new_zeros(a, i, j, off), p, p.new_zeros(a, i, j, right - off - b)]
+                rows.append(torch.cat(pieces, 3))
+                off += b
+            out.append(torch.cat(rows, 0))
+    return out
+
+
+class _Scratch(threading.local):
+    """Per-thread reusable CPU buffers for the W-sized temporaries of the dense path.
+
+    A training step builds ``W`` twice and forms ``dW`` once per layer; on the CPU each
+    fresh W-sized tensor costs page faults on first touch (as much as the arithmetic that
+    fills it), so they are written into two buffers that grow to the largest layer and
+    are reused by every layer. GPU tensors use the caching allocator instead.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def get(self, slot: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        numel = math.prod(shape)
+        if like.device.type != "cpu":
+            return torch.empty(shape, dtype=like.dtype, device=like.device)
+        key = (slot, like.dtype)
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < numel:
+            self.buffers[key] = buf = torch.empty(numel, dtype=like.dtype)
+        return buf[:numel].view(shape)
+
+
+_SCRATCH = _Scratch()
+
+
+def release_scratch() -> None:
+    """Free this thread's CPU scratch buffers of the dense DoTA path (they regrow on use)."""
+    _SCRATCH.buffers.clear()
+
+
+def _build_weight(left: torch.Tensor, right: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """``base + MPO`` from the two half-chains, written into the scratch buffers.
+
+    The result (:func:`~tensornet.tensorize.combine_halves` with ``work``/``out``) is valid
+    until the next build on this thread.
+    """
+    li, lj, _ = left.shape
+    _, ri, rj = right.shape
+    with torch.autocast(device_type=left.device.type, enabled=False):  # the cores' dtype
+        return combine_halves(
+            left, right, base=base,
+            work=_SCRATCH.get("prod", (li * lj, ri * rj), left),
+            out=_SCRATCH.get("weight", (li * ri, lj * rj), left),
+        )
+
+
+class _DenseResidualMPO(torch.autograd.Function):
+    """``x (W_base + MPO(chain))^T + b`` that keeps no dense matrix alive for backward.
+
+    Forward builds ``W = W_base + MPO(chain)`` (one product of the two half-chains, then
+    the sum with ``W_base`` fused into the reordering pass), uses it and drops it; only
+    ``x`` and the small cores are saved. Backward rebuilds ``W`` for ``dx = dy W``, forms
+    the dense ``dW = dy^T x`` in the same buffer and pulls it back through the product of
+    the two half-chains by hand (two thin matmuls), then through each half by autograd.
+    On the CPU the W-sized temporaries live in reused per-thread buffers (:class:`_Scratch`).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        bias: torch.Tensor | None,
+        layer: DoTALinear,
+        *cores: torch.Tensor,
+    ) -> torch.Tensor:
+        ct = layer.compute_dtype
+        with torch.autocast(device_type=x.device.type, enabled=False):  # W in ct
+            left, right = mpo_halves([c.to(ct) for c in cores])
+        weight = _build_weight(left, right, layer.dense_base(ct))
+        y = F.linear(x.to(ct), weight, None if bias is None else bias.to(ct))
+        del weight
+        ctx.layer = layer
+        ctx.save_for_backward(x, *cores)
+        ctx.has_bias = bias is not None
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, gy: torch.Tensor) -> tuple[Any, ...]:
+        x, *cores = ctx.saved_tensors
+        layer = ctx.layer
+        ct = layer.compute_dtype
+        want = [c.requires_grad for c in cores]
+        with torch.enable_grad(), torch.autocast(device_type=x.device.type, enabled=False):
+            leaves = [c.detach().requires_grad_(w) for c, w in zip(cores, want)]
+            left, right = mpo_halves([leaf.to(ct) for leaf in leaves])
+        gy2 = gy.reshape(-1, gy.shape[-1]).to(ct)
+        gx = None
+        if ctx.needs_input_grad[0]:
+            weight = _build_weight(left.detach(), right.detach(), layer.dense_base(ct))
+            gx = (gy2 @ weight).reshape(x.shape).to(x.dtype)
+            del weight
+        gb = gy2.sum(0).to(gy.dtype) if ctx.has_bias and ctx.needs_input_grad[1] else None
+        grads: list[torch.Tensor | None] = [None] * len(cores)
+        if any(want):
+            li, lj, r = left.shape
+            _, ri, rj = right.shape
+            x2 = x.reshape(-1, x.shape[-1]).to(ct)
+            g_weight = _SCRATCH.get("weight", (li * ri, lj * rj), gy2)
+            with torch.autocast(device_type=gy2.device.type, enabled=False):
+                torch.mm(gy2.T, x2, out=g_weight)
+            g_prod = _SCRATCH.get("prod", (li, lj, ri, rj), gy2)
+            g_prod.copy_(g_weight.view(li, ri, lj, rj).permute(0, 2, 1, 3))
+            g_prod = g_prod.view(li * lj, ri * rj)
+            del g_weight
+            g_left = (g_prod @ right.detach().reshape(r, ri * rj).T).reshape(li, lj, r)
+            g_right = (left.detach().reshape(li * lj, r).T @ g_prod).reshape(r, ri, rj)
+            del g_prod
+            picked = [leaf for leaf, w in zip(leaves, want) if w]
+            it = iter(
+                torch.autograd.grad((left, right), picked, (g_left, g_right), allow_unused=True)
+            )
+            grads = [next(it) if w else None for w in want]
+            grads = [
+                torch.zeros_like(c) if w and g is None else g
+                for c, g, w in zip(cores, grads, want)
+            ]
+        return (gx, gb, None, *grads)
+
+
+class DoTALayer(BaseTunerLayer):
+    """peft tuner-layer state of DoTA: per adapter, trained and initial cores."""
+
+    adapter_layer_names = ("dota_cores",)
+    other_param_names = ("dota_init", "dota_strategy")
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.dota_cores = nn.ModuleDict({})
+        self.dota_init = nn.ModuleDict({})
+        self.dota_strategy: dict[str, str] = {}
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.kwargs = kwargs
+        self.in_features = int(base_layer.in_features)
+        self.out_features = int(base_layer.out_features)
+        #: QDoTA: the NF4 residual layer while the base is a merged dense layer
+        self._nf4_base: list[nn.Module] = []
+        #: QDoTA being restored: the residual is built from the loaded T_init on first use
+        self._pending_residual: str | None = None
+        self._plans: dict[tuple[Any, ...], str] = {}
+
+    # -- state ---------------------------------------------------------------------
+    @property
+    def quantized(self) -> bool:
+        """True if the base holds QDoTA's NF4 residual (or, merged, was built from it)."""
+        return is_4bit(self.get_base_layer()) or bool(self._nf4_base) or (
+            self._pending_residual is not None
+        )
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """Dtype of the dense computations: the base weight's (a 4-bit base's compute dtype)."""
+        base = self.get_base_layer()
+        if is_4bit(base):
+            return base.compute_dtype or torch.float32
+        return base.weight.dtype
+
+    def cores(self, adapter: str) -> list[nn.Parameter]:
+        """The trainable cores ``T`` of ``adapter``."""
+        return list(self.dota_cores[adapter])
+
+    def init_cores(self, adapter: str) -> list[torch.Tensor]:
+        """The initial cores ``T_init`` of ``adapter``."""
+        init = self.dota_init[adapter]
+        return [init[str(k)] for k in range(len(init))]
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        config: Any,
+        cores: Sequence[torch.Tensor],
+        init: Sequence[torch.Tensor],
+        *,
+        restoring: bool = False,
+    ) -> None:
+        """Add adapter ``adapter_name`` with cores ``cores`` and initial cores ``init``."""
+        if self.quantized or (config.quantize == "nf4" and self.dota_cores):
+            raise ConfigError(
+                f"QDoTA replaces the base layer by its NF4 residual: a layer takes one QDoTA "
+                f"adapter and nothing else (adapter {adapter_name!r})"
+            )
+        base = self.get_base_layer()
+        device = dense_device(base)
+        self.dota_cores[adapter_name] = nn.ParameterList(
+            [nn.Parameter(c.to(device)) for c in cores]
+        )
+        self.dota_init[adapter_name] = BufferDict(
+            {str(k): c.detach().to(device).clone() for k, c in enumerate(init)}, persistent=True
+        )
+        self.dota_strategy[adapter_name] = config.strategy
+        if config.quantize == "nf4":
+            if restoring:
+                self._pending_residual = adapter_name
+            else:
+                self._build_residual(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def _build_residual(self, adapter: str) -> None:
+        """Replace the base by ``NF4(W0 - MPO(T_init))`` (QDoTA)."""
+        base = self.get_base_layer()
+        with torch.no_grad():
+            w0 = dense_weight(base)
+            init = [c.to(w0.dtype) for c in self.init_cores(adapter)]
+            residual = w0 - cores_to_matrix(init)
+            compute = self.dota_cores[adapter][0].dtype
+            self.base_layer = nf4_linear(residual, base.bias, compute)
+        self._pending_residual = None
+
+    def _ensure_residual(self) -> None:
+        if self._pending_residual is not None:
+            self._build_residual(self._pending_residual)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Peft's delete, refused for QDoTA (the base is the adapter's residual)."""
+        if adapter_name in self.dota_cores and self.quantized:
+            raise ConfigError(
+                f"cannot delete QDoTA adapter {adapter_name!r}: the base layer was replaced by "
+                f"NF4(W0 - MPO(T_init)) and the original weight is not kept; use "
+                f"merge_and_unload() for a plain model"
+            )
+        super().delete_adapter(adapter_name)
+
+    # -- the adapter's matrix --------------------------------------------------------
+    def delta_chain(self, adapters: Sequence[str], *, disabled: bool = False) -> list[torch.Tensor]:
+        """One chain for the update the ``adapters`` add to the base (see the module doc)."""
+        if self.quantized:
+            (adapter,) = adapters
+            return self.init_cores(adapter) if disabled else self.cores(adapter)
+        terms: list[tuple[float, Sequence[torch.Tensor]]] = []
+        for a in adapters:
+            cores = self.cores(a)
+            dt = cores[0].dtype
+            terms.append((1.0, cores))
+            terms.append((-1.0, [c.to(dt) for c in self.init_cores(a)]))
+        return chain_sum(terms)
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """``MPO(T) - MPO(T_init)`` (QDoTA: ``MPO(T)``) in the base dtype, computed in float32+."""
+        cores = self.cores(adapter)
+        dt = torch.float64 if cores[0].dtype == torch.float64 else torch.float32
+        delta = cores_to_matrix([c.detach().to(dt) for c in cores])
+        if not self.quantized:
+            delta = delta - cores_to_matrix([c.to(dt) for c in self.init_cores(adapter)])
+        return delta.to(self.compute_dtype)
+
+    def dense_base(self, dtype: torch.dtype) -> torch.Tensor:
+        """The base weight as a dense ``(out, in)`` tensor of ``dtype``."""
+        return dense_weight(self.get_base_layer(), dtype)
+
+    def choose_strategy(self, chain: Sequence[torch.Tensor], batch: int, training: bool,
+                        adapter: str) -> str:
+        """Dense or contract for ``batch`` rows (the planner's choice, cached per shape).
+
+        Plans use fixed machine constants (:data:`tensornet.plan.DEFAULT_PROFILE`), not a
+        per-process calibration, so a reloaded adapter picks the same path and computes the
+        same bits as the model it was saved from.
+        """
+        fixed = self.dota_strategy.get(adapter, "auto")
+        if fixed != "auto":
+            return fixed
+        c0 = chain[0]
+        shapes = tuple(tuple(c.shape) for c in chain)
+        key = (shapes, batch, training, c0.dtype, c0.device.type)
+        choice = self._plans.get(key)
+        if choice is None:
+            plan = plan_mpo_matmul(
+                [tuple(c.shape) for c in chain], max(batch, 1),
+                itemsize=c0.element_size(), profile=DEFAULT_PROFILE,
+            )
+            choice = self._plans[key] = plan.residual_strategy(training=training)
+        return choice
+
+
+def dense_device(module: nn.Module) -> torch.device:
+    """The device of a layer's weight."""
+    return module.weight.device
+
+
+class DoTALinear(nn.Module, DoTALayer):
+    """A linear layer plus DoTA adapters (built by peft through :class:`DoTAModel`)."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: Any,
+        cores: Sequence[torch.Tensor],
+        init: Sequence[torch.Tensor],
+        *,
+        restoring: bool = False,
+    ) -> None:
+        super().__init__()
+        DoTALayer.__init__(self, base_layer)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, cores, init, restoring=restoring)
+
+    # -- merge -------------------------------------------------------------------------
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Add the adapters' ``Delta W`` to the base weight (QDoTA: a dense merged base)."""
+        self._ensure_residual()
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        for name in adapter_names:
+            if name not in self.dota_cores:
+                continue
+            base = self.get_base_layer()
+            with torch.no_grad():
+                if is_4bit(base):  # QDoTA: the merged base is dense, NF4(W_res) + MPO(T)
+                    weight = dense_weight(base, torch.float32) + self.get_delta_weight(name).float()
+                    merged = nn.Linear(self.in_features, self.out_features,
+                                       bias=base.bias is not None, device=weight.device,
+                                       dtype=self.compute_dtype)
+                    merged.weight.copy_(weight)
+                    if base.bias is not None:
+                        merged.bias.copy_(base.bias)
+                    merged.requires_grad_(False)
+                    if safe_merge and not torch.isfinite(merged.weight).all():
+                        raise ValueError(f"NaNs in the merged weights of adapter {name!r}")
+                    self._nf4_base.append(base)
+                    self.base_layer = merged
+                else:
+                    w = base.weight.data
+                    dt = torch.float64 if w.dtype == torch.float64 else torch.float32
+                    new = (w.to(dt) + self.get_delta_weight(name).to(dt)).to(w.dtype)
+                    if safe_merge and not torch.isfinite(new).all():
+                        raise ValueError(
+                            f"NaNs detected in the merged weights; the adapter {name!r} seems "
+                            f"to be broken"
+                        )
+                    base.weight.data = new
+            self.merged_adapters.append(name)
+        release_scratch()
+
+    def unmerge(self) -> None:
+        """Take the merged adapters' ``Delta W`` out of the base weight again."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name not in self.dota_cores:
+                continue
+            with torch.no_grad():
+                if self._nf4_base:
+                    self.base_layer = self._nf4_base.pop()
+                else:
+                    base = self.get_base_layer()
+                    w = base.weight.data
+                    dt = torch.float64 if w.dtype == torch.float64 else torch.float32
+                    base.weight.data = (w.to(dt) - self.get_delta_weight(name).to(dt)).to(w.dtype)
+
+    # -- forward -----------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``base(x)`` plus the active adapters' update, by the planner's strategy."""
+        self._ensure_residual()
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            if not self.quantized:
+                return self.base_layer(x, *args, **kwargs)
+            adapters, disabled = [a for a in self.dota_cores], True
+        elif self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        else:
+            adapters, disabled = [a for a in self.active_adapters if a in self.dota_cores], False
+        if not adapters:
+            return self.base_layer(x, *args, **kwargs)
+        chain = self.delta_chain(adapters, disabled=disabled)
+        batch = x.numel() // self.in_features
+        # by grad mode only (not by which cores require grad), so a reloaded adapter in
+        # inference mode takes the same path as the trained one and gives the same bits
+        training = torch.is_grad_enabled()
+        choose = self.choose_strategy
+        if torch.compiler.is_compiling():  # plan outside the traced graph, on concrete sizes
+            choose = torch.compiler.disable(choose)
+        if choose(chain, batch, training, adapters[0]) == "contract":
+            y = self.base_layer(x, *args, **kwargs)
+            delta = mpo_matmul(x.to(chain[0].dtype), chain, strategy="contract")
+            return y + delta.to(y.dtype)
+        return _DenseResidualMPO.apply(x, self.get_base_layer().bias, self, *chain)
+
+    def __repr__(self) -> str:
+        return "dota." + super().__repr__()
+
+    def extra_repr(self) -> str:
+        """Shapes, modes and ranks for ``print(model)``."""
+        parts = []
+        for name, cores in self.dota_cores.items():
+            ranks = [1, *(int(c.shape[-1]) for c in cores)]
+            parts.append(
+                f"{name}: out_modes={[int(c.shape[1]) for c in cores]}, "
+                f"in_modes={[int(c.shape[2]) for c in cores]}, ranks={ranks}"
+            )
+        q = ", residual=nf4" if self.quantized else ""
+        return "; ".join(parts) + q
+
+
+def nf4_linear(
+    weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype
+) -> nn.Module:
+    """A frozen bitsandbytes NF4 ``Linear4bit`` holding ``weight`` (quantized on creation)."""
+    import bitsandbytes as bnb
+
+    out_f, in_f = weight.shape
+    device = weight.device
+    layer = bnb.nn.Linear4bit(
+        in_f, out_f, bias=bias is not None, compute_dtype=compute_dtype,
+        quant_type="nf4", device="meta",
+    )
+    layer.weight = bnb.nn.Params4bit(
+        weight.to(torch.float32).cpu(), requires_grad=False, quant_type="nf4",
+        compress_statistics=True,
+    )
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach().to(compute_dtype).cpu(), requires_grad=False)
+    return layer.to(device)

@@ -1,0 +1,138 @@
+"""One-line entry points: ``apply_*`` (= ``get_peft_model``) and ``plan_*`` (meta-device counts).
+
+The lifecycle after ``apply_*`` is peft's (``save_pretrained``, ``PeftModel.from_pretrained``,
+``merge_and_unload``, ``disable_adapter``, named adapters); nothing here duplicates it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ..errors import ConfigError
+from .base import AdapterReport, count_parameters
+from .dota import DoTAConfig
+from .tuner import TensornetConfig
+
+__all__ = ["apply", "apply_dota", "plan", "plan_dota", "resolve_config"]
+
+
+def resolve_config(config: Any, cls: type, overrides: dict[str, Any]) -> Any:
+    """``config`` (default ``cls()``) with ``overrides`` applied; refuse another type."""
+    if config is not None and not isinstance(config, cls):
+        raise ConfigError(f"`config` must be a {cls.__name__} or None; got {type(config).__name__}")
+    return (config or cls()).replace(**overrides)
+
+
+def _check_model(model: Any) -> None:
+    from peft import PeftModel
+
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"`model` must be a torch.nn.Module; got {type(model).__name__}")
+    if isinstance(model, PeftModel) or hasattr(model, "peft_config"):
+        raise ConfigError(
+            "`model` already has peft adapters; add another with "
+            "model.add_adapter(name, config), or start from the base model"
+        )
+
+
+def _tuner(config: TensornetConfig) -> Any:
+    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+
+    return PEFT_TYPE_TO_TUNER_MAPPING[config.peft_type]
+
+
+def apply(model: nn.Module, config: TensornetConfig, *, adapter_name: str = "default") -> Any:
+    """``peft.get_peft_model(model, config)`` for a tensornet config, checked first.
+
+    Every target is validated before the model changes (see
+    :class:`~tensornet.adapters.tuner.TensornetTuner`); a failure leaves it as it was.
+
+    Returns
+    -------
+    peft.PeftModel
+    """
+    from peft import get_peft_model
+
+    if not isinstance(config, TensornetConfig):
+        raise ConfigError(
+            f"`config` must be a tensornet adapter config (DoTAConfig, LoTRConfig, "
+            f"LoRTAConfig); got {type(config).__name__}"
+        )
+    _check_model(model)
+    return get_peft_model(model, config, adapter_name=adapter_name)
+
+
+def plan(model: nn.Module, config: TensornetConfig) -> AdapterReport:
+    """What :func:`apply` would build, counted without weights and without changes.
+
+    Works on a model built on the meta device (a 7B model costs no memory).
+    """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"`model` must be a torch.nn.Module; got {type(model).__name__}")
+    tuner = _tuner(config)
+    targets = tuner.validate(model, config, need_weights=False)
+    layers, trainable, extra = tuner.count(model, targets, config)
+    _, total = count_parameters(model)
+    return AdapterReport(
+        config.method, layers, trainable, total + trainable, {"config": config.to_dict(), **extra}
+    )
+
+
+def apply_dota(model: nn.Module, config: DoTAConfig | None = None, **overrides: Any) -> Any:
+    """Add DoTA adapters to ``model`` (``get_peft_model`` with a :class:`DoTAConfig`).
+
+    Each target weight ``W0`` is decomposed (MPO, :func:`tensornet.mpo_decompose`); the
+    cores train, ``W0`` stays as it is, and the model computes what it computed before.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Any model with ``nn.Linear`` (or bitsandbytes ``Linear4bit``) targets, e.g. a
+        transformers LLaMA.
+    config : DoTAConfig, optional
+        Defaults to the paper's: q, k, v, up, down projections, ``N = 5``, ``R = 16``.
+    **overrides
+        Fields of :class:`DoTAConfig` to change (``rank=32``, ``quantize="nf4"``, ...).
+
+    Returns
+    -------
+    peft.PeftModel
+        What ``peft.get_peft_model`` returns: save with ``save_pretrained``, reload with
+        ``PeftModel.from_pretrained``, merge with ``merge_and_unload``.
+
+    Raises
+    ------
+    ConfigError
+        A bad config value, no matching target, a target that is not linear, a model
+        that already has adapters; the model is left untouched.
+
+    Examples
+    --------
+    >>> from tensornet.adapters import tiny_llama, apply_dota
+    >>> model = apply_dota(tiny_llama())
+    >>> model.get_nb_trainable_parameters()
+    (39232, 121472)
+    """
+    return apply(model, resolve_config(config, DoTAConfig, overrides))
+
+
+def plan_dota(
+    model: nn.Module, config: DoTAConfig | None = None, **overrides: Any
+) -> AdapterReport:
+    """Report what :func:`apply_dota` would do, without weights and without changes.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+    ...                   num_attention_heads=32, vocab_size=32000)
+    >>> with torch.device("meta"):
+    ...     llama2 = LlamaForCausalLM(cfg)
+    >>> report = plan_dota(llama2)          # the paper's defaults: N=5, R=16
+    >>> report.trainable_params, f"{100 * report.trainable_share:.3f}%"
+    (10043392, '0.149%')
+    """
+    return plan(model, resolve_config(config, DoTAConfig, overrides))

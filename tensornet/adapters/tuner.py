@@ -1,0 +1,487 @@
+"""What every tensornet peft method shares: its config base, layer base and tuner base.
+
+peft's tuner framework (``PeftConfig``, ``BaseTunerLayer``, ``BaseTuner``) does the
+lifecycle: injection, trainable marking, ``save_pretrained`` / ``from_pretrained``, named
+adapters, ``disable_adapter``, merge plumbing, ``unload``. This module adds only what peft
+does not do and every tensornet method needs:
+
+* **Validate before touching the model.** :meth:`TensornetTuner.inject_adapter` finds
+  every target first and checks it (layer type, shapes, the method's own rules, and for
+  a saved adapter the base fingerprints); only then does peft swap layers. Should a
+  layer fail anyway while being built, every swap of that call is undone, so a failed
+  ``get_peft_model`` / ``add_adapter`` / ``load_adapter`` leaves the model as it was.
+* **Record the base.** A new adapter's config gets ``base_layers``: for every adapted
+  layer its shape, dtype and a content hash of its weight. ``PeftModel.from_pretrained``
+  refuses a base whose layers differ, with a message saying which layer and how (another
+  dtype gets its own message). A config with ``base_layers`` also tells the method that
+  the adapter is being restored: its initial state comes from the weights file, so
+  nothing is decomposed or drawn at random again (DoTA's ``T_init`` is read, not
+  recomputed, which is what makes a reload exact).
+* **Check the weights file.** :meth:`TensornetConfig.from_pretrained` (which peft calls
+  before it builds the adapter) opens ``adapter_model.safetensors`` beside the config and
+  refuses a truncated or unreadable file, a missing, extra or misshapen tensor, or a
+  non-finite value, naming the file and the tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from peft.config import PeftConfig
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from torch import nn
+
+from ..errors import AdapterFileError, AdapterMismatchError, ConfigError
+from .base import dense_weight, fingerprint, is_4bit
+
+__all__ = ["TensornetConfig", "TensornetTuner", "check_adapter_file", "WEIGHTS_NAME"]
+
+#: The file peft's ``save_pretrained`` writes the adapter tensors to.
+WEIGHTS_NAME = "adapter_model.safetensors"
+#: Keys of the saved tensors start with this (``PeftModel`` -> ``BaseTuner`` -> model).
+MODEL_PREFIX = "base_model.model."
+TUNER_PREFIX = "base_model."
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass
+class TensornetConfig(PeftConfig):
+    """Fields every tensornet method has (see the method configs for the rest).
+
+    Parameters
+    ----------
+    target_modules : list of str or str, optional
+        peft's rule: a list selects a module whose qualified name equals an entry or ends
+        with ``"." + entry``; a string is a regular expression matched against the whole
+        name. Default: the method's own (the paper's q, k, v, up, down for DoTA).
+    exclude_modules : list of str or str, optional
+        Modules never adapted, by the same rule.
+    modules_to_save : list of str, optional
+        Other modules to train fully and store in the adapter file (peft's meaning).
+    init_weights : bool
+        True (default): the adapted model computes exactly what the base computed. False:
+        start from a perturbed adapter (peft's convention, used by its tests to see that
+        merge, disable and save act on something).
+    base_layers : dict, optional
+        Filled in by tensornet when the adapter is created: for every adapted layer its
+        ``shape``, ``dtype`` and ``fingerprint`` (a hash of the weight's values). Leave
+        it empty; a config that has it describes a trained adapter to restore.
+    """
+
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    modules_to_save: list[str] | None = None
+    init_weights: bool = True
+    base_layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    #: the method's default targets and its peft prefix (class attributes, not fields)
+    default_targets: ClassVar[tuple[str, ...]] = ()
+    prefix: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.target_modules is None:
+            self.target_modules = list(self.default_targets)
+        self.target_modules = _check_targets(self.target_modules, "target_modules")
+        if self.exclude_modules is not None:
+            self.exclude_modules = _check_targets(self.exclude_modules, "exclude_modules")
+        if self.modules_to_save is not None:
+            m = self.modules_to_save
+            if isinstance(m, str) or not all(isinstance(t, str) and t for t in m):
+                raise ConfigError(
+                    f"`modules_to_save` must be a list of module names; got {m!r}"
+                )
+            self.modules_to_save = list(m)
+        if not isinstance(self.init_weights, bool):
+            raise ConfigError(f"`init_weights` must be True or False; got {self.init_weights!r}")
+        if not isinstance(self.base_layers, Mapping):
+            raise ConfigError(
+                f"`base_layers` is written by tensornet (leave it empty); got {self.base_layers!r}"
+            )
+
+    # -- what a method supplies -------------------------------------------------------
+    @property
+    def method(self) -> str:
+        """The method's name in tensornet's table (``"dota"``, ``"qdota"``, ...)."""
+        raise NotImplementedError
+
+    def expected_tensors(self) -> dict[str, tuple[int, ...]]:
+        """Checkpoint key -> shape of every tensor of the saved adapter (from ``base_layers``)."""
+        raise NotImplementedError
+
+    # -- peft hooks -----------------------------------------------------------------
+    def replace(self, **overrides: Any) -> TensornetConfig:
+        """A copy with ``overrides`` applied; the config itself is left unchanged.
+
+        Raises
+        ------
+        ConfigError
+            If an override names no field of the config.
+        """
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise ConfigError(
+                f"unknown {type(self).__name__} field(s) {unknown}; valid fields: "
+                f"{sorted(n for n in names if n not in _PEFT_FIELDS)}"
+            )
+        return dataclasses.replace(self, **overrides)
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any
+    ) -> TensornetConfig:
+        """Read the config (peft's loader), plus a check of the weights file next to the config.
+
+        peft calls this before it builds the adapter, so a damaged file is refused while
+        the model is still untouched.
+        """
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder, **kwargs)
+        folder = Path(os.fspath(pretrained_model_name_or_path))
+        if subfolder:
+            folder = folder / subfolder
+        file = folder / WEIGHTS_NAME
+        if folder.is_dir() and file.exists():
+            check_adapter_file(file, config.expected_tensors(), prefix=cls.prefix)
+        config._restoring = True  # not a field: never saved, cleared by the injection
+        return config
+
+
+_PEFT_FIELDS = {f.name for f in dataclasses.fields(PeftConfig)} | {"base_layers"}
+
+
+def _check_targets(tm: Any, name: str) -> list[str] | str:
+    import re
+
+    if isinstance(tm, str):
+        try:
+            re.compile(tm)
+        except re.error as exc:
+            raise ConfigError(
+                f"`{name}` as a string must be a valid regular expression; got {tm!r} ({exc})"
+            ) from None
+        return tm
+    if (
+        not isinstance(tm, (Sequence, set, frozenset))
+        or len(tm) == 0
+        or not all(isinstance(t, str) and t for t in tm)
+    ):
+        raise ConfigError(
+            f"`{name}` must be a non-empty list of module names or a regex string; got {tm!r}"
+        )
+    return sorted(tm) if isinstance(tm, (set, frozenset)) else list(tm)
+
+
+def check_adapter_file(
+    file: str | os.PathLike, expected: Mapping[str, tuple[int, ...]], *, prefix: str
+) -> None:
+    """Refuse an adapter weights file that is unreadable or does not match its config.
+
+    Parameters
+    ----------
+    file : path
+        ``adapter_model.safetensors``.
+    expected : mapping
+        Checkpoint key -> shape of every tensor of the method (``config.expected_tensors()``);
+        other keys (``modules_to_save``) are only checked for finiteness.
+    prefix : str
+        The method's peft prefix (``"dota_"``): a key holding ``"." + prefix`` that is not
+        expected is refused as foreign.
+
+    Raises
+    ------
+    AdapterFileError
+        Naming the file and the problem.
+    """
+    from safetensors import safe_open
+
+    file = Path(file)
+    try:
+        with safe_open(str(file), framework="pt") as fh:
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as exc:  # safetensors raises its own error type, or OSError
+        raise AdapterFileError(
+            f"{file} is not a readable safetensors file ({type(exc).__name__}: {exc}); it is "
+            f"truncated or damaged: save the adapter again"
+        ) from None
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise AdapterFileError(
+            f"{file} lacks {len(missing)} tensor(s) its adapter_config.json describes, e.g. "
+            f"{missing[:3]}: the file is damaged or belongs to another adapter"
+        )
+    extra = sorted(k for k in tensors if f".{prefix}" in k and k not in expected)
+    if extra:
+        raise AdapterFileError(
+            f"{file} holds tensor(s) its adapter_config.json does not describe, e.g. "
+            f"{extra[:3]}: the file belongs to another adapter"
+        )
+    for key, shape in expected.items():
+        got = tuple(tensors[key].shape)
+        if got != tuple(shape):
+            raise AdapterFileError(
+                f"{file}: tensor {key!r} has shape {list(got)}, its config implies "
+                f"{list(shape)}: the file is damaged or belongs to another adapter"
+            )
+    for key, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise AdapterFileError(
+                f"{file}: tensor {key!r} holds NaN or Inf values; the adapter is damaged"
+            )
+
+
+@dataclass
+class Target:
+    """One layer an adapter will adapt, validated."""
+
+    key: str
+    module: nn.Module  # the base layer (the original, or the base of a tuner layer)
+    index: int  # position among the adapter's targets, in model order
+    record: dict[str, Any]
+
+
+class TensornetTuner(BaseTuner):
+    """peft's ``BaseTuner`` with validation before injection and undo on failure."""
+
+    #: the layer class of the method (peft's ``tuner_layer_cls``)
+    tuner_layer_cls: type[BaseTunerLayer]
+    #: module types the method adapts, for the error message
+    supported_types: tuple[str, ...] = ("nn.Linear",)
+
+    # -- what a method supplies -------------------------------------------------------
+    @classmethod
+    def check_target(cls, model: nn.Module, target: Target, config: TensornetConfig) -> None:
+        """Raise ConfigError if the method cannot adapt ``target`` (model still untouched).
+
+        May add what it works out to ``target.record`` (saved in ``base_layers``).
+        """
+
+    @classmethod
+    def check_targets(cls, model: nn.Module, targets: list[Target], config: Any) -> None:
+        """Checks across all targets (shared factors need consistent layers)."""
+
+    @classmethod
+    def count(cls, model: nn.Module, targets: list[Target], config: Any) -> tuple:
+        """``(layer reports, trainable parameters, extra)`` of the adapter on ``targets``."""
+        raise NotImplementedError
+
+    def _drop_shared(self, adapter_name: str) -> None:
+        """Remove the adapter's model-level (shared) state, if the method has any."""
+
+    # -- the framework ------------------------------------------------------------------
+    @classmethod
+    def is_supported(cls, module: nn.Module) -> bool:
+        """True for a layer type the method adapts."""
+        return type(module) is nn.Linear
+
+    @classmethod
+    def matched_targets(cls, model: nn.Module, config: TensornetConfig) -> list[tuple[str, Any]]:
+        """``(key, module)`` of every module ``config`` selects, as peft will match them."""
+        from peft.tuners.tuners_utils import _ExcludedModule
+
+        tuner_keys = [k + "." for k, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+        out = []
+        for key, module in model.named_modules():
+            if not key or any(key.startswith(p) for p in tuner_keys):
+                continue
+            hit = cls._check_target_module_exists(config, key)
+            if hit and not isinstance(hit, _ExcludedModule):
+                out.append((key, module))
+        return out
+
+    @classmethod
+    def validate(
+        cls, model: nn.Module, config: TensornetConfig, *, restoring: bool = False,
+        need_weights: bool = True,
+    ) -> list[Target]:
+        """Every target of ``config`` in ``model``, checked; nothing is changed.
+
+        Raises
+        ------
+        ConfigError
+            A target the method cannot adapt, or none at all.
+        AdapterMismatchError
+            ``restoring`` a saved adapter and ``model`` is not the base it was trained on.
+        """
+        found = cls.matched_targets(model, config)
+        if not found:
+            names = sorted(
+                {k.rsplit(".", 1)[-1] for k, m in model.named_modules() if isinstance(m, nn.Linear)}
+            )
+            raise ConfigError(
+                f"`target_modules` matched no module of the model; got {config.target_modules!r}. "
+                f"Linear layer names in this model: {names[:20]}"
+            )
+        targets = []
+        for index, (key, module) in enumerate(found):
+            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+            if not cls.is_supported(base):
+                kind = type(base).__name__
+                raise ConfigError(
+                    f"target {key!r} is a {kind}; {config.method} adapts "
+                    f"{' and '.join(cls.supported_types)} layers"
+                )
+            if isinstance(module, BaseTunerLayer) and module.merged:
+                raise ConfigError(
+                    f"target {key!r} has merged adapters {module.merged_adapters}; call "
+                    f"unmerge_adapter() before adding another adapter"
+                )
+            record = {
+                "shape": [int(base.out_features), int(base.in_features)],
+                "dtype": _dtype_name(_base_dtype(base)),
+            }
+            targets.append(Target(key, base, index, record))
+        for t in targets:
+            cls.check_target(model, t, config)
+        cls.check_targets(model, targets, config)
+        if restoring:
+            cls._check_same_base(targets, config)
+        elif need_weights:
+            for t in targets:
+                if t.module.weight.device.type == "meta":
+                    raise ConfigError(
+                        f"target {t.key!r} is on the meta device (no weights); count the "
+                        f"adapter with tensornet.adapters.plan(model, config) instead"
+                    )
+                t.record["fingerprint"] = fingerprint(dense_weight(t.module))
+        return targets
+
+    @classmethod
+    def _check_same_base(cls, targets: list[Target], config: TensornetConfig) -> None:
+        saved = config.base_layers
+        keys = [t.key for t in targets]
+        if sorted(keys) != sorted(saved):
+            missing = sorted(set(saved) - set(keys))
+            extra = sorted(set(keys) - set(saved))
+            raise AdapterMismatchError(
+                f"the adapter was trained on other layers than `target_modules` selects in this "
+                f"model (another base model?): in the adapter only {missing[:3]}, in the model "
+                f"only {extra[:3]}"
+            )
+        for t in targets:
+            rec = saved[t.key]
+            if list(rec.get("shape", [])) != t.record["shape"]:
+                raise AdapterMismatchError(
+                    f"layer {t.key!r} is {t.record['shape'][0]}x{t.record['shape'][1]} in this "
+                    f"model but {rec.get('shape')} in the adapter: another base model"
+                )
+            if rec.get("dtype") != t.record["dtype"]:
+                raise AdapterMismatchError(
+                    f"layer {t.key!r} is {t.record['dtype']} in this model but the adapter was "
+                    f"trained on a {rec.get('dtype')} base: load the base model in "
+                    f"{rec.get('dtype')} (the weights' values differ between dtypes)"
+                )
+            if t.module.weight.device.type == "meta":
+                continue  # nothing to compare; from_pretrained with low_cpu_mem_usage
+            fp = fingerprint(dense_weight(t.module))
+            if fp != rec.get("fingerprint"):
+                raise AdapterMismatchError(
+                    f"layer {t.key!r} of this model has other weights than the base the "
+                    f"adapter was trained on (fingerprint mismatch): load it into the same base "
+                    f"model"
+                )
+            t.record["fingerprint"] = fp
+
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Validate every target, then let peft inject; undo everything if a layer fails.
+
+        ``config.base_layers`` is written for a new adapter. A config read from a saved
+        adapter (:meth:`TensornetConfig.from_pretrained`) is *restored*: its base is
+        checked against the fingerprints and the method builds placeholders that the
+        weights file fills (as it does with ``low_cpu_mem_usage=True``, on meta).
+        """
+        config = self.peft_config[adapter_name]
+        restoring = bool(getattr(config, "_restoring", False) and config.base_layers)
+        targets = self.validate(model, config, restoring=restoring)
+        self._targets = {t.key: t for t in targets}
+        self._placeholders = restoring or low_cpu_mem_usage
+        with _undo_on_error(self, model, adapter_name):
+            super().inject_adapter(
+                model,
+                adapter_name,
+                autocast_adapter_dtype=autocast_adapter_dtype,
+                low_cpu_mem_usage=low_cpu_mem_usage,
+                state_dict=state_dict,
+            )
+        if not restoring:
+            config.base_layers = {t.key: t.record for t in targets}
+        config._restoring = False  # one load; the config now describes this model's adapter
+        del self._targets, self._placeholders
+
+    def _create_new_module(self, *args: Any, **kwargs: Any) -> nn.Module:  # pragma: no cover
+        raise NotImplementedError
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Delete the adapter (peft's ``delete_adapter``), plus the adapter's model-level state."""
+        super().delete_adapter(adapter_name)
+        self._drop_shared(adapter_name)
+
+
+def _base_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype a layer computes in (a 4-bit layer: its compute dtype)."""
+    if is_4bit(module):
+        return module.compute_dtype or torch.float32
+    return module.weight.dtype
+
+
+class _undo_on_error:
+    """Context manager: if the body raises, put the model's modules and flags back."""
+
+    def __init__(self, tuner: TensornetTuner, model: nn.Module, adapter_name: str) -> None:
+        self.tuner = tuner
+        self.model = model
+        self.adapter_name = adapter_name
+
+    def __enter__(self) -> None:
+        self.modules = dict(self.model.named_modules())
+        self.flags = [(p, p.requires_grad) for p in self.model.parameters()]
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            return
+        with torch.no_grad():
+            for name, original in self.modules.items():
+                if not name:
+                    continue
+                parent_name, _, child = name.rpartition(".")
+                try:
+                    parent = self.model.get_submodule(parent_name) if parent_name else self.model
+                except AttributeError:
+                    continue
+                if getattr(parent, child, None) is not original:
+                    setattr(parent, child, original)
+            for module in self.model.modules():
+                if isinstance(module, BaseTunerLayer) and self.adapter_name in (
+                    module._all_available_adapter_names()
+                ):
+                    module.delete_adapter(self.adapter_name)
+            self.tuner._drop_shared(self.adapter_name)
+            for p, flag in self.flags:
+                p.requires_grad_(flag)
+
+
+def iter_layers(model: nn.Module, cls: type) -> Iterator[tuple[str, Any]]:
+    """Named submodules of type ``cls``."""
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, cls))
+
+
+def numel(shape: Sequence[int]) -> int:
+    """Number of entries of ``shape``."""
+    return math.prod(int(s) for s in shape)
