@@ -74,7 +74,7 @@ def worker(model_name: str, method: str, batch: int, seq: int) -> dict:
                                                  target_modules=TARGETS))
         params = [p for p in model.parameters() if p.requires_grad]
     else:
-        apply_dota(model, progress=False, quantize="nf4" if method == "qdota" else None)
+        model = apply_dota(model, quantize="nf4" if method == "qdota" else None)
         params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
     ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))

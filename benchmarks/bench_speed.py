@@ -24,7 +24,7 @@ of both readings, and the floor's two readings show the machine's drift.
 Inference (``--inference``): forward rows per second through the stack at generation
 batch sizes (1, 4, 16 rows) and greedy-generation tokens per second on SmolLM2 (batch 1
 and 8), for the base, a DoTA model unmerged (the planner's strategy) and the same model
-merged (``tensornet.adapters.merge``); measured round-robin in one process.
+merged (``merge_and_unload()``); measured round-robin in one process.
 
 torch.compile (``--compile``): the DoTA stack's training step and unmerged forward,
 eager against ``torch.compile`` (inductor), in one process; the compile time is reported.
@@ -108,11 +108,10 @@ def prepare(model: Any, method: str, targets: tuple[str, ...], *, causal_lm: boo
                          task_type="CAUSAL_LM" if causal_lm else None)
         return get_peft_model(model, cfg)
     strategy = {"dota-dense": "dense", "dota-contract": "contract"}.get(method, "auto")
-    apply_dota(model, target_modules=targets, rank=16, num_cores=5, progress=False,
-               init="random" if method == "dota-random" else "mpo",
-               quantize="nf4" if method == "qdota" else None, dtype="float32",
-               strategy=strategy)
-    return model
+    return apply_dota(model, target_modules=list(targets), rank=16, num_cores=5,
+                      init="random" if method == "dota-random" else "mpo",
+                      quantize="nf4" if method == "qdota" else None, dtype="float32",
+                      strategy=strategy)
 
 
 def make_step(workload: str, method: str, tokens: int, quick: bool) -> tuple[Any, int]:
@@ -250,14 +249,13 @@ def inference(quick: bool) -> dict[str, Any]:
 
     import torch
 
-    from tensornet.adapters import apply_dota, load_pretrained, merge, tiny_llama
+    from tensornet.adapters import apply_dota, load_pretrained, tiny_llama
 
     out: dict[str, Any] = {"stack": [], "smollm2": []}
     hidden, mlp = (512, 1376) if quick else (4096, 11008)
     base = build_stack(hidden, mlp).requires_grad_(False)
-    unmerged = copy.deepcopy(base)
-    apply_dota(unmerged, target_modules=STACK_TARGETS, progress=False)
-    merged = merge(copy.deepcopy(unmerged)).requires_grad_(False)
+    unmerged = apply_dota(copy.deepcopy(base), target_modules=list(STACK_TARGETS))
+    merged = copy.deepcopy(unmerged).merge_and_unload().requires_grad_(False)
     stacks = {"base": base, "unmerged": unmerged, "merged": merged}
     gen = torch.Generator().manual_seed(2)
     with torch.inference_mode():
@@ -265,8 +263,10 @@ def inference(quick: bool) -> dict[str, Any]:
             x = torch.randn(rows, hidden, generator=gen)
             t, _ = best_round_robin({k: (lambda x=x, m=m: m(x)) for k, m in stacks.items()},
                                   1.0, 5)
-            strategies = sorted({m.choose_strategy(rows, False) for m in unmerged.modules()
-                                 if hasattr(m, "choose_strategy")})
+            strategies = sorted({
+                m.choose_strategy(m.delta_chain(["default"]), rows, False, "default")
+                for m in unmerged.modules() if hasattr(m, "choose_strategy")
+            })
             rec = {"rows": rows, "unmerged_strategy": "/".join(strategies),
                    **{f"{k}_rows_per_s": rows / v for k, v in t.items()}}
             out["stack"].append(rec)
@@ -283,9 +283,8 @@ def inference(quick: bool) -> dict[str, Any]:
         model, _ = load_pretrained()
         vocab, new = model.config.vocab_size, 32
     model.eval()
-    dota = copy.deepcopy(model)
-    apply_dota(dota, progress=False)
-    dota_merged = merge(copy.deepcopy(dota))
+    dota = apply_dota(copy.deepcopy(model))
+    dota_merged = copy.deepcopy(dota).merge_and_unload()
     models = {"base": model, "unmerged": dota, "merged": dota_merged}
     with torch.inference_mode():
         for batch in (1, 8):
@@ -323,7 +322,7 @@ def compile_check(tokens: int, quick: bool) -> dict[str, Any]:
     eager = build_stack(hidden, mlp)
     for p in eager.parameters():
         p.requires_grad_(False)
-    apply_dota(eager, target_modules=STACK_TARGETS, progress=False, dtype="float32")
+    eager = apply_dota(eager, target_modules=list(STACK_TARGETS), dtype="float32")
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(tokens, hidden, generator=gen)
     g = torch.randn(tokens, hidden, generator=gen)

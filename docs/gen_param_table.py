@@ -1,11 +1,15 @@
 """Generate the parameter-count table of ``docs/guide/parameter-counts.rst``.
 
-Counts the trainable parameters of LoRA, PiSSA and DoTA on LLaMA-2-7B, LLaMA-3-8B and
-SmolLM2-135M from their configurations alone: the models are built on the meta device (no
-weights, no memory), DoTA's counts come from :func:`tensornet.adapters.plan_dota`, LoRA's
-and PiSSA's from ``r * (in_features + out_features)`` per adapted matrix (PiSSA has LoRA's
-shapes; only its initialization differs). Every method adapts the same matrices, the DoTA
-paper's targets: q_proj, k_proj, v_proj, up_proj and down_proj of every layer.
+Counts the trainable parameters of LoRA, PiSSA, DoTA, LoTR and LoRTA on LLaMA-2-7B,
+LLaMA-3-8B and SmolLM2-135M from their configurations alone: the models are built on the
+meta device (no weights, no memory). DoTA's, LoTR's and LoRTA's counts come from
+:func:`tensornet.adapters.plan_dota`, :func:`~tensornet.adapters.plan_lotr` and
+:func:`~tensornet.adapters.plan_lorta` (what ``get_peft_model`` with their configs would
+train); LoRA's and PiSSA's from ``r * (in_features + out_features)`` per adapted matrix
+(PiSSA has LoRA's shapes; only its initialization differs; ``tests/test_docs.py`` checks
+the formula against peft's LoRA). LoRA, PiSSA, DoTA and LoTR adapt the DoTA paper's
+targets, q_proj, k_proj, v_proj, up_proj and down_proj of every layer; LoRTA the attention
+projections q_proj, k_proj, v_proj and o_proj.
 
 Usage::
 

@@ -1,28 +1,15 @@
-"""tensornet.adapters: DoTA, DoTA-Random and QDoTA on a tiny LLaMA.
+"""tensornet.adapters: DoTA, DoTA-Random and QDoTA as a peft method, on a tiny LLaMA.
 
 The core of this file is a conformance table in peft's ``TEST_CASES`` style: every method
-(:data:`METHODS`) goes through every check (unchanged output at init, only the cores train,
-an optimizer step helps, merge == unmerged, unapply restores W0, save/load in a fresh
-process, dtype/device follow the base, ``generate`` works). The checks that are not per
-method follow: the custom autograd path against a plain-autograd reference, its memory
-property, refused loads, config errors, ``plan_dota`` against the paper's shares, the
-report, the config object and 4-bit bases.
+(:data:`dota_helpers.METHODS`) goes through every check (unchanged output at init, only the
+cores train, an optimizer step helps, merge == unmerged, disable and unload give the base,
+save/load in a fresh process, dtype/device follow the base, ``generate`` works). The checks
+that are not per method follow: the custom autograd path against a plain-autograd
+reference, its memory property, config errors, ``plan_dota`` against the paper's shares,
+the recorded base layers, the config object and 4-bit bases. peft's lifecycle beyond the
+table (named adapters, refused loads, undo on failure, ...) is in ``test_adapters_peft.py``.
 
-Tolerances
-----------
-float32
-    The adapted layer computes ``x (W_res + MPO(T))^T`` where the base computed ``x W0^T``;
-    ``W_res + MPO(T)`` equals ``W0`` up to one float32 rounding per weight, so logits of
-    order 1 agree to ~1e-7; we allow 1e-5.
-bfloat16
-    A bf16 adapted layer rounds ``W_res`` and ``MPO(T)`` to bf16 and adds them in bf16,
-    where the base used ``W0`` as stored: a couple of bf16 roundings per weight. The yardstick
-    is :func:`bf16_noise`, how far the bf16 base model's logits are from the same bf16
-    weights evaluated in float32 (bf16 compute noise of this very model, ~4e-3); an adapted
-    bf16 model may deviate from the bf16 base by at most 4 such units (measured: ~2).
-NF4 (QDoTA)
-    No absolute number: QDoTA must lose no more than QLoRA's base does, i.e. than the same
-    model with its target weights quantized to NF4 directly (bitsandbytes ``Params4bit``).
+The tolerances (float32, bfloat16, NF4) are explained in :mod:`dota_helpers`.
 """
 
 from __future__ import annotations
@@ -34,12 +21,32 @@ import re
 import subprocess
 import sys
 import textwrap
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
-import bitsandbytes as bnb
 import pytest
 import torch
+from dota_helpers import (
+    DTYPES,
+    FLOAT32_ATOL,
+    IDS,
+    METHOD_NAMES,
+    METHODS,
+    TINY_TARGETS,
+    adapted,
+    assert_untouched,
+    base_logits,
+    cores,
+    dota_layers,
+    dtype_tolerance,
+    lm_loss,
+    logits,
+    snapshot,
+    to_nf4_base,
+    train,
+)
+from peft import PeftConfig, get_peft_model
 from torch import nn
 from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -47,155 +54,45 @@ from torch.utils._pytree import tree_flatten
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tensornet.adapters import (
-    LLAMA_TARGETS,
     AdapterReport,
     DoTAConfig,
     DoTALinear,
     apply_dota,
-    load_adapter,
-    merge,
     plan_dota,
-    save_adapter,
     tiny_llama,
-    unapply,
 )
-from tensornet.adapters.base import is_4bit, set_submodule
-from tensornet.errors import AdapterMismatchError, ConfigError
+from tensornet.adapters.base import is_4bit
+from tensornet.errors import ConfigError
 from tensornet.tensorize import cores_to_matrix
 
 REPO = Path(__file__).resolve().parents[1]
 
-#: The conformance table's methods (peft's TEST_CASES): name -> config.
-METHODS: dict[str, DoTAConfig] = {
-    "dota": DoTAConfig(),
-    "dota-random": DoTAConfig(init="random", seed=0),
-    "qdota": DoTAConfig(quantize="nf4"),
-}
-METHOD_NAMES = list(METHODS)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
-#: A fixed batch: 2 sequences of 8 tokens of tiny_llama's 128-token vocabulary.
-IDS = torch.randint(3, 128, (2, 8), generator=torch.Generator().manual_seed(1234))
-FLOAT32_ATOL = 1e-5
-BF16_NOISE_UNITS = 4.0
-# Ten target layers in tiny_llama: q, k, v, up, down in each of its 2 decoder layers.
-TINY_TARGETS = [
-    f"model.layers.{i}.{part}"
-    for i in range(2)
-    for part in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                 "mlp.up_proj", "mlp.down_proj")
-]
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def logits(model: nn.Module, ids: torch.Tensor = IDS) -> torch.Tensor:
-    with torch.no_grad():
-        return model(ids).logits.float()
-
-
-def adapted(method: str, base_dtype: torch.dtype = torch.float32, **overrides) -> nn.Module:
-    model = tiny_llama(dtype=base_dtype)
-    apply_dota(model, METHODS[method].replace(**overrides), progress=False)
-    return model
-
-
-def dota_layers(model: nn.Module) -> dict[str, DoTALinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, DoTALinear)}
-
-
-def lm_loss(model: nn.Module, ids: torch.Tensor = IDS) -> torch.Tensor:
-    return model(ids, labels=ids).loss
-
-
-def train(model: nn.Module, steps: int = 3, lr: float = 1e-2) -> list[float]:
-    """AdamW on the fixed batch; returns the loss before each step and after the last."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr)
-    losses = []
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = lm_loss(model)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    with torch.no_grad():
-        losses.append(lm_loss(model).item())
-    return losses
-
-
-def snapshot(model: nn.Module) -> dict:
-    """Everything a failed call must leave alone: values, module types, grad flags, state."""
-    return {
-        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "types": [(n, type(m)) for n, m in model.named_modules()],
-        "grad": {n: p.requires_grad for n, p in model.named_parameters()},
-        "attrs": sorted(vars(model)),
-    }
-
-
-def assert_untouched(model: nn.Module, before: dict) -> None:
-    after = snapshot(model)
-    assert after["types"] == before["types"]
-    assert after["grad"] == before["grad"]
-    assert after["attrs"] == before["attrs"]
-    assert after["state"].keys() == before["state"].keys()
-    for k, v in before["state"].items():
-        assert torch.equal(after["state"][k], v), k
-
-
-def to_nf4_base(model: nn.Module, compute_dtype: torch.dtype | None = None) -> nn.Module:
-    """QLoRA's base: the target linears replaced by NF4 ``Linear4bit`` holding W0 itself."""
-    for name, mod in list(model.named_modules()):
-        if name.rsplit(".", 1)[-1] not in LLAMA_TARGETS:
-            continue
-        layer = bnb.nn.Linear4bit(
-            mod.in_features, mod.out_features, bias=mod.bias is not None,
-            compute_dtype=compute_dtype or mod.weight.dtype, quant_type="nf4", device="meta",
-        )
-        layer.weight = bnb.nn.Params4bit(
-            mod.weight.detach().clone(), requires_grad=False, quant_type="nf4"
-        )
-        if mod.bias is not None:
-            layer.bias = nn.Parameter(mod.bias.detach().clone(), requires_grad=False)
-        set_submodule(model, name, layer.to("cpu"))  # .to() on CPU quantizes
-    return model
-
-
-_BF16_NOISE: list[float] = []
-
-
-def bf16_noise() -> float:
-    """Max |logits| gap between the bf16 base and its own bf16 weights evaluated in float32."""
-    if not _BF16_NOISE:
-        bf16 = logits(tiny_llama(dtype=torch.bfloat16))
-        upcast = logits(tiny_llama(dtype=torch.bfloat16).float())
-        _BF16_NOISE.append((bf16 - upcast).abs().max().item())
-        assert 0 < _BF16_NOISE[0] < 0.05
-    return _BF16_NOISE[0]
-
-
-def dtype_tolerance(dtype: torch.dtype) -> float:
-    return FLOAT32_ATOL if dtype == torch.float32 else BF16_NOISE_UNITS * bf16_noise()
-
-
-_BASE_LOGITS: dict[torch.dtype, torch.Tensor] = {}
-
-
-def base_logits(dtype: torch.dtype) -> torch.Tensor:
-    if dtype not in _BASE_LOGITS:
-        _BASE_LOGITS[dtype] = logits(tiny_llama(dtype=dtype))
-    return _BASE_LOGITS[dtype]
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The test machine has 2 cores shared with other jobs; torch's intra-op threads then
+    # oversubscribe them. One thread is also bit-reproducible.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 def single_layer(out_f: int, in_f: int, *, bias: bool = True, dtype=torch.float32,
                  **overrides) -> tuple[nn.Module, DoTALinear]:
-    """A container holding one DoTA-wrapped ``nn.Linear`` named ``proj``."""
+    """A container holding one DoTA-wrapped ``nn.Linear`` named ``proj`` (adapted in place)."""
     torch.manual_seed(0)
     holder = nn.Sequential(OrderedDict(proj=nn.Linear(in_f, out_f, bias=bias, dtype=dtype)))
-    apply_dota(holder, target_modules=["proj"], progress=False, **overrides)
+    apply_dota(holder, target_modules=["proj"], **overrides)
     return holder, holder.proj
+
+
+def reference_weight(layer: DoTALinear, adapter: str = "default") -> torch.Tensor:
+    """``W0 + MPO(T) - MPO(T_init)`` in float64 from the layer's own tensors."""
+    w0 = layer.get_base_layer().weight.detach().double()
+    t = [c.detach().double() for c in cores(layer, adapter)]
+    t0 = [c.double() for c in layer.init_cores(adapter)]
+    return w0 + cores_to_matrix(t) - cores_to_matrix(t0)
 
 
 # ============================================================ the conformance table
@@ -222,20 +119,22 @@ def test_output_unchanged_at_init(method, dtype):
 def test_only_cores_receive_gradients(method, dtype):
     model = adapted(method, DTYPES[dtype])
     lm_loss(model).backward()
-    cores = {f"{name}.cores.{k}" for name, layer in dota_layers(model).items()
-             for k in range(len(layer.cores))}
-    assert len(cores) == 10 * 5
+    names = {f"base_model.model.{name}.dota_cores.default.{k}"
+             for name, layer in dota_layers(model).items() for k in range(len(cores(layer)))}
+    assert len(names) == 10 * 5
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert with_grad == trainable == cores
-    assert all(re.search(r"\.cores\.\d+$", n) for n in with_grad)
-    for name in cores:
+    assert with_grad == trainable == names
+    assert all(re.search(r"\.dota_cores\.default\.\d+$", n) for n in with_grad)
+    for name in names:
         assert torch.isfinite(model.get_parameter(name).grad).all(), name
-    # the embeddings (tied with lm_head), norms and untargeted linears are frozen too
-    assert not model.model.embed_tokens.weight.requires_grad
-    assert not model.model.layers[0].self_attn.o_proj.weight.requires_grad
-    assert not model.model.layers[0].mlp.gate_proj.weight.requires_grad
-    total = sum(model.get_parameter(n).grad.float().norm() ** 2 for n in cores)
+    # the embeddings (tied with lm_head), norms, untargeted linears and T_init are frozen
+    base = model.get_base_model()
+    assert not base.model.embed_tokens.weight.requires_grad
+    assert not base.model.layers[0].self_attn.o_proj.weight.requires_grad
+    assert not base.model.layers[0].mlp.gate_proj.weight.requires_grad
+    assert all(not b.requires_grad for n, b in model.named_buffers() if "dota_init" in n)
+    total = sum(model.get_parameter(n).grad.float().norm() ** 2 for n in names)
     assert total > 0
 
 
@@ -248,150 +147,197 @@ def test_optimizer_steps_lower_the_loss(method):
 
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
 @pytest.mark.parametrize("method", METHOD_NAMES)
-def test_merge_equals_unmerged(method, dtype):
+def test_merge_and_unload_equals_unmerged(method, dtype):
     dt = DTYPES[dtype]
-    model = tiny_llama(dtype=dt)
-    model.model.norm.weight.requires_grad_(False)  # a user's own flag, to be restored
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    apply_dota(model, METHODS[method], progress=False)
+    model = adapted(method, dt)
     train(model, steps=3)
     before = logits(model)
     assert (before - base_logits(dt)).abs().max() > 1e-3  # training changed something
-    out = merge(model)
-    assert out is model
-    assert not dota_layers(model)
-    assert not hasattr(model, "_tensornet_adapter")
+    layers = dota_layers(model)
+    refs = {name: reference_weight(layer) for name, layer in layers.items() if not layer.quantized}
+    merged = model.merge_and_unload()
+    assert isinstance(merged, LlamaForCausalLM)
+    assert not dota_layers(merged)
     for name in TINY_TARGETS:
-        layer = model.get_submodule(name)
+        layer = merged.get_submodule(name)
         assert type(layer) is nn.Linear, name
         # the dtype the layer had before it was adapted (QDoTA too: bf16 cores merged into
         # a float32 model must give float32 layers, or the model's forward breaks)
         assert layer.weight.dtype == dt, name
-    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
-    after = logits(model)
-    # QDoTA computes in bf16 (its cores' dtype) before the merge.
+        if method != "qdota":  # a dense nn.Linear holding W0 + MPO(T) - MPO(T_init)
+            # the merge forms both products (each of the weights' scale, a few roundings
+            # along the chain) in float32, subtracts and adds: within 8 units in the last
+            # place at the weights' scale (measured: ~2 in float32, ~0.5 in bf16)
+            ulp = torch.finfo(dt).eps * refs[name].abs().max().item()
+            assert (layer.weight.double() - refs[name]).abs().max() <= 8 * ulp, name
+    after = logits(merged)
+    # QDoTA computes in bf16 (its residual's compute dtype) before the merge.
     tol = dtype_tolerance(torch.bfloat16 if method == "qdota" else dt)
     assert (after - before).abs().max().item() <= tol
 
 
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_merge_adapter_then_unmerge_adapter(method):
+    model = adapted(method, init_weights=False, seed=0)
+    unmerged = logits(model)
+    model.merge_adapter()
+    assert all(layer.merged for layer in dota_layers(model).values())
+    tol = dtype_tolerance(torch.bfloat16 if method == "qdota" else torch.float32)
+    assert (logits(model) - unmerged).abs().max().item() <= tol
+    model.unmerge_adapter()
+    assert not any(layer.merged for layer in dota_layers(model).values())
+    again = logits(model)
+    if method == "qdota":  # unmerge puts the very NF4 residual layer back
+        assert torch.equal(again, unmerged)
+    else:  # W0 + dW - dW: one float32 rounding per weight
+        assert (again - unmerged).abs().max().item() <= FLOAT32_ATOL
+
+
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
 @pytest.mark.parametrize("method", METHOD_NAMES)
-def test_unapply_restores_original_weights(method, dtype):
+def test_disable_adapter_gives_the_base(method, dtype):
+    dt = DTYPES[dtype]
+    model = adapted(method, dt)
+    at_init = logits(model)
+    train(model, steps=2)
+    trained = logits(model)
+    with model.disable_adapter():
+        disabled = logits(model)
+    assert torch.equal(logits(model), trained)  # enabled again on leaving the context
+    if method != "qdota":  # W0 is never modified: exactly the base
+        assert torch.equal(disabled, base_logits(dt))
+        return
+    # QDoTA: NF4(W0 - MPO(T_init)) + MPO(T_init), which is QDoTA at init (T == T_init)
+    # and W0 up to the residual's NF4 rounding (no worse than QLoRA's base)
+    assert torch.equal(disabled, at_init)
+    base, qlora = base_logits(dt), logits(to_nf4_base(tiny_llama(dtype=dt)))
+    assert (disabled - base).norm() <= (qlora - base).norm()
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_unload_gives_back_the_original_base(method, dtype):
     dt = DTYPES[dtype]
     original = tiny_llama(dtype=dt)
-    model = tiny_llama(dtype=dt)
-    model.model.norm.weight.requires_grad_(False)  # a user's own flag, to be restored
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    apply_dota(model, METHODS[method], progress=False)
-    train(model, steps=2)  # unapply must ignore training: it rebuilds W0, not W'
-    assert unapply(model) is model
-    assert not dota_layers(model)
-    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    model = adapted(method, dt)
+    base_layers = {name: layer.get_base_layer() for name, layer in dota_layers(model).items()}
+    train(model, steps=2)
+    if method == "qdota":  # the base was replaced by NF4(W0 - MPO(T_init)): refused
+        before, out = snapshot(model), logits(model)
+        with pytest.raises(ConfigError, match="merge_and_unload"):
+            model.unload()
+        assert_untouched(model, before)
+        assert torch.equal(logits(model), out)
+        return
+    unloaded = model.unload()
+    assert not dota_layers(unloaded)
     for name in TINY_TARGETS:
-        w0 = original.get_submodule(name).weight.detach()
-        w = model.get_submodule(name).weight.detach()
-        assert type(model.get_submodule(name)) is nn.Linear
-        assert w.dtype == w0.dtype, name  # the original layer's dtype, not the cores'
-        diff = (w.float() - w0.float()).abs().max().item()
-        if method == "dota-random":
-            assert diff == 0.0, name  # W_res = W0 and MPO(T_init) = 0 exactly
-        elif method == "dota":
-            # one rounding: within 2 units in the last place at the weights' scale
-            # (measured: 0.45 ulp in float32, 0.22 in bf16)
-            ulp = torch.finfo(dt).eps * w0.float().abs().max().item()
-            assert diff <= 2 * ulp, (name, diff, ulp)
-        else:  # QDoTA's residual went through NF4: no worse than quantizing W0 itself
-            nf4 = to_nf4_base(nn.Sequential(OrderedDict(q_proj=copy.deepcopy(
-                original.get_submodule(name)))))
-            w_nf4 = bnb.functional.dequantize_4bit(nf4.q_proj.weight.data,
-                                                   nf4.q_proj.weight.quant_state).float()
-            assert (w.float() - w0.float()).norm() <= (w_nf4 - w0.float()).norm(), name
-    for k, v in original.state_dict().items():
-        if not any(k.startswith(t + ".") for t in TINY_TARGETS):
-            assert torch.equal(model.state_dict()[k], v), k
-    tol = dtype_tolerance(dt) if method != "qdota" else float("inf")
-    assert (logits(model) - base_logits(dt)).abs().max().item() <= tol
+        layer = unloaded.get_submodule(name)
+        assert layer is base_layers[name]  # the original layer object, back in place
+        assert type(layer) is nn.Linear and layer.weight.dtype == dt
+    # bit for bit: every tensor of the model, and its output
+    state, ref = unloaded.state_dict(), original.state_dict()
+    assert state.keys() == ref.keys()
+    for k, v in ref.items():
+        assert torch.equal(state[k], v), k
+    assert torch.equal(logits(unloaded), base_logits(dt))
 
 
 _FRESH_SCRIPT = textwrap.dedent(
     """
     import json, sys, torch
-    from tensornet.adapters import load_adapter, tiny_llama
+    torch.set_num_threads(1)
+    from peft import PeftModel
+    from tensornet.adapters import tiny_llama
     spec = json.loads(sys.argv[1])
     ids = torch.tensor(spec["ids"])
     for job in spec["jobs"]:
-        model = tiny_llama(dtype=getattr(torch, job["dtype"]))
-        load_adapter(model, job["path"])
+        model = PeftModel.from_pretrained(tiny_llama(dtype=getattr(torch, job["dtype"])),
+                                          job["path"])
         with torch.no_grad():
-            torch.save(model(ids).logits, job["out"])
+            out = model(input_ids=ids).logits
+        state = {k: v for k, v in model.state_dict().items() if ".dota_" in k}
+        torch.save({"logits": out, "state": state}, job["out"])
     """
 )
 
+FRESH_CASES = {m: (m, "float32", {}) for m in METHOD_NAMES}
+FRESH_CASES["dota-bfloat16"] = ("dota", "bfloat16", {})
+FRESH_CASES["dota-dense"] = ("dota", "float32", {"strategy": "dense"})
+FRESH_CASES["dota-contract"] = ("dota", "float32", {"strategy": "contract"})
+
 
 @pytest.fixture(scope="module")
-def fresh_process_logits(tmp_path_factory):
+def fresh_process(tmp_path_factory):
     """Train, save and compute logits here; load and compute in ONE fresh interpreter.
 
-    Returns ``{case: (logits here, logits in the fresh process)}``. The table's cases pin
-    ``strategy="dense"``: with ``"auto"`` the layer asks a planner whose machine profile is
-    *timed* per process, so two processes may pick different (equally correct) contraction
-    orders with different float rounding. ``"dota-auto"`` checks that case with a tolerance.
+    Returns ``{case: (here, there)}``, each ``{"logits", "state"}`` (``state``: the adapter's
+    tensors as they sit in the model). The planner of ``strategy="auto"`` uses fixed machine
+    constants, so both processes pick the same contraction and compute the same bits.
     """
     root = tmp_path_factory.mktemp("adapters")
-    cases = {m: (m, "float32", {"strategy": "dense"}) for m in METHOD_NAMES}
-    cases["dota-bfloat16"] = ("dota", "bfloat16", {"strategy": "dense"})
-    cases["dota-auto"] = ("dota", "float32", {})
     here, jobs = {}, []
-    for case, (method, dtype, overrides) in cases.items():
+    for case, (method, dtype, overrides) in FRESH_CASES.items():
         model = adapted(method, DTYPES[dtype], **overrides)
         train(model, steps=3)
-        save_adapter(model, root / case)
-        here[case] = logits(model)
+        model.save_pretrained(root / case)
+        state = {k: v.detach().clone() for k, v in model.state_dict().items() if ".dota_" in k}
+        here[case] = {"logits": logits(model), "state": state}
         jobs.append({"dtype": dtype, "path": str(root / case), "out": str(root / f"{case}.pt")})
     proc = subprocess.run(
         [sys.executable, "-c", _FRESH_SCRIPT, json.dumps({"ids": IDS.tolist(), "jobs": jobs})],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return {case: (here[case], torch.load(root / f"{case}.pt").float()) for case in cases}
+    out = {}
+    for case in FRESH_CASES:
+        there = torch.load(root / f"{case}.pt")
+        there["logits"] = there["logits"].float()
+        out[case] = (here[case], there)
+    return out
 
 
-@pytest.mark.parametrize("method", METHOD_NAMES)
-def test_save_load_in_fresh_process_reproduces_logits(method, fresh_process_logits):
-    here, there = fresh_process_logits[method]
-    assert (here - base_logits(torch.float32)).abs().max() > 1e-3  # trained, not the base
-    # Same file, same base, same deterministic CPU kernels: bit-for-bit.
-    assert torch.equal(here, there), (here - there).abs().max()
-
-
-def test_save_load_bf16_base_in_fresh_process(fresh_process_logits):
-    here, there = fresh_process_logits["dota-bfloat16"]
-    assert (here - base_logits(torch.bfloat16)).abs().max() > 1e-2
-    assert torch.equal(here, there), (here - there).abs().max()
-
-
-def test_save_load_with_auto_strategy_in_fresh_process(fresh_process_logits):
-    here, there = fresh_process_logits["dota-auto"]
-    torch.testing.assert_close(there, here, atol=FLOAT32_ATOL, rtol=0)
+@pytest.mark.parametrize("case", list(FRESH_CASES))
+def test_save_load_in_fresh_process_reproduces_logits(case, fresh_process):
+    here, there = fresh_process[case]
+    dt = DTYPES[FRESH_CASES[case][1]]
+    assert (here["logits"] - base_logits(dt)).abs().max() > 1e-3  # trained, not the base
+    # Same file, same base, same deterministic CPU kernels, same plan: bit for bit.
+    assert torch.equal(here["logits"], there["logits"]), (
+        (here["logits"] - there["logits"]).abs().max()
+    )
+    # T and T_init come back as they were, in the same dtype, on the same device
+    assert here["state"].keys() == there["state"].keys()
+    assert any(".dota_init." in k for k in here["state"])
+    for k, v in here["state"].items():
+        w = there["state"][k]
+        assert (w.dtype, w.device) == (v.dtype, v.device), k
+        assert torch.equal(w, v), k
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
 @pytest.mark.parametrize("method", METHOD_NAMES)
 def test_dtype_and_device_follow_the_base(method, dtype):
     dt = DTYPES[dtype]
-    model = adapted(method, dt)
-    expected = torch.bfloat16 if method == "qdota" else dt
-    for name, layer in dota_layers(model).items():
-        assert all(c.dtype == expected for c in layer.cores), name
-        assert all(c.device == torch.device("cpu") for c in layer.cores), name
-        assert all(b.dtype == expected for b in layer.init_cores()), name
-        assert layer.quantized == (method == "qdota")
-        if method != "qdota":
-            assert layer.base_layer.weight.dtype == dt
-        assert layer.base_layer.weight.device == torch.device("cpu")
-    out = model(IDS).logits
-    assert out.shape == (2, 8, 128)
-    assert out.dtype == dt  # activations keep the base model's dtype
+    config_dtype = torch.bfloat16 if method == "qdota" else dt  # DoTAConfig(dtype=None)
+    # peft's default upcasts adapter weights to float32 (autocast_adapter_dtype=True);
+    # without it the cores keep the config's dtype. T_init is a buffer peft leaves alone.
+    for autocast, expected in ((True, torch.float32), (False, config_dtype)):
+        model = adapted(method, dt, autocast_adapter_dtype=autocast)
+        for name, layer in dota_layers(model).items():
+            assert all(c.dtype == expected for c in cores(layer)), (name, autocast)
+            assert all(c.device == torch.device("cpu") for c in cores(layer)), name
+            assert all(b.dtype == config_dtype for b in layer.init_cores("default")), name
+            assert layer.quantized == (method == "qdota")
+            base = layer.get_base_layer()
+            if method != "qdota":
+                assert base.weight.dtype == dt
+            else:
+                assert is_4bit(base) and base.compute_dtype == config_dtype
+            assert base.weight.device == torch.device("cpu")
+        out = model(input_ids=IDS).logits
+        assert out.shape == (2, 8, 128)
+        assert out.dtype == dt  # activations keep the base model's dtype
 
 
 @pytest.mark.parametrize("strategy", ["dense", "contract"])
@@ -399,13 +345,14 @@ def test_dtype_and_device_follow_the_base(method, dtype):
 @pytest.mark.parametrize("method", METHOD_NAMES)
 def test_dtype_override_float32_cores(method, dtype, strategy):
     dt = DTYPES[dtype]
-    model = adapted(method, dt, dtype="float32", strategy=strategy)
+    model = adapted(method, dt, dtype="float32", strategy=strategy, autocast_adapter_dtype=False)
     for name, layer in dota_layers(model).items():
-        assert all(c.dtype == torch.float32 for c in layer.cores), name
-    out = model(IDS).logits
+        assert all(c.dtype == torch.float32 for c in cores(layer)), name
+        assert all(b.dtype == torch.float32 for b in layer.init_cores("default")), name
+    out = model(input_ids=IDS).logits
     assert out.dtype == dt
     lm_loss(model).backward()
-    assert all(layer.cores[0].grad is not None for layer in dota_layers(model).values())
+    assert all(cores(layer)[0].grad is not None for layer in dota_layers(model).values())
     base = base_logits(dt)
     err = (out.detach().float() - base).abs().max().item()
     if method != "qdota":
@@ -418,11 +365,11 @@ def test_generate_works_and_matches_base_at_init(method):
     kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False,
                   pad_token_id=2)
     with torch.no_grad():
-        base = tiny_llama().generate(prompt, **kwargs)
-        out = adapted(method).generate(prompt, **kwargs)
+        base = tiny_llama().generate(input_ids=prompt, **kwargs)
+        out = adapted(method).generate(input_ids=prompt, **kwargs)
     assert out.shape[0] == 1 and out.shape[1] > prompt.shape[1]
     assert torch.equal(out[:, :4], prompt)
-    if method != "qdota":  # exact W0 (random) or W0 to ~1e-7 (dota): greedy tokens agree
+    if method != "qdota":  # W0 + (a zero update to ~1e-7): greedy tokens agree
         assert torch.equal(out, base)
 
 
@@ -430,13 +377,22 @@ def test_generate_works_and_matches_base_at_init(method):
 
 
 def naive_reference(layer: DoTALinear, x: torch.Tensor):
-    """Plain autograd: W = W_res + cores_to_matrix(cores), F.linear."""
-    cores = [c.detach().clone().requires_grad_(True) for c in layer.cores]
-    bias = layer.base_layer.bias
-    bias = None if bias is None else bias.detach().clone().requires_grad_(True)
+    """Plain autograd: W = W0 + cores_to_matrix(T) - cores_to_matrix(T_init), F.linear."""
+    t = [c.detach().clone().requires_grad_(True) for c in cores(layer)]
+    base = layer.get_base_layer()
+    bias = None if base.bias is None else base.bias.detach().clone().requires_grad_(True)
     xr = x.detach().clone().requires_grad_(True)
-    w = layer.base_layer.weight.detach() + cores_to_matrix(cores)
-    return F.linear(xr, w, bias), xr, cores, bias
+    init = cores_to_matrix([c.to(t[0].dtype) for c in layer.init_cores("default")])
+    w = base.weight.detach() + cores_to_matrix(t) - init
+    return F.linear(xr, w, bias), xr, t, bias
+
+
+def perturb(params, scale: float = 0.1, seed: int = 1) -> None:
+    """Move the cores away from the init, so that MPO(T) != MPO(T_init)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for c in params:
+            c.add_(scale * torch.randn(c.shape, generator=gen, dtype=c.dtype))
 
 
 @pytest.mark.parametrize("input_grad", [True, False], ids=["dx", "no-dx"])
@@ -446,11 +402,9 @@ def naive_reference(layer: DoTALinear, x: torch.Tensor):
 def test_gradients_match_naive_reference(strategy, shape, dtype, input_grad):
     holder, layer = single_layer(40, 48, bias=True, dtype=dtype, strategy=strategy, rank=4,
                                  num_cores=3)
-    with torch.no_grad():  # move away from the init so that MPO(T) != MPO(T_init)
-        gen = torch.Generator().manual_seed(1)
-        for c in layer.cores:
-            c.add_(0.1 * torch.randn(c.shape, generator=gen, dtype=dtype))
-    layer.base_layer.bias.requires_grad_(input_grad)  # also exercise the bias gradient
+    perturb(cores(layer))
+    bias = layer.get_base_layer().bias
+    bias.requires_grad_(input_grad)  # also exercise the bias gradient
     x = torch.randn(shape, generator=torch.Generator().manual_seed(2), dtype=dtype)
     g = torch.randn(*shape[:-1], 40, generator=torch.Generator().manual_seed(3), dtype=dtype)
     xt = x.clone().requires_grad_(input_grad)
@@ -463,13 +417,14 @@ def test_gradients_match_naive_reference(strategy, shape, dtype, input_grad):
     torch.testing.assert_close(y, y_ref, **tol)
     if input_grad:
         torch.testing.assert_close(xt.grad, xr.grad, **tol)
-        torch.testing.assert_close(layer.base_layer.bias.grad, bias_ref.grad, **tol)
+        torch.testing.assert_close(bias.grad, bias_ref.grad, **tol)
     else:
-        assert xt.grad is None and layer.base_layer.bias.grad is None
-    for k, (c, cr) in enumerate(zip(layer.cores, cores_ref)):
+        assert xt.grad is None and bias.grad is None
+    for k, (c, cr) in enumerate(zip(cores(layer), cores_ref)):
         assert c.grad is not None, k
         torch.testing.assert_close(c.grad, cr.grad, **tol)
-    assert layer.base_layer.weight.grad is None
+    assert layer.get_base_layer().weight.grad is None
+    assert all(b.grad is None for b in layer.init_cores("default"))
 
 
 def test_dense_path_layers_of_different_sizes_share_scratch_correctly():
@@ -478,35 +433,33 @@ def test_dense_path_layers_of_different_sizes_share_scratch_correctly():
     torch.manual_seed(0)
     stack = nn.Sequential(OrderedDict(a=nn.Linear(48, 40), b=nn.Linear(40, 12),
                                       c=nn.Linear(12, 48)))
-    apply_dota(stack, target_modules=["a", "b", "c"], progress=False, strategy="dense",
-               rank=4, num_cores=3)
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(1)
-        for c in stack.parameters():
-            if c.requires_grad:
-                c.add_(0.1 * torch.randn(c.shape, generator=gen))
+    apply_dota(stack, target_modules=["a", "b", "c"], strategy="dense", rank=4, num_cores=3)
+    perturb([p for p in stack.parameters() if p.requires_grad])
     x = torch.randn(6, 48, generator=torch.Generator().manual_seed(2), requires_grad=True)
     g = torch.randn(6, 48, generator=torch.Generator().manual_seed(3))
     (stack(x) * g).sum().backward()
     layers = [stack.a, stack.b, stack.c]
-    refs = [[c.detach().clone().requires_grad_(True) for c in layer.cores] for layer in layers]
+    refs = [[c.detach().clone().requires_grad_(True) for c in cores(layer)] for layer in layers]
     xr = x.detach().clone().requires_grad_(True)
     h = xr
-    for layer, cores in zip(layers, refs):
-        w = layer.base_layer.weight.detach() + cores_to_matrix(cores)
-        h = F.linear(h, w, layer.base_layer.bias.detach())
+    for layer, t in zip(layers, refs):
+        base = layer.get_base_layer()
+        w = (base.weight.detach() + cores_to_matrix(t)
+             - cores_to_matrix(layer.init_cores("default")))
+        h = F.linear(h, w, base.bias.detach())
     (h * g).sum().backward()
     torch.testing.assert_close(x.grad, xr.grad, atol=1e-5, rtol=1e-5)
-    for layer, cores in zip(layers, refs):
-        for c, cr in zip(layer.cores, cores):
+    for layer, t in zip(layers, refs):
+        for c, cr in zip(cores(layer), t):
             torch.testing.assert_close(c.grad, cr.grad, atol=1e-5, rtol=1e-5)
 
 
 def test_dense_path_gradcheck_float64():
     holder, layer = single_layer(12, 8, bias=True, dtype=torch.float64, strategy="dense",
                                  rank=3, num_cores=2)
+    perturb(cores(layer))
     x = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, *cores: holder(x), (x, *layer.cores))
+    assert torch.autograd.gradcheck(lambda x, *c: holder(x), (x, *cores(layer)))
 
 
 def test_dense_path_saves_no_dense_matrix():
@@ -524,7 +477,7 @@ def test_dense_path_saves_no_dense_matrix():
     assert sizes, "the hook saw nothing: the check would be vacuous"
     assert max(sizes) < out_f * in_f, sizes
     y.sum().backward()  # and backward still works from what was saved
-    assert all(c.grad is not None for c in layer.cores) and x.grad is not None
+    assert all(c.grad is not None for c in cores(layer)) and x.grad is not None
 
     # control: the same hook does see the dense W of the naive plain-autograd version
     sizes.clear()
@@ -533,107 +486,54 @@ def test_dense_path_saves_no_dense_matrix():
     assert max(sizes) >= out_f * in_f
 
 
+def test_merge_frees_the_dense_path_scratch_buffers():
+    from tensornet.adapters.dota.layer import _SCRATCH
+
+    holder, layer = single_layer(40, 48, strategy="dense", rank=4, num_cores=3)
+    holder(torch.randn(3, 48, requires_grad=True)).sum().backward()
+    assert _SCRATCH.buffers  # the dense path wrote W into reused buffers
+    layer.merge()
+    assert not _SCRATCH.buffers
+
+
 def test_tied_target_never_corrupts_the_shared_weight():
     # tiny_llama ties lm_head to the input embedding (as SmolLM2 does). Adapting lm_head
     # must either be refused, or leave the embedding alone and the output unchanged.
-    model = tiny_llama()
-    assert model.lm_head.weight is model.model.embed_tokens.weight
-    embedding = model.model.embed_tokens.weight.detach().clone()
-    before = snapshot(model)
+    base = tiny_llama()
+    assert base.lm_head.weight is base.model.embed_tokens.weight
+    embedding = base.model.embed_tokens.weight.detach().clone()
+    before = snapshot(base)
     try:
-        apply_dota(model, target_modules=["lm_head"], progress=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # peft: "tie_word_embeddings=True"
+            model = apply_dota(base, target_modules=["lm_head"])
     except ConfigError as exc:
         assert "lm_head" in str(exc)
-        assert_untouched(model, before)
+        assert_untouched(base, before)
         return
-    assert torch.equal(model.model.embed_tokens.weight, embedding), "embedding overwritten"
-    err = (logits(model) - base_logits(torch.float32)).abs().max().item()
+    assert torch.equal(base.model.embed_tokens.weight, embedding), "embedding overwritten"
+    err = (logits(model) - base_logits()).abs().max().item()
     assert err <= FLOAT32_ATOL, err
-
-
-def test_merge_and_unapply_keep_the_bias():
-    for fold in (merge, unapply):
-        holder, layer = single_layer(32, 48, bias=True, strategy="dense", rank=4)
-        bias = layer.base_layer.bias.detach().clone()
-        with torch.no_grad():
-            layer.cores[0].mul_(1.5)
-        x = torch.randn(3, 48, generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            y = holder(x)
-            fold(holder)
-            assert type(holder.proj) is nn.Linear
-            assert torch.equal(holder.proj.bias, bias)
-            if fold is merge:
-                torch.testing.assert_close(holder(x), y, atol=FLOAT32_ATOL, rtol=0)
-
-
-def test_operations_on_a_model_without_adapters_are_refused(tmp_path):
-    for op in (merge, unapply, lambda m: save_adapter(m, tmp_path / "x")):
-        model = tiny_llama()
-        before = snapshot(model)
-        with pytest.raises(ConfigError, match="no tensornet adapters"):
-            op(model)
-        assert_untouched(model, before)
-    assert not (tmp_path / "x").exists()
-
-
-# ============================================================ refused loads
-
-
-@pytest.fixture(scope="module")
-def saved_dota(tmp_path_factory):
-    path = tmp_path_factory.mktemp("saved") / "dota"
-    model = adapted("dota")
     train(model, steps=1)
-    save_adapter(model, path)
-    return path
+    assert torch.equal(base.model.embed_tokens.weight, embedding), "embedding trained"
 
 
-def _fresh():
-    return tiny_llama()
-
-
-def _already_adapted():
-    return adapted("dota")
-
-
-def _last_layer_differs():
-    model = tiny_llama()
-    with torch.no_grad():  # only the LAST target differs: nothing may be installed before it
-        model.model.layers[1].mlp.down_proj.weight[0, 0] += 1e-3
-    return model
-
-
-LOAD_REFUSALS = {
-    "other-weights": (lambda: tiny_llama(seed=1), {}, "fingerprint"),
-    "last-layer-differs": (_last_layer_differs, {}, "layers.1.mlp.down_proj"),
-    "other-shapes": (lambda: tiny_llama(hidden_size=32), {}, "shape"),
-    "other-config": (_fresh, {"config": DoTAConfig(rank=8)}, "config"),
-    "other-method": (_fresh, {"method": "lotr"}, "lotr"),
-    "no-adapter": (_fresh, {"path": "EMPTY"}, "save_adapter"),
-    "already-adapted": (_already_adapted, {}, "already"),
-}
-
-
-@pytest.mark.parametrize("case", list(LOAD_REFUSALS))
-def test_mismatched_load_is_refused_and_model_untouched(case, saved_dota, tmp_path):
-    build, kwargs, needle = LOAD_REFUSALS[case]
-    model = build()
-    kwargs = dict(kwargs)
-    path = tmp_path if kwargs.pop("path", None) == "EMPTY" else saved_dota
-    n_layers = len(dota_layers(model))
-    before = snapshot(model)
-    with pytest.raises(AdapterMismatchError, match=needle) as info:
-        load_adapter(model, path, **kwargs)
-    assert isinstance(info.value, ValueError)
-    assert_untouched(model, before)
-    assert len(dota_layers(model)) == n_layers
-
-
-def test_load_with_equal_config_is_accepted(saved_dota):
-    model = tiny_llama()
-    report = load_adapter(model, saved_dota, config=DoTAConfig())
-    assert len(report.layers) == 10 and len(dota_layers(model)) == 10
+@pytest.mark.parametrize("how", ["merge_and_unload", "unload"])
+def test_merge_and_unload_keep_the_bias(how):
+    torch.manual_seed(0)
+    holder = nn.Sequential(OrderedDict(proj=nn.Linear(48, 32, bias=True)))
+    bias = holder.proj.bias.detach().clone()
+    model = apply_dota(holder, target_modules=["proj"], strategy="dense", rank=4)
+    with torch.no_grad():
+        cores(holder.proj)[0].mul_(1.5)
+    x = torch.randn(3, 48, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = model(x)
+        plain = getattr(model, how)()
+        assert plain is holder and type(holder.proj) is nn.Linear
+        assert torch.equal(holder.proj.bias, bias)
+        if how == "merge_and_unload":
+            torch.testing.assert_close(holder(x), y, atol=FLOAT32_ATOL, rtol=0)
 
 
 # ============================================================ config errors
@@ -656,12 +556,17 @@ BAD_CONFIGS = {
     "modes-wrong-length": ({"modes": {64: [2, 2, 2]}}, ["`modes", "64", "[2, 2, 2]"]),
     "modes-wrong-product": ({"modes": {64: [3, 3, 3, 3, 3]}},
                             ["`modes", "64", "[3, 3, 3, 3, 3]"]),
+    "init_weights-str": ({"init_weights": "yes"}, ["`init_weights`", "'yes'"]),
+    "modules_to_save-str": ({"modules_to_save": "lm_head"}, ["`modules_to_save`", "'lm_head'"]),
     "unknown-field": ({"foo": 1}, ["foo", "rank"]),
     "targets-not-linear": ({"target_modules": ["mlp"]}, ["model.layers.0.mlp", "LlamaMLP"]),
     "seed-str": ({"init": "random", "seed": "0"}, ["`seed`", "'0'"]),
     "num_cores-too-many": ({"num_cores": 9}, ["num_cores=9", "model.layers.0.", "modes"]),
     "config-not-a-config": ({"config": {"rank": 8}}, ["`config`", "dict"]),
 }
+#: the cases the config itself cannot refuse (they need a model, or are not fields)
+NEED_A_MODEL = ("targets-missing", "num_cores-too-many", "config-not-a-config",
+                "unknown-field", "targets-not-linear")
 
 
 @pytest.mark.parametrize("case", list(BAD_CONFIGS))
@@ -670,7 +575,7 @@ def test_bad_config_value_is_a_clear_error_and_model_untouched(case):
     model = tiny_llama()
     before = snapshot(model)
     with pytest.raises(ConfigError) as info:
-        apply_dota(model, progress=False, **kwargs)
+        apply_dota(model, **kwargs)
     assert isinstance(info.value, ValueError)
     message = str(info.value)
     for needle in needles:
@@ -679,25 +584,36 @@ def test_bad_config_value_is_a_clear_error_and_model_untouched(case):
     assert not dota_layers(model)
 
 
+@pytest.mark.parametrize("case", [c for c in BAD_CONFIGS if c not in NEED_A_MODEL])
+def test_bad_values_are_refused_by_the_config_itself(case):
+    kwargs, needles = BAD_CONFIGS[case]
+    with pytest.raises(ConfigError) as info:
+        DoTAConfig(**kwargs)
+    assert needles[0] in str(info.value), case
+
+
+@pytest.mark.parametrize("case", ["targets-missing", "num_cores-too-many", "targets-not-linear"])
+def test_get_peft_model_refuses_a_config_that_does_not_fit_the_model(case):
+    kwargs, needles = BAD_CONFIGS[case]
+    model = tiny_llama()
+    before = snapshot(model)
+    with pytest.raises(ConfigError) as info:
+        get_peft_model(model, DoTAConfig(**kwargs))
+    for needle in needles:
+        assert needle in str(info.value), needle
+    assert_untouched(model, before)
+
+
 def test_applying_twice_is_refused_and_model_untouched():
     model = adapted("dota")
-    before = snapshot(model)
-    with pytest.raises(ConfigError, match="already has tensornet adapters"):
-        apply_dota(model, progress=False)
-    assert_untouched(model, before)
+    for target in (model, model.get_base_model()):
+        before = snapshot(target)
+        with pytest.raises(ConfigError, match="already has peft adapters"):
+            apply_dota(target)
+        assert_untouched(target, before)
     assert len(dota_layers(model)) == 10
     # no adapter wrapped inside another
     assert all(not isinstance(m.base_layer, DoTALinear) for m in dota_layers(model).values())
-
-
-def test_bad_values_are_refused_by_the_config_itself():
-    for case, (kwargs, needles) in BAD_CONFIGS.items():
-        if case in ("targets-missing", "num_cores-too-many", "config-not-a-config",
-                    "unknown-field", "targets-not-linear"):
-            continue  # these need a model (or are not fields)
-        with pytest.raises(ConfigError) as info:
-            DoTAConfig(**kwargs)
-        assert needles[0] in str(info.value), case
 
 
 # ============================================================ plan_dota on the meta device
@@ -743,12 +659,14 @@ LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32
 )
 def test_plan_dota_on_meta_model_gives_paper_shares(sizes, rank, share):
     model = _meta_llama(**sizes)
+    before = snapshot(model)
     with AllocationSpy() as spy:
         report = plan_dota(model, rank=rank)
     # no real tensor of 1M+ elements was made (the spy's own test shows it would see one)
     assert not spy.big, spy.big[:5]
     assert all(p.device.type == "meta" for p in model.parameters())
     assert not dota_layers(model)
+    assert [(n, m) for n, m in model.named_modules()] == before["modules"]
     assert isinstance(report, AdapterReport)
     assert f"{100 * report.trainable_share:.3f}%" == share
     assert len(report.layers) == 32 * 5
@@ -761,54 +679,69 @@ def test_plan_dota_on_meta_model_gives_paper_shares(sizes, rank, share):
     assert q.ranks == (1, min(16, rank), rank, rank, min(16, rank), 1)
 
 
-def test_apply_dota_on_meta_model_points_to_plan_dota():
+def test_apply_dota_on_meta_model_points_to_plan():
     model = _meta_llama(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
-    types = [(n, type(m)) for n, m in model.named_modules()]
-    with pytest.raises(ConfigError, match="plan_dota"):
-        apply_dota(model, progress=False)
-    assert [(n, type(m)) for n, m in model.named_modules()] == types
+    before = snapshot(model)
+    with pytest.raises(ConfigError, match=r"meta device.*plan\("):
+        apply_dota(model)
+    assert_untouched(model, before)
     assert all(p.requires_grad for p in model.parameters())
 
 
-def test_plan_dota_agrees_with_apply_dota():
-    plan = plan_dota(tiny_llama())
-    report = apply_dota(tiny_llama(), progress=False)
-    assert [lay.name for lay in plan.layers] == [lay.name for lay in report.layers]
-    assert plan.trainable_params == report.trainable_params
-    assert [lay.ranks for lay in plan.layers] == [lay.ranks for lay in report.layers]
-
-
-# ============================================================ the report
-
-
 @pytest.mark.parametrize("method", METHOD_NAMES)
-def test_report_counts_match_the_model(method):
-    model = tiny_llama()
-    report = apply_dota(model, METHODS[method], progress=False)
+def test_plan_dota_agrees_with_the_adapted_model(method):
+    report = plan_dota(tiny_llama(), METHODS[method])
+    model = adapted(method)
     layers = dota_layers(model)
-    cores_numel = sum(c.numel() for layer in layers.values() for c in layer.cores)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert report.trainable_params == cores_numel == trainable
+    trainable, total = model.get_nb_trainable_parameters()
+    cores_numel = sum(c.numel() for layer in layers.values() for c in cores(layer))
     assert report.method == method
     assert [lay.name for lay in report.layers] == list(layers) == TINY_TARGETS
+    assert report.trainable_params == cores_numel == trainable
+    assert trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
     for lay in report.layers:
         layer = layers[lay.name]
-        assert lay.num_params == sum(c.numel() for c in layer.cores)
+        t = cores(layer)
+        assert lay.num_params == sum(c.numel() for c in t)
         assert (lay.out_features, lay.in_features) == (layer.out_features, layer.in_features)
+        assert lay.out_modes == tuple(c.shape[1] for c in t)
+        assert lay.in_modes == tuple(c.shape[2] for c in t)
         assert math.prod(lay.out_modes) == lay.out_features
         assert math.prod(lay.in_modes) == lay.in_features
-        assert lay.ranks == layer.ranks and len(lay.ranks) == 6
-        if method == "dota-random":
-            assert lay.relative_error is None
-        else:
-            assert 0.0 <= lay.relative_error < 1.0
+        assert lay.ranks == (1, *(c.shape[3] for c in t)) and len(lay.ranks) == 6
     # total: every parameter of the model once (tiny_llama ties lm_head to the embedding,
     # as SmolLM2 does), 4-bit weights counted by their logical size
     base_total = sum(p.numel() for p in tiny_llama().parameters())
     assert report.total_params == base_total + cores_numel, "tied weights counted twice?"
     assert report.trainable_share == pytest.approx(report.trainable_params / report.total_params)
-    assert lay.name in str(report)
+    assert report.layers[-1].name in str(report)
+    if method != "qdota":  # peft's count agrees (4-bit weights: peft counts packed bytes)
+        assert total == report.total_params
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_base_layers_record_what_the_adapter_was_built_on(method):
+    model = adapted(method)
+    record = model.peft_config["default"].base_layers
+    assert list(record) == TINY_TARGETS
+    original = tiny_llama()
+    for name, rec in record.items():
+        w0 = original.get_submodule(name).weight
+        assert rec["shape"] == list(w0.shape) and rec["dtype"] == "float32"
+        assert isinstance(rec["fingerprint"], str) and len(rec["fingerprint"]) == 32
+        assert rec["ranks"][0] == rec["ranks"][-1] == 1 and len(rec["modes"]) == 2
+        if method == "dota-random":
+            assert "relative_error" not in rec
+        else:  # the MPO of W0 at these ranks; truncated, so strictly between 0 and 1
+            assert 0.0 < rec["relative_error"] < 1.0
+    # the fingerprint is of the values: another seed, another fingerprint
+    other = adapted(method).peft_config["default"].base_layers
+    assert {k: r["fingerprint"] for k, r in other.items()} == {
+        k: r["fingerprint"] for k, r in record.items()
+    }
+    seed1 = get_peft_model(tiny_llama(seed=1), METHODS[method]).peft_config["default"]
+    assert all(seed1.base_layers[k]["fingerprint"] != r["fingerprint"] for k, r in record.items())
 
 
 # ============================================================ the config object
@@ -820,15 +753,27 @@ ROUND_TRIP = [
     DoTAConfig(modes={64: [2, 2, 4, 2, 2]}, target_modules=r".*\.(q|v)_proj"),
     DoTAConfig(init="random", seed=3, strategy="dense"),
     DoTAConfig(quantize="nf4", dtype="float32", target_modules=["q_proj"]),
+    DoTAConfig(modules_to_save=["lm_head"], exclude_modules=["k_proj"], init_weights=False),
 ]
 
 
 @pytest.mark.parametrize("cfg", ROUND_TRIP, ids=range(len(ROUND_TRIP)))
 def test_config_round_trips_through_dict_and_json(cfg):
     data = cfg.to_dict()
-    again = DoTAConfig.from_dict(json.loads(json.dumps(data)))
+    again = PeftConfig.from_peft_type(**json.loads(json.dumps(data)))
+    assert type(again) is DoTAConfig
     assert again == cfg
     assert again.to_dict() == data
+
+
+def test_config_round_trips_through_save_pretrained(tmp_path):
+    model = adapted("dota", modes={64: [2, 2, 4, 2, 2]})
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "DOTA" and saved["modes"] == {"64": [2, 2, 4, 2, 2]}
+    again = DoTAConfig.from_pretrained(tmp_path)
+    assert again.modes == {64: (2, 2, 4, 2, 2)}
+    assert again.base_layers == model.peft_config["default"].base_layers
 
 
 def test_config_replace_does_not_mutate():
@@ -845,12 +790,13 @@ def test_apply_dota_does_not_mutate_callers_config():
     targets = ["q_proj", "v_proj"]
     modes = {64: [2, 2, 4, 2, 2]}
     cfg = DoTAConfig(target_modules=targets, modes=modes)
-    data = cfg.to_dict()
-    report = apply_dota(tiny_llama(), cfg, progress=False, rank=8, init="random", seed=1)
-    assert cfg.to_dict() == data
+    data = copy.deepcopy(cfg.to_dict())
+    model = apply_dota(tiny_llama(), cfg, rank=8, init="random", seed=1)
+    assert cfg.to_dict() == data and not cfg.base_layers
     assert targets == ["q_proj", "v_proj"] and modes == {64: [2, 2, 4, 2, 2]}
-    assert report.extra["config"]["rank"] == 8 and report.extra["config"]["init"] == "random"
-    assert len(report.layers) == 4
+    used = model.peft_config["default"]
+    assert (used.rank, used.init) == (8, "random")
+    assert len(dota_layers(model)) == 4
 
 
 # ============================================================ 4-bit bases
@@ -861,33 +807,27 @@ def test_qdota_on_a_4bit_base():
     base4 = to_nf4_base(tiny_llama(), compute_dtype=torch.float32)
     assert all(is_4bit(base4.get_submodule(n)) for n in TINY_TARGETS)
     out4 = logits(base4)
-    report = apply_dota(base4, quantize="nf4", progress=False)
-    assert report.method == "qdota" and len(report.layers) == 10
-    layers = dota_layers(base4)
-    assert all(layer.quantized for layer in layers.values())
-    assert all(layer.cores[0].dtype == torch.bfloat16 for layer in layers.values())
-    out = logits(base4)
+    model = apply_dota(base4, quantize="nf4")
+    assert model.peft_config["default"].method == "qdota"
+    layers = dota_layers(model)
+    assert len(layers) == 10 and all(layer.quantized for layer in layers.values())
+    assert all(layer.init_cores("default")[0].dtype == torch.bfloat16 for layer in layers.values())
+    out = logits(model)
     # Re-quantizing the (smaller) residual costs less than the base's own NF4 error did.
     assert (out - out4).norm() <= (out4 - float_base).norm()
     assert (out - out4).abs().max() <= (out4 - float_base).abs().max()
-    lm_loss(base4).backward()
-    assert all(c.grad is not None for layer in layers.values() for c in layer.cores)
+    lm_loss(model).backward()
+    assert all(c.grad is not None for layer in layers.values() for c in cores(layer))
+    merged = model.merge_and_unload()
+    for name in TINY_TARGETS:  # a dense layer in the 4-bit base's compute dtype
+        layer = merged.get_submodule(name)
+        assert type(layer) is nn.Linear and layer.weight.dtype == torch.float32, name
 
 
 def test_plain_dota_on_a_4bit_base_is_refused():
     base4 = to_nf4_base(tiny_llama(), compute_dtype=torch.float32)
     before = snapshot(base4)
     with pytest.raises(ConfigError, match="quantize='nf4'"):
-        apply_dota(base4, progress=False)
+        apply_dota(base4)
     assert_untouched(base4, before)
     assert not dota_layers(base4)
-
-
-def test_merge_frees_the_dense_path_scratch_buffers():
-    from tensornet.adapters.dota import _SCRATCH
-
-    holder, layer = single_layer(40, 48, strategy="dense", rank=4, num_cores=3)
-    holder(torch.randn(3, 48, requires_grad=True)).sum().backward()
-    assert _SCRATCH.buffers  # the dense path wrote W into reused buffers
-    merge(holder)
-    assert not _SCRATCH.buffers

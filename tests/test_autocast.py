@@ -2,25 +2,37 @@
 
 import pytest
 import torch
+from peft import get_peft_model
 
-from tensornet.adapters import apply_dota, tiny_llama
+from tensornet.adapters import DoTAConfig, tiny_llama
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 @pytest.mark.parametrize("strategy", ["contract", "dense", "auto"])
 def test_bf16_autocast_forward_and_backward(strategy):
-    model = tiny_llama()
-    apply_dota(model, progress=False, strategy=strategy)
+    model = get_peft_model(tiny_llama(), DoTAConfig(strategy=strategy))
     ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(ids, labels=ids)
+        out = model(input_ids=ids, labels=ids)
     assert out.logits.dtype == torch.bfloat16
     out.loss.backward()
-    cores = [p for n, p in model.named_parameters() if ".cores." in n]
-    assert cores and all(p.grad is not None and p.grad.dtype == p.dtype for p in cores)
+    cores = [p for n, p in model.named_parameters() if ".dota_cores." in n]
+    assert len(cores) == 10 * 5
+    assert all(p.grad is not None and p.grad.dtype == p.dtype for p in cores)
     assert all(torch.isfinite(p.grad).all() for p in cores)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        n for n, p in model.named_parameters() if ".dota_cores." in n
+    }
     # autocast output stays close to the float32 forward
     with torch.no_grad():
-        ref = model(ids).logits
+        ref = model(input_ids=ids).logits
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            low = model(ids).logits.float()
+            low = model(input_ids=ids).logits.float()
     assert (low - ref).abs().max() <= 0.05 * ref.abs().max()

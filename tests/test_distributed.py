@@ -1,9 +1,9 @@
 """DoTA under torch.distributed on CPU: DDP and FSDP2 with the gloo backend, two processes.
 
-Each process builds the same tiny LLaMA and applies DoTA. The decomposition is deterministic
-(same weights in, same cores out), so the ranks start identical without a broadcast. Each
-rank trains on its half of a global batch; the wrapper averages the gradients. The tests
-check that
+Each process builds the same tiny LLaMA and applies DoTA (``peft.get_peft_model``). The
+decomposition is deterministic (same weights in, same cores out), so the ranks start
+identical without a broadcast. Each rank trains on its half of a global batch; the wrapper
+averages the gradients. The tests check that
 
 (a) after training the adapter is bit-identical on both ranks (``all_gather`` and compare),
 (b) it equals a single-process run on the whole global batch, with the same optimizer, lr
@@ -29,8 +29,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from peft import PeftModel, get_peft_model
 
-from tensornet.adapters import DoTALinear, apply_dota, tiny_llama
+from tensornet.adapters import DoTAConfig, DoTALinear, tiny_llama
 
 WORLD = 2
 STEPS = 3
@@ -48,12 +49,11 @@ def _global_batch() -> torch.Tensor:
     return torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(1))
 
 
-def _dota_model() -> torch.nn.Module:
-    model = tiny_llama()
-    # strategy="dense": "auto" times the two strategies on this machine, and two processes
-    # (or a process and the reference run) could then pick different ones; the results
+def _dota_model() -> PeftModel:
+    # strategy="dense": "auto" plans per batch size, and a rank's shard (2 rows) and the
+    # reference run's global batch (4 rows) could then take different paths; the results
     # would agree only to rounding.
-    apply_dota(model, progress=False, strategy="dense")
+    model = get_peft_model(tiny_llama(), DoTAConfig(strategy="dense"))
     return model.train()
 
 
@@ -78,7 +78,7 @@ def _adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Full (unsharded) cores and init buffers; a collective under FSDP."""
     out = {}
     for k, v in model.state_dict().items():
-        if ".cores." in k or ".init_" in k:
+        if ".dota_cores." in k or ".dota_init." in k:
             full = v.full_tensor() if hasattr(v, "full_tensor") else v  # DTensor -> tensor
             out[k] = full.detach().clone()
     return out
@@ -95,10 +95,10 @@ def _wrap(model: torch.nn.Module, mode: str) -> tuple[torch.nn.Module, dict]:
     from torch.distributed.tensor import DTensor
 
     mesh = init_device_mesh("cpu", (WORLD,))
-    for layer in model.model.layers:
+    for layer in model.get_base_model().model.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    core = model.model.layers[0].self_attn.q_proj.cores[1]
+    core = model.get_base_model().model.layers[0].self_attn.q_proj.dota_cores["default"][1]
     info["core_is_dtensor"] = isinstance(core, DTensor)
     info["core_local_rows"] = core.to_local().shape[0]
     info["core_global_rows"] = core.shape[0]
@@ -168,13 +168,13 @@ def test_adapter_identical_across_ranks(runs, mode):
     # the cores moved away from their initial values.
     assert per_rank[0][mode]["losses"] != per_rank[1][mode]["losses"]
     state = per_rank[0][mode]["state"]
-    moved = [k for k in state if ".cores." in k and not torch.equal(state[k], _init_of(state, k))]
+    moved = [k for k in state
+             if ".dota_cores." in k and not torch.equal(state[k], _init_of(state, k))]
     assert len(moved) == 10 * 5
 
 
 def _init_of(state: dict, core_key: str) -> torch.Tensor:
-    layer, k = core_key.rsplit(".cores.", 1)
-    return state[f"{layer}.init_{k}"]
+    return state[core_key.replace(".dota_cores.", ".dota_init.")]
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -204,13 +204,15 @@ def test_all_adapter_state_is_registered():
     # parameter, every initial core a buffer, and no DoTA layer keeps a tensor elsewhere.
     model = _dota_model()
     state = model.state_dict()
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, DoTALinear)]
     assert len(layers) == 10
     for name, layer in layers:
-        for k in range(len(layer.cores)):
-            assert f"{name}.cores.{k}" in state
-            assert f"{name}.init_{k}" in state
+        for k in range(len(layer.dota_cores["default"])):
+            assert f"{name}.dota_cores.default.{k}" in params
+            assert f"{name}.dota_init.default.{k}" in buffers
         stray = [a for a, v in vars(layer).items() if isinstance(v, torch.Tensor)]
         assert stray == [], (name, stray)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {k for k in state if ".cores." in k}
+    assert trainable == {k for k in state if ".dota_cores." in k}

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from tiny_tokenizer import tiny_tokenizer
 
 from tensornet.adapters import tiny_llama
 from tensornet.cli import main
@@ -36,20 +37,7 @@ TINY_OPTS = MethodOptions(rank=4, num_cores=3, lora_rank=4, pissa_rank=4)
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    texts = [f"Question: {e.prompt}\nAnswer: {e.response}"
-             for e in arithmetic_splits(300, 0, 0, seed=123).train]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=128, special_tokens=["<pad>", "<s>", "</s>", "<unk>"])
-    tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-        unk_token="<unk>",
-    )
+    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -153,8 +141,14 @@ def test_short_finetune_lowers_loss_and_saves(method, tokenizer, splits, tmp_pat
     assert min(losses[-2:]) < losses[0]
     assert result.best_val_loss < result.val_loss[0][1]  # step 0 is the untrained model
     adapter = tmp_path / "adapter"
-    expected = "adapter.safetensors" if method == "dota" else "adapter_model.safetensors"
-    assert (adapter / expected).is_file()
+    assert (adapter / "adapter_model.safetensors").is_file()  # peft's format, both methods
+    assert not (adapter / "model.safetensors").exists()  # adapter-only
+    from peft import PeftModel
+
+    again = PeftModel.from_pretrained(tiny_llama(), adapter)
+    ids = torch.randint(3, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, built.model(input_ids=ids).logits)
 
 
 def _trainable(built):
@@ -323,3 +317,14 @@ def test_every_method_trains_and_saves(method, tokenizer, splits, tmp_path):
     after = _trainable(built)
     assert any(not torch.equal(before[n], after[n]) for n in before)
     assert any((tmp_path / "adapter").iterdir())
+
+
+def test_method_names_match_the_adapter_registry():
+    # the CLI reads names.METHODS without importing torch; the tensornet methods in it must
+    # be exactly those registered as peft methods (tensornet.adapters.METHODS)
+    from tensornet.adapters import METHODS as REGISTERED
+    from tensornet.finetune.names import DEFAULT_LR, METHODS
+
+    peft_baselines = {"lora", "pissa", "qlora", "full"}
+    assert set(METHODS) - peft_baselines == set(REGISTERED)
+    assert set(DEFAULT_LR) == set(METHODS)

@@ -1,11 +1,14 @@
-"""tensornet.adapters: LoTR and LoRTA on a tiny LLaMA (4 heads, 2 key/value heads: GQA).
+"""tensornet.adapters: LoTR and LoRTA as peft methods, on a tiny LLaMA (GQA: 4 and 2 heads).
 
 A conformance table in peft's ``TEST_CASES`` style (:data:`METHODS`: LoTR with normal and
 orthogonal init, LoRTA) goes through the checks DoTA passes: unchanged output at init,
-only the factors train, an optimizer step helps, merge == unmerged, unapply restores the
-base exactly, save / load in a fresh process, dtype / device follow the base. Then the
+only the factors train, an optimizer step helps, merge == unmerged (against plain
+``nn.Linear`` layers), disable and unload give the base exactly, save / load in a fresh
+process, dtype / device follow the base. Then what the shared factors bring: they live
+once on the tuner, are saved once under any adapter name, and follow peft's trainability
+rules (``set_adapter``, ``disable_adapter``, added adapters, inference mode). Then the
 method-specific checks: parameter counts against the core formulas, LoRTA's head blocks
-against ``A diag(c) B`` by hand, contraction == dense update, refused loads, config errors.
+against ``A diag(c) B`` by hand, contraction == dense update, refused loads and configs.
 
 Tolerances: both methods add an update that is exactly zero at init (``G = 0``,
 ``B = 0``), so outputs at init are compared with ``torch.equal``. After training, float32
@@ -25,7 +28,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import PeftModel, get_peft_model
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn import functional as F
+from transformers import LlamaForCausalLM
 
 from tensornet import lorta_num_params, lotr_num_params
 from tensornet.adapters import (
@@ -34,42 +42,36 @@ from tensornet.adapters import (
     LoRTALinear,
     LoTRConfig,
     LoTRLinear,
-    apply_dota,
     apply_lorta,
     apply_lotr,
-    load_adapter,
-    merge,
     plan_lorta,
     plan_lotr,
-    save_adapter,
     tiny_llama,
-    unapply,
 )
-from tensornet.errors import AdapterMismatchError, ConfigError
+from tensornet.errors import AdapterFileError, AdapterMismatchError, ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
 METHODS = {
-    "lotr": (apply_lotr, LoTRConfig(seed=0)),
-    "lotr-orthogonal": (apply_lotr, LoTRConfig(init="orthogonal", rank=8, seed=0, scale=2.0)),
-    "lorta": (apply_lorta, LoRTAConfig(seed=0)),
+    "lotr": LoTRConfig(seed=0),
+    "lotr-orthogonal": LoTRConfig(init="orthogonal", rank=8, seed=0, scale=2.0),
+    "lorta": LoRTAConfig(seed=0),
 }
 METHOD_NAMES = list(METHODS)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 IDS = torch.randint(3, 128, (2, 8), generator=torch.Generator().manual_seed(1234))
 KINDS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
+FACTORS = ("A", "B", "C_head", "C_kv_head", "C_matrix", "C_layer")
 
 
 def logits(model, ids=IDS):
     with torch.no_grad():
-        return model(ids).logits.float()
+        return model(input_ids=ids).logits.float()
 
 
-def adapted(method, dtype=torch.float32, **overrides):
-    apply, cfg = METHODS[method]
-    model = tiny_llama(dtype=dtype)
-    apply(model, cfg.replace(**overrides))
-    return model
+def adapted(method, dtype=torch.float32, *, autocast_adapter_dtype=True, **overrides):
+    return get_peft_model(tiny_llama(dtype=dtype), METHODS[method].replace(**overrides),
+                          autocast_adapter_dtype=autocast_adapter_dtype)
 
 
 def adapter_layers(model):
@@ -82,21 +84,30 @@ def train(model, steps=3, lr=1e-2):
     losses = []
     for _ in range(steps):
         opt.zero_grad()
-        loss = model(IDS, labels=IDS).loss
+        loss = model(input_ids=IDS, labels=IDS).loss
         loss.backward()
         opt.step()
         losses.append(loss.item())
     with torch.no_grad():
-        losses.append(model(IDS, labels=IDS).loss.item())
+        losses.append(model(input_ids=IDS, labels=IDS).loss.item())
     return losses
 
 
-def expected_trainable(method, model):
+def expected_trainable(method, model, adapter="default"):
+    """Names of the adapter's parameters in the PeftModel ``model``."""
     if method.startswith("lotr"):
-        names = {f"tensornet_lotr.{k}.{f}" for k in KINDS for f in "AB"}
-        return names | {f"{n}.G" for n in adapter_layers(model)}
-    return {f"tensornet_lorta.{f}" for f in ("A", "B", "C_head", "C_kv_head", "C_matrix",
-                                            "C_layer")}
+        names = {f"base_model.lotr_{f}.{adapter}.{k}" for k in KINDS for f in "AB"}
+        return names | {f"{n}.lotr_G.{adapter}" for n in adapter_layers(model)}
+    return {f"base_model.lorta_{f}.{adapter}" for f in FACTORS}
+
+
+def saved_keys(method, model):
+    """Keys of the adapter file of ``model`` (the adapter name removed)."""
+    return {k.replace(".default", "") for k in expected_trainable(method, model)}
+
+
+def shared_flags(model, adapter):
+    return {p.requires_grad for _, _, p in model.base_model.shared_parameters(adapter)}
 
 
 def snapshot(model):
@@ -129,6 +140,16 @@ def tolerance(dtype):
     return 4 * _BF16_NOISE[0].item()
 
 
+def randomize(model, adapter="default"):
+    """Give every factor of ``adapter`` random values (the update is zero at init)."""
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if (".lotr_" in name or ".lorta_" in name) and adapter in name.split("."):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    return model
+
+
 # ============================================================ the conformance table
 
 
@@ -147,31 +168,40 @@ def test_only_factors_train_and_all_get_gradients_after_a_step(method):
     train(model, steps=1)  # B = 0 / G = 0: some factors get a zero gradient at step 0 only
     for p in model.parameters():
         p.grad = None
-    model(IDS, labels=IDS).loss.backward()
+    model(input_ids=IDS, labels=IDS).loss.backward()
     for name, p in model.named_parameters():
         if name in trainable:
             assert p.grad is not None and p.grad.abs().sum() > 0, name
         else:
             assert p.grad is None, name
+    assert model.get_nb_trainable_parameters()[0] == sum(
+        model.get_parameter(n).numel() for n in trainable)
 
 
 @pytest.mark.parametrize("method", METHOD_NAMES)
-def test_shared_factors_are_registered_once(method):
+def test_shared_factors_are_registered_once_on_the_tuner(method):
     model = adapted(method)
-    container = "tensornet_lotr" if method.startswith("lotr") else "tensornet_lorta"
-    shared = {n for n, _ in getattr(model, container).named_parameters()}
-    keys = list(model.state_dict())
-    for n in shared:
-        assert [k for k in keys if k.endswith("." + n) or k == n] == [f"{container}.{n}"]
-    ids = [id(p) for p in model.parameters()]
-    assert len(ids) == len(set(ids))
+    tuner = model.base_model
+    shared = {id(p) for _, _, p in tuner.shared_parameters("default")}
+    assert len(shared) == (10 if method.startswith("lotr") else 6)
+    names = [n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in shared]
+    assert len(names) == len(shared)  # one name each: the layers do not register them
+    assert all(n.startswith(("base_model.lotr_", "base_model.lorta_")) for n in names)
+    state = [k for k in model.state_dict() if ".lotr_A" in k or ".lorta_A" in k]
+    assert len(state) == (5 if method.startswith("lotr") else 1)
     layer = next(iter(adapter_layers(model).values()))
-    assert layer.shared is getattr(model, container) or layer.shared in getattr(
-        model, container).children()
-    clone = copy.deepcopy(model)  # the plain-list reference follows the copy
+    containers = layer._lotr_shared if method.startswith("lotr") else list(
+        layer._lorta_factors[0].values())
+    assert all(any(c is m for m in tuner.children()) for c in containers)
+    clone = copy.deepcopy(model)  # the plain-list references follow the copy
     clone_layer = next(iter(adapter_layers(clone).values()))
-    assert clone_layer.shared is not layer.shared
-    assert any(clone_layer.shared is m for m in clone.modules())
+    cloned = clone_layer._lotr_shared if method.startswith("lotr") else list(
+        clone_layer._lorta_factors[0].values())
+    assert all(any(c is m for m in clone.base_model.children()) for c in cloned)
+    assert not any(c is d for c, d in zip(cloned, containers))
+    randomize(clone)
+    assert torch.equal(logits(model), logits(tiny_llama()))
+    assert not torch.equal(logits(clone), logits(tiny_llama()))
 
 
 @pytest.mark.parametrize("method", METHOD_NAMES)
@@ -182,192 +212,309 @@ def test_optimizer_steps_lower_the_loss(method):
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("method", METHOD_NAMES)
-def test_merge_equals_unmerged(method, dtype):
+def test_merge_and_unload_equals_unmerged_and_plain_linear(method, dtype):
     dt = DTYPES[dtype]
     model = adapted(method, dt)
     train(model, steps=3)
     before = logits(model)
     assert (before - logits(tiny_llama(dtype=dt))).abs().max() > 1e-3
-    targets = list(adapter_layers(model))
-    assert merge(model) is model
-    assert not adapter_layers(model)
-    assert not hasattr(model, "_tensornet_adapter")
-    assert not hasattr(model, "tensornet_lotr") and not hasattr(model, "tensornet_lorta")
-    for name in targets:
-        layer = model.get_submodule(name)
+    x = torch.randn(3, 5, 128, generator=torch.Generator().manual_seed(3)).to(dt)
+    refs = {}
+    for name, layer in adapter_layers(model).items():  # W0 + Delta W in a plain nn.Linear
+        base = layer.get_base_layer()
+        ref = nn.Linear(layer.in_features, layer.out_features, bias=False, dtype=dt)
+        with torch.no_grad():
+            ref.weight.copy_((base.weight.float() + layer.get_delta_weight("default").float()
+                              ).to(dt))
+        refs[name.removeprefix("base_model.model.")] = ref
+    merged = model.merge_and_unload()
+    assert isinstance(merged, LlamaForCausalLM) and not adapter_layers(merged)
+    assert not hasattr(merged, "peft_config")
+    for name, ref in refs.items():
+        layer = merged.get_submodule(name)
         assert type(layer) is nn.Linear and layer.weight.dtype == dt, name
-    assert all(p.requires_grad for p in model.parameters())  # tiny_llama's flags
-    assert (logits(model) - before).abs().max().item() <= tolerance(dt)
+        assert torch.equal(layer.weight, ref.weight), name
+        xi = x[..., : layer.in_features]
+        with torch.no_grad():
+            assert torch.equal(layer(xi), ref(xi)), name
+    assert (logits(merged) - before).abs().max().item() <= tolerance(dt)
 
 
 @pytest.mark.parametrize("method", METHOD_NAMES)
-def test_unapply_restores_the_base_exactly(method):
+def test_merge_adapter_then_unmerge_adapter(method):
+    model = adapted(method, init_weights=False)
+    unmerged = logits(model)
+    assert not torch.equal(unmerged, logits(tiny_llama()))  # init_weights=False: not the base
+    model.merge_adapter()
+    assert all(layer.merged for layer in adapter_layers(model).values())
+    assert (logits(model) - unmerged).abs().max().item() <= tolerance(torch.float32)
+    model.unmerge_adapter()
+    assert not any(layer.merged for layer in adapter_layers(model).values())
+    assert (logits(model) - unmerged).abs().max().item() <= tolerance(torch.float32)
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_disable_adapter_and_unload_give_the_base_exactly(method):
     model = adapted(method)
     train(model, steps=2)
-    assert unapply(model) is model
-    assert not adapter_layers(model)
-    assert model.state_dict().keys() == tiny_llama().state_dict().keys()
-    for k, v in tiny_llama().state_dict().items():
-        assert torch.equal(model.state_dict()[k], v), k
-    assert all(p.requires_grad for p in model.parameters())
+    trained = logits(model)
+    with model.disable_adapter():
+        assert torch.equal(logits(model), logits(tiny_llama()))
+    assert torch.equal(logits(model), trained)
+    unloaded = model.unload()
+    assert not adapter_layers(unloaded)
+    ref = tiny_llama().state_dict()
+    assert unloaded.state_dict().keys() == ref.keys()
+    for k, v in ref.items():
+        assert torch.equal(unloaded.state_dict()[k], v), k
 
 
 @pytest.mark.parametrize("method", METHOD_NAMES)
 def test_dtype_and_device_follow_the_base(method):
-    model = adapted(method, torch.bfloat16)
-    for name in expected_trainable(method, model):
-        p = model.get_parameter(name)
-        assert p.dtype == torch.bfloat16 and p.device.type == "cpu", name
-    assert model(IDS).logits.dtype == torch.bfloat16
+    # peft's default upcasts adapter weights to float32 (autocast_adapter_dtype=True); the
+    # shared factors go with the layers' own, so an adapter computes in one dtype
+    for autocast, expected in ((True, torch.float32), (False, torch.bfloat16)):
+        model = adapted(method, torch.bfloat16, autocast_adapter_dtype=autocast)
+        for name in expected_trainable(method, model):
+            p = model.get_parameter(name)
+            assert p.dtype == expected and p.device.type == "cpu", (name, autocast)
+            assert p.requires_grad, name
+        assert all(layer.get_base_layer().weight.dtype == torch.bfloat16
+                   for layer in adapter_layers(model).values())
+        out = model(input_ids=IDS).logits
+        assert out.dtype == torch.bfloat16
+        model(input_ids=IDS, labels=IDS).loss.backward()
 
 
 _FRESH_SCRIPT = textwrap.dedent(
     """
     import json, sys, torch
-    from tensornet.adapters import load_adapter, tiny_llama
+    from peft import PeftModel
+    from tensornet.adapters import tiny_llama
     spec = json.loads(sys.argv[1])
     ids = torch.tensor(spec["ids"])
     for job in spec["jobs"]:
-        model = tiny_llama()
-        report = load_adapter(model, job["path"])
-        assert report.method == job["method"], report.method
+        model = PeftModel.from_pretrained(tiny_llama(), job["path"])
+        assert model.peft_type == job["peft_type"], model.peft_type
         with torch.no_grad():
-            torch.save(model(ids).logits, job["out"])
+            torch.save(model(input_ids=ids).logits, job["out"])
     """
 )
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """Train and save every method (and a DoTA adapter) once: ``{case: (folder, logits)}``."""
+    """Train and save every method once: ``{method: (folder, logits, trained model)}``."""
     root = tmp_path_factory.mktemp("lotr_lorta")
     out = {}
     for method in METHOD_NAMES:
         model = adapted(method)
         train(model, steps=3)
-        save_adapter(model, root / method)
-        out[method] = (root / method, logits(model))
-    dota = tiny_llama()
-    apply_dota(dota, progress=False)
-    save_adapter(dota, root / "dota")
-    out["dota"] = (root / "dota", None)
+        model.save_pretrained(root / method)
+        out[method] = (root / method, logits(model), model)
     return out
 
 
 def test_save_load_in_a_fresh_process_reproduces_logits(saved, tmp_path):
     jobs = [
         {"path": str(saved[m][0]), "out": str(tmp_path / f"{m}.pt"),
-         "method": "lotr" if m.startswith("lotr") else "lorta"}
+         "peft_type": "LOTR" if m.startswith("lotr") else "LORTA"}
         for m in METHOD_NAMES
     ]
     spec = json.dumps({"ids": IDS.tolist(), "jobs": jobs})
-    subprocess.run([sys.executable, "-c", _FRESH_SCRIPT, spec], check=True, cwd=REPO,
-                   timeout=300)
+    proc = subprocess.run([sys.executable, "-c", _FRESH_SCRIPT, spec], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     for m, job in zip(METHOD_NAMES, jobs):
         got = torch.load(job["out"]).float()
         assert torch.allclose(got, saved[m][1], atol=1e-6, rtol=0), m
 
 
-def test_saved_file_holds_each_shared_factor_once(saved):
-    from safetensors import safe_open
+@pytest.mark.parametrize("low_cpu_mem_usage", [False, True])
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_reload_is_exact_and_frozen_unless_trainable(method, low_cpu_mem_usage, saved):
+    folder, out, trained = saved[method]
+    model = PeftModel.from_pretrained(tiny_llama(), folder, low_cpu_mem_usage=low_cpu_mem_usage)
+    assert torch.equal(logits(model), out)
+    here = {n: p for n, p in trained.named_parameters() if n in expected_trainable(method, model)}
+    there = dict(model.named_parameters())
+    assert here.keys() <= there.keys()
+    for name, p in here.items():
+        assert torch.equal(there[name], p), name
+        assert (there[name].device, there[name].dtype) == (p.device, p.dtype), name
+        assert not there[name].requires_grad, name  # inference mode
+    again = PeftModel.from_pretrained(tiny_llama(), folder, is_trainable=True,
+                                      low_cpu_mem_usage=low_cpu_mem_usage)
+    assert {n for n, p in again.named_parameters() if p.requires_grad} == set(here)
 
-    with safe_open(str(saved["lotr"][0] / "adapter.safetensors"), framework="pt") as fh:
-        keys = set(fh.keys())
-        meta = json.loads(fh.metadata()["tensornet"])
-    assert keys == {f"tensornet_lotr.{k}.{f}" for k in KINDS for f in "AB"} | {
-        f"{lay['name']}.G" for lay in meta["layers"]}
-    assert meta["method"] == "lotr" and meta["config"]["rank"] == 16
-    assert all(len(lay["fingerprint"]) == 32 for lay in meta["layers"])
-    with safe_open(str(saved["lorta"][0] / "adapter.safetensors"), framework="pt") as fh:
-        assert set(fh.keys()) == expected_trainable("lorta", None)
+
+def test_saved_file_holds_each_shared_factor_once(saved):
+    for method in METHOD_NAMES:
+        folder, _, model = saved[method]
+        with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as fh:
+            keys = set(fh.keys())
+        assert keys == saved_keys(method, model), method
+        config = json.loads((folder / "adapter_config.json").read_text())
+        assert config["peft_type"] == ("LOTR" if method.startswith("lotr") else "LORTA")
+        assert len(config["base_layers"]) == (10 if method.startswith("lotr") else 8)
+        assert all(len(rec["fingerprint"]) == 32 for rec in config["base_layers"].values())
+    lorta = json.loads((saved["lorta"][0] / "adapter_config.json").read_text())
+    rec = lorta["base_layers"]["model.layers.1.self_attn.k_proj"]["lorta"]
+    assert rec == {"layer": 1, "proj": "k_proj", "d_model": 64, "d_head": 16, "heads": 4,
+                   "kv_heads": 2, "layers": 2}
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_named_adapters_share_nothing_and_switch(method, saved):
+    folder, out, _ = saved[method]
+    model = adapted(method)  # "default": fresh, at init
+    model.load_adapter(folder, adapter_name="trained")  # the saved one, under another name
+    tuner = model.base_model
+    assert not shared_flags(model, "trained") - {False}  # loaded for inference
+    assert torch.equal(logits(model), logits(tiny_llama()))
+    model.set_adapter("trained")
+    assert torch.equal(logits(model), out)
+    ids_default = {id(p) for _, _, p in tuner.shared_parameters("default")}
+    assert not ids_default & {id(p) for _, _, p in tuner.shared_parameters("trained")}
+    model.save_pretrained(folder.parent / f"{method}-two")  # "trained" in a subfolder
+    with safe_open(str(folder.parent / f"{method}-two" / "trained" / "adapter_model.safetensors"),
+                   framework="pt") as fh:
+        assert set(fh.keys()) == saved_keys(method, model)
+    model.delete_adapter("trained")
+    assert all("trained" not in getattr(tuner, name) for name in tuner.shared_containers)
+    assert not any("trained" in n for n, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("method", ["lotr", "lorta"])
+def test_shared_factors_follow_peft_trainability_rules(method):
+    model = adapted(method)
+    layer_params = lambda a: {p.requires_grad for n, p in model.named_parameters()  # noqa: E731
+                              if n.endswith(f".lotr_G.{a}")}
+    model.add_adapter("other", METHODS[method].replace(seed=1))  # added: not trainable
+    assert shared_flags(model, "default") == {True} and shared_flags(model, "other") == {False}
+    model.add_adapter("frozen", METHODS[method].replace(inference_mode=True))
+    assert shared_flags(model, "default") == {True}  # adding leaves the others alone
+    assert shared_flags(model, "frozen") == {False}
+    model.set_adapter("other")
+    assert shared_flags(model, "default") == {False} and shared_flags(model, "other") == {True}
+    if method == "lotr":
+        assert layer_params("default") == {False} and layer_params("other") == {True}
+    with model.disable_adapter():
+        assert all(shared_flags(model, a) == {False} for a in ("default", "other", "frozen"))
+        assert not any(p.requires_grad for p in model.parameters())
+    assert shared_flags(model, "other") == {True} and shared_flags(model, "default") == {False}
+    model.set_requires_grad("default", True)
+    assert shared_flags(model, "default") == {True}
+    model.base_model.set_adapter("other", inference_mode=True)
+    assert shared_flags(model, "other") == {False}
+    model.set_adapter("other")
+    model.delete_adapter("other")  # the active one: peft activates (and unfreezes) "default"
+    assert model.active_adapters == ["default"] and shared_flags(model, "default") == {True}
+    assert shared_flags(model, "frozen") == {False}
+    assert "other" not in model.base_model._shared_adapters()
+
+
+@pytest.mark.parametrize("method", ["lotr", "lorta"])
+def test_init_weights_false_is_seeded_and_away_from_the_base(method):
+    a = adapted(method, init_weights=False)
+    b = adapted(method, init_weights=False)
+    assert not torch.equal(logits(a), logits(tiny_llama()))
+    assert torch.equal(logits(a), logits(b))  # the seed fixes every factor
+    c = adapted(method, init_weights=False, seed=1)
+    assert not torch.equal(logits(a), logits(c))
+    name = "lotr_G" if method == "lotr" else "lorta_B"
+    assert all(p.abs().sum() > 0 for n, p in a.named_parameters() if name in n)
 
 
 REFUSALS = {
-    "lotr-other-weights": ("lotr", lambda: tiny_llama(seed=1), {}, "fingerprint"),
-    "lorta-other-weights": ("lorta", lambda: tiny_llama(seed=1), {}, "fingerprint"),
-    "lotr-other-shapes": ("lotr", lambda: tiny_llama(hidden_size=32), {}, "shape"),
-    "lorta-other-shapes": ("lorta", lambda: tiny_llama(hidden_size=32), {}, "shape"),
-    "lorta-other-depth": ("lorta", lambda: tiny_llama(num_hidden_layers=3), {}, "layers"),
-    "lotr-as-dota": ("lotr", tiny_llama, {"method": "dota"}, "'dota'"),
-    "lorta-as-lotr": ("lorta", tiny_llama, {"method": "lotr"}, "'lotr'"),
-    "lotr-with-dota-config": ("lotr", tiny_llama, {"config": DoTAConfig()}, "made for LoTR"),
-    "dota-with-lotr-config": ("dota", tiny_llama, {"config": LoTRConfig()}, "made for DoTA"),
-    "dota-with-lorta-config": ("dota", tiny_llama, {"config": LoRTAConfig()}, "made for DoTA"),
-    "lotr-other-config": ("lotr", tiny_llama, {"config": LoTRConfig(rank=8)}, "config"),
-    "lorta-other-config": ("lorta", tiny_llama, {"config": LoRTAConfig(seed=1)}, "config"),
-    "already-adapted": ("lorta", lambda: adapted("lotr"), {}, "already"),
+    "lotr-other-weights": ("lotr", lambda: tiny_llama(seed=1), "fingerprint"),
+    "lorta-other-weights": ("lorta", lambda: tiny_llama(seed=1), "fingerprint"),
+    "lotr-other-shapes": ("lotr", lambda: tiny_llama(hidden_size=32), "in this model but"),
+    "lorta-other-shapes": ("lorta", lambda: tiny_llama(hidden_size=32), "in this model but"),
+    "lorta-other-depth": ("lorta", lambda: tiny_llama(num_hidden_layers=3), "other layers"),
+    # same weights and shapes, but 8 heads of 8 (4 key/value heads): another CP tensor
+    "lorta-other-heads": ("lorta", lambda: tiny_llama(num_attention_heads=8,
+                                                      num_key_value_heads=4),
+                          "has lorta"),
+    "lotr-bfloat16-base": ("lotr", lambda: tiny_llama(dtype=torch.bfloat16), "bfloat16"),
 }
 
 
 @pytest.mark.parametrize("case", list(REFUSALS))
 def test_mismatched_load_is_refused_and_model_untouched(case, saved):
-    file, build, kwargs, needle = REFUSALS[case]
+    method, build, needle = REFUSALS[case]
     model = build()
     before = snapshot(model)
-    with pytest.raises(AdapterMismatchError, match=needle):
-        load_adapter(model, saved[file][0], **kwargs)
+    with pytest.raises((AdapterMismatchError, ConfigError), match=needle):
+        PeftModel.from_pretrained(model, saved[method][0])
     assert_untouched(model, before)
 
 
-def test_load_with_the_saved_config_and_method_is_accepted(saved):
+@pytest.mark.parametrize("method", ["lotr", "lorta"])
+def test_damaged_file_is_refused_before_the_model_changes(method, saved, tmp_path):
+    folder = saved[method][0]
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (tmp_path / name).write_bytes((folder / name).read_bytes())
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    key = sorted(k for k in tensors if k.startswith(("base_model.lotr_", "base_model.lorta_")))[0]
+    del tensors[key]
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
     model = tiny_llama()
-    report = load_adapter(model, saved["lotr"][0], config=METHODS["lotr"][1], method="lotr")
-    assert report.method == "lotr"
-    assert torch.allclose(logits(model), saved["lotr"][1], atol=1e-6, rtol=0)
+    before = snapshot(model)
+    with pytest.raises(AdapterFileError, match="lacks"):
+        PeftModel.from_pretrained(model, tmp_path)
+    assert_untouched(model, before)
 
 
 # ============================================================ method-specific checks
 
 
 def test_parameter_counts_match_the_core_formulas():
+    shapes = {"q_proj": (64, 64), "k_proj": (32, 64), "v_proj": (32, 64),
+              "up_proj": (128, 64), "down_proj": (64, 128)}
     for rank in (1, 4):
-        model = tiny_llama()
-        shapes = {"q_proj": (64, 64), "k_proj": (32, 64), "v_proj": (32, 64),
-                  "up_proj": (128, 64), "down_proj": (64, 128)}
-        plan = plan_lotr(model, rank=rank)
-        report = apply_lotr(model, rank=rank)
-        numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        assert report.trainable_params == plan.trainable_params == numel
-        assert numel == lotr_num_params(shapes, 2, rank)
+        plan = plan_lotr(tiny_llama(), rank=rank)
+        model = apply_lotr(tiny_llama(), rank=rank)
+        numel = model.get_nb_trainable_parameters()[0]
+        assert plan.trainable_params == numel == lotr_num_params(shapes, 2, rank)
+        assert plan.method == "lotr" and len(plan.layers) == 10
+        assert all(lay.num_params == rank * rank for lay in plan.layers)
+        assert plan.extra["shared_params"] == numel - 10 * rank * rank
     for kv_heads, has_kv in ((2, True), (4, False)):  # GQA, then plain multi-head
-        model = tiny_llama(num_key_value_heads=kv_heads)
-        plan = plan_lorta(model, rank=4)
-        report = apply_lorta(model, rank=4)
-        numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        assert report.trainable_params == plan.trainable_params == numel
-        assert numel == lorta_num_params(64, 16, 4, kv_heads, 2, 4)
-        assert hasattr(model.tensornet_lorta, "C_kv_head") == has_kv
+        plan = plan_lorta(tiny_llama(num_key_value_heads=kv_heads), rank=4)
+        model = apply_lorta(tiny_llama(num_key_value_heads=kv_heads), rank=4)
+        numel = model.get_nb_trainable_parameters()[0]
+        assert plan.trainable_params == numel == lorta_num_params(64, 16, 4, kv_heads, 2, 4)
+        assert ("default" in model.base_model.lorta_C_kv_head) == has_kv
+        assert plan.extra["gqa"] == has_kv and len(plan.layers) == 8
     assert lorta_num_params(64, 16, 4, 4, 2, 4) == 4 * (64 + 16 + 4 + 4 + 2)
+    # only Q and O adapted: no K/V head factor even with GQA, two rows of C_matrix
+    model = apply_lorta(tiny_llama(), rank=4, target_modules=["q_proj", "o_proj"])
+    assert model.get_nb_trainable_parameters()[0] == 4 * (64 + 16 + 4 + 2 + 2)
+    assert tuple(model.base_model.lorta_C_matrix["default"].shape) == (2, 4)
 
 
 def test_plan_on_meta_device_counts_without_weights():
     with torch.device("meta"):
         model = tiny_llama()
     assert plan_lorta(model).trainable_params == lorta_num_params(64, 16, 4, 2, 2, 16)
+    assert plan_lotr(model, rank=4).trainable_params == 2976
     with pytest.raises(ConfigError, match="meta"):
         apply_lotr(model)
-
-
-def _trained_lorta():
-    model = adapted("lorta")
-    with torch.no_grad():  # B = 0 at init: give every factor random values
-        for p in model.tensornet_lorta.parameters():
-            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    return model
 
 
 @pytest.mark.parametrize(("proj", "head"), [("q_proj", 2), ("k_proj", 1), ("v_proj", 0),
                                             ("o_proj", 3)])
 def test_lorta_head_block_is_a_diag_c_b(proj, head):
-    model = _trained_lorta()
-    f = model.tensornet_lorta
+    model = randomize(adapted("lorta"))
+    f = {name: getattr(model.base_model, f"lorta_{name}")["default"] for name in FACTORS}
     layer_index, dh = 1, 16
-    layer = model.get_submodule(f"model.layers.{layer_index}.self_attn.{proj}")
+    layer = model.base_model.model.get_submodule(f"model.layers.{layer_index}.self_attn.{proj}")
     m = ("q_proj", "k_proj", "v_proj", "o_proj").index(proj)
-    heads = f.C_kv_head if proj in ("k_proj", "v_proj") else f.C_head
-    c = heads[head] * f.C_matrix[m] * f.C_layer[layer_index]
-    block = (f.A @ torch.diag(c) @ f.B).detach()  # (d_model, d_head)
-    delta = layer.delta_weight()
+    heads = f["C_kv_head"] if proj in ("k_proj", "v_proj") else f["C_head"]
+    c = heads[head] * f["C_matrix"][m] * f["C_layer"][layer_index]
+    block = (f["A"] @ torch.diag(c) @ f["B"]).detach()  # (d_model, d_head)
+    delta = layer.get_delta_weight("default")
     rows = slice(head * dh, (head + 1) * dh)
     if proj == "o_proj":  # W_o is (d_model, H d_head): heads along the input side
         assert delta.shape == (64, 64)
@@ -379,44 +526,57 @@ def test_lorta_head_block_is_a_diag_c_b(proj, head):
 
 @pytest.mark.parametrize("method", ["lotr", "lorta"])
 def test_contraction_equals_the_dense_update(method):
-    model = _trained_lorta() if method == "lorta" else adapted("lotr", scale=0.5)
-    if method == "lotr":
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith(".G"):
-                    p.normal_()
+    model = randomize(adapted(method, **({"scale": 0.5} if method == "lotr" else {})))
     x = torch.randn(3, 5, 128)
     for name, layer in adapter_layers(model).items():
         xi = x[..., : layer.in_features]
         with torch.no_grad():
             got = layer(xi)
-            want = xi @ (layer.base_layer.weight + layer.delta_weight()).T
+            want = F.linear(xi, layer.get_base_layer().weight + layer.get_delta_weight("default"))
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=name)
     if method == "lotr":
-        layer = model.model.layers[1].mlp.up_proj
-        f = model.tensornet_lotr.up_proj
-        torch.testing.assert_close(layer.delta_weight(), (0.5 * f.A @ layer.G @ f.B).detach())
+        layer = model.base_model.model.model.layers[1].mlp.up_proj
+        a = model.base_model.lotr_A["default"]["up_proj"]
+        b = model.base_model.lotr_B["default"]["up_proj"]
+        torch.testing.assert_close(layer.get_delta_weight("default"),
+                                   (0.5 * a @ layer.lotr_G["default"] @ b).detach())
+
+
+@pytest.mark.parametrize("method", ["lotr", "lorta"])
+def test_two_active_adapters_add_up(method):
+    model = randomize(adapted(method))
+    model.add_adapter("other", METHODS[method].replace(seed=1))
+    randomize(model, "other")
+    x = torch.randn(2, 64)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    model.base_model.set_adapter(["default", "other"])
+    with torch.no_grad():
+        got = layer(x)
+        w = layer.get_base_layer().weight
+        want = F.linear(x, w + layer.get_delta_weight("default") + layer.get_delta_weight("other"))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("method", ["lotr", "lorta"])
 def test_forward_saves_no_dense_update(method):
-    model = _trained_lorta() if method == "lorta" else adapted("lotr")
+    model = randomize(adapted(method))
     name = "model.layers.0.self_attn.o_proj" if method == "lorta" else "model.layers.0.mlp.up_proj"
-    layer = model.get_submodule(name)
+    layer = model.base_model.model.get_submodule(name)
     x = torch.randn(3, 5, layer.in_features, requires_grad=True)
-    saved = []
+    saved_tensors = []
 
     def pack(t):
-        saved.append(t)
+        saved_tensors.append(t)
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         layer(x).sum().backward()
+    weight = layer.get_base_layer().weight
     dense = {(layer.out_features, layer.in_features), (layer.in_features, layer.out_features)}
-    for t in saved:
+    for t in saved_tensors:
         if tuple(t.shape) in dense:
-            assert t.data_ptr() == layer.base_layer.weight.data_ptr()  # W0 itself, no update
-        assert t.numel() <= max(x.numel(), layer.base_layer.weight.numel()), t.shape
+            assert t.data_ptr() == weight.data_ptr()  # W0 itself, no update
+        assert t.numel() <= max(x.numel(), weight.numel()), t.shape
 
 
 def test_lotr_kinds_with_different_shapes_are_refused():
@@ -441,6 +601,8 @@ BAD_CONFIGS = {
                              ["`rank`", "32", "'k_proj'", "got 40"]),
     "lorta-targets": (apply_lorta, {"target_modules": ["up_proj"]},
                       ["`target_modules`", "'up_proj'", "'o_proj'"]),
+    "lorta-regex": (apply_lorta, {"target_modules": "q_proj"}, ["`target_modules`", "subset"]),
+    "lorta-repeats": (apply_lorta, {"target_modules": ["q_proj", "q_proj"]}, ["repeats"]),
     "lorta-rank": (apply_lorta, {"rank": -1}, ["`rank`", "got -1"]),
     "lorta-scale": (apply_lorta, {"scale": float("nan")}, ["`scale`", "nan"]),
 }
@@ -459,6 +621,14 @@ def test_bad_config_raises_config_error_naming_the_field(case):
     assert_untouched(model, before)
 
 
+def test_configs_come_back_from_json_with_lists():
+    for cfg in (LoTRConfig(rank=4, target_modules=("q_proj", "v_proj")),
+                LoRTAConfig(target_modules=("q_proj", "v_proj"))):
+        again = type(cfg)(**json.loads(json.dumps(cfg.to_dict())))
+        assert again.target_modules == ["q_proj", "v_proj"]
+        assert again.to_dict() == cfg.to_dict()
+
+
 def test_lorta_needs_a_transformers_config_and_refuses_adapted_models():
     with pytest.raises(ConfigError, match="model.config"):
         apply_lorta(nn.Sequential(nn.Linear(4, 4)))
@@ -467,6 +637,28 @@ def test_lorta_needs_a_transformers_config_and_refuses_adapted_models():
         apply_lotr(model)
     with pytest.raises(ConfigError, match="LoRTAConfig"):
         apply_lorta(tiny_llama(), LoTRConfig())
+    with pytest.raises(ConfigError, match="LoTRConfig"):
+        apply_lotr(tiny_llama(), DoTAConfig())
+
+
+def test_a_failed_injection_leaves_the_model_as_it_was(monkeypatch):
+    from tensornet.adapters.lorta import model as lorta_model
+
+    base = tiny_llama()
+    before = snapshot(base)
+    calls = []
+
+    def fail(*args, **kwargs):  # the 5th projection fails while it is being built
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("boom")
+        return real(*args, **kwargs)
+
+    real = lorta_model.LoRTAIndex
+    monkeypatch.setattr(lorta_model, "LoRTAIndex", fail)
+    with pytest.raises(RuntimeError, match="boom"):
+        get_peft_model(base, LoRTAConfig(seed=0))
+    assert_untouched(base, before)
 
 
 # ============================================================ the real model
@@ -481,15 +673,16 @@ def test_smollm2_unchanged_at_init_and_trains(method):
     ids = tok("The capital of France is Paris.", return_tensors="pt").input_ids
     with torch.no_grad():
         base = model(ids).logits
-    report = (apply_lotr if method == "lotr" else apply_lorta)(model, seed=0)
+    model = (apply_lotr if method == "lotr" else apply_lorta)(model, seed=0)
     if method == "lorta":
-        assert report.trainable_params == lorta_num_params(576, 64, 9, 3, 30, 16) == 10976
+        assert model.get_nb_trainable_parameters()[0] == lorta_num_params(
+            576, 64, 9, 3, 30, 16) == 10976
     with torch.no_grad():
-        assert torch.equal(model(ids).logits, base)
+        assert torch.equal(model(input_ids=ids).logits, base)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    loss = model(ids, labels=ids).loss
+    loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     opt.step()
     with torch.no_grad():
-        after = model(ids, labels=ids).loss
+        after = model(input_ids=ids, labels=ids).loss
     assert torch.isfinite(after) and after.item() != loss.item()

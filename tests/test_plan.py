@@ -329,16 +329,18 @@ def test_dota_layer_under_torch_compile_matches_eager(strategy):
     torch._dynamo.reset()
     torch.manual_seed(0)
     holder = nn.Sequential(OrderedDict(proj=nn.Linear(32, 24)))
-    apply_dota(holder, target_modules=["proj"], progress=False, strategy=strategy, rank=4,
-               num_cores=3)
+    # init_weights=False: cores away from T_init, so the adapter's update is not zero
+    model = apply_dota(holder, target_modules=["proj"], strategy=strategy, rank=4,
+                       num_cores=3, init_weights=False, seed=0)
+    cores = list(model.base_model.model.proj.dota_cores["default"])
     x = torch.randn(5, 32)
-    compiled = torch.compile(holder, backend="aot_eager")  # dynamo + AOT autograd, no codegen
+    compiled = torch.compile(model, backend="aot_eager")  # dynamo + AOT autograd, no codegen
     y = compiled(x)
     y.square().sum().backward()
-    got = [c.grad.clone() for c in holder.proj.cores]
-    holder.zero_grad(set_to_none=True)
-    y_ref = holder(x)
+    got = [c.grad.clone() for c in cores]
+    model.zero_grad(set_to_none=True)
+    y_ref = model(x)
     y_ref.square().sum().backward()
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
-    for g, c in zip(got, holder.proj.cores):
+    for g, c in zip(got, cores):
         torch.testing.assert_close(g, c.grad, rtol=1e-5, atol=1e-6)

@@ -22,10 +22,22 @@ check_peft()
 
 from .base import AdapterReport, LayerReport  # noqa: E402
 from .dota import LLAMA_TARGETS, DoTAConfig, DoTALinear, DoTAModel, random_cores  # noqa: E402
-from .entry import apply, apply_dota, plan, plan_dota  # noqa: E402
+from .entry import (  # noqa: E402
+    apply,
+    apply_dota,
+    apply_lorta,
+    apply_lotr,
+    plan,
+    plan_dota,
+    plan_lorta,
+    plan_lotr,
+)
+from .lorta import ATTENTION_TARGETS, LoRTAConfig, LoRTALinear, LoRTAModel  # noqa: E402
+from .lotr import LoTRConfig, LoTRLinear, LoTRModel  # noqa: E402
 from .models import DEFAULT_MODEL, load_pretrained, tiny_llama  # noqa: E402
 
 __all__ = [
+    "ATTENTION_TARGETS",
     "DEFAULT_MODEL",
     "LLAMA_TARGETS",
     "METHODS",
@@ -35,11 +47,21 @@ __all__ = [
     "DoTALinear",
     "DoTAModel",
     "LayerReport",
+    "LoRTAConfig",
+    "LoRTALinear",
+    "LoRTAModel",
+    "LoTRConfig",
+    "LoTRLinear",
+    "LoTRModel",
     "apply",
     "apply_dota",
+    "apply_lorta",
+    "apply_lotr",
     "load_pretrained",
     "plan",
     "plan_dota",
+    "plan_lorta",
+    "plan_lotr",
     "random_cores",
     "tiny_llama",
 ]

@@ -134,7 +134,17 @@ def dense_weight(module: nn.Module, dtype: torch.dtype | None = None) -> torch.T
     if is_4bit(module):
         import bitsandbytes.functional as bnbf
 
-        w = bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state)
+        weight = module.weight
+        if getattr(weight.quant_state, "packing_format_for_cpu", False):
+            # bitsandbytes repacks a 4-bit weight for its AVX512-BF16 CPU kernel on the
+            # first inference forward; dequantize_4bit reads only the canonical layout, so
+            # restore it first (as bitsandbytes' own state_dict does)
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                weight.data, weight.quant_state
+            )
+        w = bnbf.dequantize_4bit(weight.data, weight.quant_state)
     else:
         w = module.weight.detach()
     target = dtype or (w.dtype if w.element_size() >= 4 else torch.float32)

@@ -13,9 +13,21 @@ from torch import nn
 from ..errors import ConfigError
 from .base import AdapterReport, count_parameters
 from .dota import DoTAConfig
+from .lorta import LoRTAConfig
+from .lotr import LoTRConfig
 from .tuner import TensornetConfig
 
-__all__ = ["apply", "apply_dota", "plan", "plan_dota", "resolve_config"]
+__all__ = [
+    "apply",
+    "apply_dota",
+    "apply_lorta",
+    "apply_lotr",
+    "plan",
+    "plan_dota",
+    "plan_lorta",
+    "plan_lotr",
+    "resolve_config",
+]
 
 
 def resolve_config(config: Any, cls: type, overrides: dict[str, Any]) -> Any:
@@ -136,3 +148,123 @@ def plan_dota(
     (10043392, '0.149%')
     """
     return plan(model, resolve_config(config, DoTAConfig, overrides))
+
+
+def apply_lotr(model: nn.Module, config: LoTRConfig | None = None, **overrides: Any) -> Any:
+    """Add LoTR adapters to ``model`` (``get_peft_model`` with a :class:`LoTRConfig`).
+
+    Every target keeps its weight and gains ``s A G_l B``: ``A`` and ``B`` are shared by the
+    layers of one kind (every ``q_proj``, ...), ``G_l`` is the layer's own. Only these
+    train; ``G_l = 0`` at start, so the model computes what it computed before.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A model with ``nn.Linear`` targets, e.g. a transformers LLaMA.
+    config : LoTRConfig, optional
+        Default: q, k, v, up, down projections, ``r = 16``, ``s = 1``, normal init.
+    **overrides
+        Fields of :class:`LoTRConfig` to change (``rank=8``, ``init="orthogonal"``, ...).
+
+    Returns
+    -------
+    peft.PeftModel
+        What ``peft.get_peft_model`` returns; the shared pairs are
+        ``model.base_model.lotr_A`` / ``lotr_B`` (adapter -> kind -> factor).
+
+    Raises
+    ------
+    ConfigError
+        A bad config value, no matching target, a target that is not ``nn.Linear``,
+        layers of one kind with different shapes, a model that already has adapters; the
+        model is left untouched.
+
+    Examples
+    --------
+    >>> from tensornet.adapters import tiny_llama, apply_lotr
+    >>> model = apply_lotr(tiny_llama(), rank=4)
+    >>> model.get_nb_trainable_parameters()
+    (2976, 85216)
+    >>> sorted(model.base_model.lotr_A["default"])
+    ['down_proj', 'k_proj', 'q_proj', 'up_proj', 'v_proj']
+    """
+    return apply(model, resolve_config(config, LoTRConfig, overrides))
+
+
+def plan_lotr(
+    model: nn.Module, config: LoTRConfig | None = None, **overrides: Any
+) -> AdapterReport:
+    """Report what :func:`apply_lotr` would do, without weights and without changes.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+    ...                   num_attention_heads=32, vocab_size=32000)
+    >>> with torch.device("meta"):
+    ...     llama2 = LlamaForCausalLM(cfg)
+    >>> report = plan_lotr(llama2)          # r = 16 on q, k, v, up, down
+    >>> report.trainable_params, f"{100 * report.trainable_share:.4f}%"
+    (917504, '0.0136%')
+    """
+    return plan(model, resolve_config(config, LoTRConfig, overrides))
+
+
+def apply_lorta(model: nn.Module, config: LoRTAConfig | None = None, **overrides: Any) -> Any:
+    """Add LoRTA adapters to the attention projections of ``model`` (``get_peft_model``).
+
+    Reads ``hidden_size``, ``num_attention_heads``, ``num_key_value_heads``, ``head_dim``
+    and ``num_hidden_layers`` from ``model.config`` and the layer index from each module
+    name (``model.layers.<l>.self_attn.<q|k|v|o>_proj``). The base weights are not
+    modified; only the CP factors train, and ``B = 0`` keeps the outputs unchanged at start.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A transformers LLaMA-style model (``model.config`` and the module names above).
+    config : LoRTAConfig, optional
+        Default: q, k, v, o; ``r = 16``; ``scale = 1``.
+    **overrides
+        Fields of :class:`LoRTAConfig` to change.
+
+    Returns
+    -------
+    peft.PeftModel
+        What ``peft.get_peft_model`` returns; the CP factors are
+        ``model.base_model.lorta_A``, ``lorta_B``, ``lorta_C_head``, ... (adapter -> factor).
+
+    Raises
+    ------
+    ConfigError
+        A bad config value, a model without the config fields or projections, a
+        projection whose shape does not fit the config, a model that already has
+        adapters; the model is left untouched.
+
+    Examples
+    --------
+    >>> from tensornet.adapters import tiny_llama, apply_lorta
+    >>> model = apply_lorta(tiny_llama(), rank=4)   # 4 heads, 2 key/value heads: C_kv_head
+    >>> model.get_nb_trainable_parameters()
+    (368, 82608)
+    """
+    return apply(model, resolve_config(config, LoRTAConfig, overrides))
+
+
+def plan_lorta(
+    model: nn.Module, config: LoRTAConfig | None = None, **overrides: Any
+) -> AdapterReport:
+    """Report what :func:`apply_lorta` would do, without weights and without changes.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+    ...                   num_attention_heads=32, vocab_size=32000)
+    >>> with torch.device("meta"):
+    ...     llama2 = LlamaForCausalLM(cfg)
+    >>> plan_lorta(llama2).trainable_params        # r = 16: 16 (4096 + 128 + 32 + 4 + 32)
+    68672
+    """
+    return plan(model, resolve_config(config, LoRTAConfig, overrides))

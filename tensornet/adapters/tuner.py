@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import os
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,13 +37,23 @@ from typing import Any, ClassVar
 
 import torch
 from peft.config import PeftConfig
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from ..errors import AdapterFileError, AdapterMismatchError, ConfigError
 from .base import dense_weight, fingerprint, is_4bit
 
-__all__ = ["TensornetConfig", "TensornetTuner", "check_adapter_file", "WEIGHTS_NAME"]
+__all__ = [
+    "AdditiveLinear",
+    "SharedStateTuner",
+    "TensornetConfig",
+    "TensornetTuner",
+    "WEIGHTS_NAME",
+    "check_adapter_file",
+    "check_positive_int",
+    "check_scale",
+    "check_seed",
+]
 
 #: The file peft's ``save_pretrained`` writes the adapter tensors to.
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -182,6 +194,32 @@ def _check_targets(tm: Any, name: str) -> list[str] | str:
     return sorted(tm) if isinstance(tm, (set, frozenset)) else list(tm)
 
 
+def check_positive_int(value: Any, name: str) -> int:
+    """A config field that must be a positive int (``rank``); ConfigError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ConfigError(f"`{name}` must be a positive int; got {value!r}")
+    return int(value)
+
+
+def check_scale(value: Any, name: str = "scale") -> float:
+    """A config field that must be a finite nonzero number (an update's scale)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or value == 0
+    ):
+        raise ConfigError(f"`{name}` must be a finite nonzero number; got {value!r}")
+    return float(value)
+
+
+def check_seed(value: Any, name: str = "seed") -> int | None:
+    """A config field that must be None or an int (a seed)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+        raise ConfigError(f"`{name}` must be None or an int; got {value!r}")
+    return None if value is None else int(value)
+
+
 def check_adapter_file(
     file: str | os.PathLike, expected: Mapping[str, tuple[int, ...]], *, prefix: str
 ) -> None:
@@ -238,6 +276,10 @@ def check_adapter_file(
             raise AdapterFileError(
                 f"{file}: tensor {key!r} holds NaN or Inf values; the adapter is damaged"
             )
+
+
+#: The fields of a target's record every method has; the others are the method's own.
+_BASE_FIELDS = ("shape", "dtype", "fingerprint")
 
 
 @dataclass
@@ -381,6 +423,12 @@ class TensornetTuner(BaseTuner):
                     f"trained on a {rec.get('dtype')} base: load the base model in "
                     f"{rec.get('dtype')} (the weights' values differ between dtypes)"
                 )
+            for name, value in t.record.items():  # what check_target(s) worked out
+                if name not in _BASE_FIELDS and name in rec and rec[name] != value:
+                    raise AdapterMismatchError(
+                        f"layer {t.key!r} has {name} {value!r} in this model but {rec[name]!r} "
+                        f"in the adapter: another base model"
+                    )
             if t.module.weight.device.type == "meta":
                 continue  # nothing to compare; from_pretrained with low_cpu_mem_usage
             fp = fingerprint(dense_weight(t.module))
@@ -407,6 +455,9 @@ class TensornetTuner(BaseTuner):
         checked against the fingerprints and the method builds placeholders that the
         weights file fills (as it does with ``low_cpu_mem_usage=True``, on meta).
         """
+        # peft keeps the caller's config object (its tests check the identity), and the
+        # caller may pass it to get_peft_model again for another model: the base records
+        # are kept per adapter on the tuner and written into the config when it is saved
         config = self.peft_config[adapter_name]
         restoring = bool(getattr(config, "_restoring", False) and config.base_layers)
         targets = self.validate(model, config, restoring=restoring)
@@ -420,18 +471,276 @@ class TensornetTuner(BaseTuner):
                 low_cpu_mem_usage=low_cpu_mem_usage,
                 state_dict=state_dict,
             )
-        if not restoring:
-            config.base_layers = {t.key: t.record for t in targets}
+        records = config.base_layers if restoring else {t.key: t.record for t in targets}
+        if not hasattr(self, "_base_records"):
+            self._base_records: dict[str, dict[str, Any]] = {}
+        self._base_records[adapter_name] = config.base_layers = records
         config._restoring = False  # one load; the config now describes this model's adapter
+        if self._placeholders:  # the weights must come from a file before the model runs
+            self._awaiting_weights().add(adapter_name)
         del self._targets, self._placeholders
 
     def _create_new_module(self, *args: Any, **kwargs: Any) -> nn.Module:  # pragma: no cover
         raise NotImplementedError
 
+    @classmethod
+    def _get_adapter_state_dict(
+        cls, model: nn.Module, config: Any, adapter_name: str, state_dict: Any,
+        unwanted_adapter_names: Any,
+    ) -> dict[str, torch.Tensor]:
+        """Select the adapter's tensors (peft's rule), after writing its base records to the config.
+
+        ``save_pretrained`` calls this before it writes the config, so the saved
+        ``base_layers`` always describe the base of the model being saved, even when the
+        caller's config object was used for another model since.
+        """
+        tuner = getattr(model, "base_model", model)
+        records = getattr(tuner, "_base_records", {}).get(adapter_name)
+        if records is not None:
+            config.base_layers = records
+        return super()._get_adapter_state_dict(
+            model=model, config=config, adapter_name=adapter_name, state_dict=state_dict,
+            unwanted_adapter_names=unwanted_adapter_names,
+        )
+
+    def _awaiting_weights(self) -> set[str]:
+        """Adapters built as placeholders whose weights no state-dict load has brought yet.
+
+        While the set is not empty, the model refuses to run (a forward pre-hook on it):
+        placeholders are zeros, and a model with zero cores would neither compute the saved
+        adapter nor train.
+        """
+        if not hasattr(self, "_awaiting"):
+            self._awaiting: set[str] = set()
+            self.register_load_state_dict_post_hook(_weights_arrived)
+            self.model.register_forward_pre_hook(self._refuse_placeholders)
+        return self._awaiting
+
+    def _refuse_placeholders(self, module: nn.Module, args: Any) -> None:
+        if self._awaiting:
+            raise ConfigError(
+                f"adapter(s) {sorted(self._awaiting)} were built for a saved adapter (a config "
+                f"from {type(self).__name__.removesuffix('Model')}Config.from_pretrained, or "
+                f"low_cpu_mem_usage=True) and hold placeholder weights that were never "
+                f"loaded: load them with PeftModel.from_pretrained(base, folder) or "
+                f"model.load_adapter(folder, name), or pass a new config to train a new adapter"
+            )
+
     def delete_adapter(self, adapter_name: str) -> None:
         """Delete the adapter (peft's ``delete_adapter``), plus the adapter's model-level state."""
         super().delete_adapter(adapter_name)
         self._drop_shared(adapter_name)
+        getattr(self, "_base_records", {}).pop(adapter_name, None)
+        if hasattr(self, "_awaiting"):
+            self._awaiting.discard(adapter_name)
+
+
+class AdditiveLinear(nn.Module):
+    """A linear tuner layer that adds its adapters' updates to the base layer's output.
+
+    For the methods whose update is applied through its factors, never as a dense matrix
+    (LoTR, LoRTA): ``y = base(x) + sum over active adapters of delta(x, adapter)``. A
+    subclass is also a peft ``BaseTunerLayer`` (its first ``adapter_layer_names`` entry is
+    keyed by adapter) and gives ``delta(x, adapter)`` and ``get_delta_weight(adapter)``
+    (the dense update in the base dtype, computed in float32 or more); merging adds the
+    latter to the base weight, which is modified nowhere else.
+    """
+
+    def _holds(self, adapter: str) -> bool:
+        return adapter in getattr(self, self.adapter_layer_names[0])
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Add the adapters' ``Delta W`` to the base weight (``safe_merge``: check first)."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        base = self.get_base_layer()
+        for name in adapter_names:
+            if not self._holds(name):
+                continue
+            with torch.no_grad():
+                w = base.weight.data
+                dt = torch.float64 if w.dtype == torch.float64 else torch.float32
+                new = (w.to(dt) + self.get_delta_weight(name).to(dt)).to(w.dtype)
+                if safe_merge and not torch.isfinite(new).all():
+                    raise ValueError(
+                        f"NaNs detected in the merged weights; the adapter {name!r} seems to be "
+                        f"broken"
+                    )
+                base.weight.data = new
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Take the merged adapters' ``Delta W`` out of the base weight again."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if not self._holds(name):
+                continue
+            with torch.no_grad():
+                w = base.weight.data
+                dt = torch.float64 if w.dtype == torch.float64 else torch.float32
+                base.weight.data = (w.to(dt) - self.get_delta_weight(name).to(dt)).to(w.dtype)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``base(x)`` plus the active adapters' updates (none if disabled or merged)."""
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        y = self.base_layer(x, *args, **kwargs)
+        for adapter in self.active_adapters:
+            if self._holds(adapter):
+                y = y + self.delta(x, adapter).to(y.dtype)
+        return y
+
+
+class SharedStateTuner(TensornetTuner):
+    """A tuner whose adapters keep factors on the tuner, shared by several layers.
+
+    LoTR's ``A`` and ``B`` (one pair per kind of layer) and LoRTA's CP factors (one set per
+    model) belong to no single layer. They live in the containers named by
+    :attr:`shared_containers`, attributes of the tuner (``PeftModel.base_model``) keyed by
+    adapter name at the top level, e.g. ``lotr_A = ModuleDict({adapter: ParameterDict({kind:
+    A})})``: peft's default key handling then saves each factor once, with the adapter name
+    removed (``base_model.lotr_A.q_proj``), and reloads it under any adapter name. The
+    layers reference the containers through a plain Python list, so a factor is registered
+    (in ``parameters()``, ``state_dict()``) once, on the tuner.
+
+    peft's trainable marking visits only the layers; this class applies the same rules to
+    the shared factors: an adapter's factors train while it is active and not in inference
+    mode (``set_adapter``), disabling freezes them and enabling makes the active ones
+    trainable again (``disable_adapter``), ``set_requires_grad`` and ``delete_adapter``
+    act on them, an added non-active adapter starts frozen and adding one leaves the flags
+    of the others alone. ``autocast_adapter_dtype`` casts them with the layers' parameters,
+    and after a ``low_cpu_mem_usage`` load they follow their layers' device.
+    """
+
+    uses_shared_state = True
+    #: attribute name -> container type: ``nn.ModuleDict`` (of ``nn.ParameterDict``, one per
+    #: adapter) or ``nn.ParameterDict`` (one parameter per adapter)
+    shared_containers: ClassVar[dict[str, type[nn.Module]]] = {}
+
+    def _pre_injection_hook(self, model: nn.Module, config: Any, adapter_name: str) -> None:
+        super()._pre_injection_hook(model, config, adapter_name)
+        for name, kind in self.shared_containers.items():
+            if name not in self._modules:
+                self.add_module(name, kind())
+
+    def shared_parameters(self, adapter_name: str) -> list[tuple[nn.Module, str, nn.Parameter]]:
+        """``(container, key, parameter)`` of every shared factor of ``adapter_name``."""
+        out = []
+        for name in self.shared_containers:
+            container = self._modules.get(name)
+            if container is None or adapter_name not in container:
+                continue
+            entry = container[adapter_name]
+            if isinstance(entry, nn.Parameter):
+                out.append((container, adapter_name, entry))
+            else:
+                out.extend((entry, key, p) for key, p in entry.items())
+        return out
+
+    def _shared_adapters(self) -> list[str]:
+        names = {a for n in self.shared_containers if n in self._modules for a in self._modules[n]}
+        return sorted(names)
+
+    def _set_shared_grad(self, rule: Any) -> None:
+        """``requires_grad = rule(adapter)`` on each adapter's factors (None: leave them)."""
+        for adapter in self._shared_adapters():
+            flag = rule(adapter)
+            if flag is not None:
+                for _, _, p in self.shared_parameters(adapter):
+                    p.requires_grad_(flag)
+
+    def _drop_shared(self, adapter_name: str) -> None:
+        for name in self.shared_containers:
+            container = self._modules.get(name)
+            if container is not None and adapter_name in container:
+                del container[adapter_name]
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs: Any) -> None:
+        """Inject as peft does; the other adapters' shared factors keep their flags."""
+        before = [
+            (p, p.requires_grad)
+            for a in self._shared_adapters() for _, _, p in self.shared_parameters(a)
+        ]
+        super().inject_adapter(model, adapter_name, **kwargs)
+        for p, flag in before:
+            p.requires_grad_(flag)
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Activate as peft's ``set_adapter`` does, the shared factors included."""
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        self._set_shared_grad(lambda a: a in names and not inference_mode)
+
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        super()._enable_adapter_layers(enabled)
+        active = self.active_adapters  # as the layers do: enabling re-activates these
+        self._set_shared_grad(lambda a: enabled and a in active)
+
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True
+                          ) -> None:
+        """Set flags as peft's ``set_requires_grad`` does, the shared factors included."""
+        super().set_requires_grad(adapter_names, requires_grad=requires_grad)
+        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
+        self._set_shared_grad(lambda a: requires_grad if a in names else None)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Delete as peft's ``delete_adapter`` does, the shared factors included."""
+        was_active = adapter_name in self.active_adapters
+        super().delete_adapter(adapter_name)
+        if was_active:  # the layers have made the adapters now active trainable
+            active = self.active_adapters
+            self._set_shared_grad(lambda a: a in active)
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        # peft re-wraps a ParameterDict entry it casts as a new (trainable) Parameter: keep
+        # every flag as it was
+        flags = {n: p.requires_grad for n, p in self.model.named_parameters()}
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+        for n, p in self.model.named_parameters():
+            if n in flags:
+                p.requires_grad_(flags[n])
+        if not autocast_adapter_dtype:
+            return
+        for owner, key, p in self.shared_parameters(adapter_name):
+            if p.dtype in (torch.float16, torch.bfloat16):
+                owner[key] = nn.Parameter(p.detach().float(), requires_grad=p.requires_grad)
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Any = None) -> None:
+        """Put the shared factors on their layers' device, in their dtype (as peft's layers do).
+
+        peft calls this on every module that has it after loading with
+        ``low_cpu_mem_usage=True`` (the factors then hold the loaded tensors as they were
+        read).
+        """
+        base = next(
+            (m.get_base_layer() for m in self.model.modules()
+             if isinstance(m, self.tuner_layer_cls)
+             and adapter_name in m._all_available_adapter_names()),
+            None,
+        )
+        if base is None:
+            return
+        device = device if device is not None else base.weight.device
+        for owner, key, p in self.shared_parameters(adapter_name):
+            if p.device.type != "meta":
+                owner[key] = nn.Parameter(
+                    p.detach().to(device, _base_dtype(base)), requires_grad=p.requires_grad
+                )
+
+
+def _weights_arrived(tuner: TensornetTuner, incompatible_keys: Any) -> None:
+    """State-dict post-hook: an awaited adapter none of whose tensors is missing has arrived."""
+    missing = [k for k in incompatible_keys.missing_keys if tuner.prefix in k]
+    for name in list(tuner._awaiting):
+        if not any(f".{name}." in k or k.endswith(f".{name}") for k in missing):
+            tuner._awaiting.discard(name)
 
 
 def _base_dtype(module: nn.Module) -> torch.dtype:

@@ -381,8 +381,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     _quiet()
     _threads(args)
     import torch
+    from peft import PeftModel
 
-    from ..adapters import load_adapter
     from .tasks import format_prompt
 
     start = time.perf_counter()
@@ -399,8 +399,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
           f"into a fresh model ==", flush=True)
     run = next((r for r in results["runs"] if r["method"] == "dota"), None)
     if run is not None:
-        fresh, tokenizer = _load(args.model, args.dtype)
-        load_adapter(fresh, run["adapter"])
+        base, tokenizer = _load(args.model, args.dtype)
+        fresh = PeftModel.from_pretrained(base, run["adapter"])  # exact: T and T_init from file
         splits = _splits(args)
         ex = splits.test[0]
         enc = tokenizer(format_prompt(tokenizer, ex.prompt), return_tensors="pt",

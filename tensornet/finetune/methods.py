@@ -28,6 +28,7 @@ cannot be merged into the 4-bit base.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,15 +37,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..adapters import (
-    LLAMA_TARGETS,
-    LoRTAConfig,
-    LoTRConfig,
-    apply_dota,
-    apply_lorta,
-    apply_lotr,
-    save_adapter,
-)
+from ..adapters import LLAMA_TARGETS, apply
+from ..adapters import METHODS as TENSOR_METHODS
 from ..adapters.base import count_parameters, find_targets, set_submodule
 from ..errors import ConfigError
 from .io import atomic_dir
@@ -173,22 +167,8 @@ def build_method(
         raise ConfigError(f"`method` must be one of {', '.join(METHODS)}; got {method!r}")
     for p in model.parameters():
         p.requires_grad_(False)
-    targets = tuple(opts.target_modules)
-    if method in ("dota", "dota-random", "qdota"):
-        apply_dota(
-            model,
-            target_modules=targets,
-            rank=opts.rank,
-            num_cores=opts.num_cores,
-            init="random" if method == "dota-random" else "mpo",
-            quantize="nf4" if method == "qdota" else None,
-            seed=opts.seed,
-            progress=False,
-        )
-    elif method == "lotr":
-        apply_lotr(model, LoTRConfig(target_modules=targets, rank=opts.rank, seed=opts.seed))
-    elif method == "lorta":  # LoRTA's tensor spans the attention projections q, k, v, o
-        apply_lorta(model, LoRTAConfig(rank=opts.rank, seed=opts.seed))
+    if method in TENSOR_METHODS:  # a tensornet peft method: built by get_peft_model
+        model = apply(model, _tensor_config(method, opts))
     elif method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -196,6 +176,16 @@ def build_method(
         model = _peft_model(model, method, opts)
     trainable, total = count_parameters(model)
     return BuiltMethod(method, model, trainable, total)
+
+
+def _tensor_config(method: str, opts: MethodOptions) -> object:
+    """The method's config from the shared options (each takes the fields it has)."""
+    entry = TENSOR_METHODS[method]
+    names = {f.name for f in dataclasses.fields(entry.config_cls)}
+    wanted = {"rank": opts.rank, "num_cores": opts.num_cores, "seed": opts.seed}
+    if tuple(entry.config_cls.default_targets) == LLAMA_TARGETS:  # LoRTA: attention only
+        wanted["target_modules"] = list(opts.target_modules)
+    return entry.config(**{k: v for k, v in wanted.items() if k in names})
 
 
 def _peft_model(model: nn.Module, method: str, opts: MethodOptions) -> nn.Module:
@@ -224,8 +214,9 @@ def _peft_model(model: nn.Module, method: str, opts: MethodOptions) -> nn.Module
 def save_trained(built: BuiltMethod, path: str | os.PathLike[str]) -> Path:
     """Save what ``built`` trained to the folder ``path``, atomically.
 
-    tensornet methods: :func:`tensornet.adapters.save_adapter`; peft methods:
-    ``save_pretrained``; full fine-tuning: the model's state dict as
+    Adapters (tensornet's and peft's methods alike): ``save_pretrained``
+    (``adapter_config.json`` + ``adapter_model.safetensors``, reloaded with
+    ``PeftModel.from_pretrained``); full fine-tuning: the model's state dict as
     ``model.safetensors``.
     """
     path = Path(path)
@@ -235,9 +226,7 @@ def save_trained(built: BuiltMethod, path: str | os.PathLike[str]) -> Path:
 
 
 def _save_into(built: BuiltMethod, folder: Path) -> None:
-    if built.method in ("dota", "dota-random", "qdota", "lotr", "lorta"):
-        save_adapter(built.model, folder)
-    elif built.method == "full":
+    if built.method == "full":
         from safetensors.torch import save_file
 
         state = {k: v.detach().contiguous() for k, v in built.model.state_dict().items()}

@@ -289,7 +289,9 @@ class DoTALayer(BaseTunerLayer):
         restoring: bool = False,
     ) -> None:
         """Add adapter ``adapter_name`` with cores ``cores`` and initial cores ``init``."""
-        if self.quantized or (config.quantize == "nf4" and self.dota_cores):
+        # (a 4-bit base is QDoTA's to take; a layer that has adapters takes no QDoTA one,
+        # and one that has a QDoTA adapter takes nothing else)
+        if self.dota_cores and (self.quantized or config.quantize == "nf4"):
             raise ConfigError(
                 f"QDoTA replaces the base layer by its NF4 residual: a layer takes one QDoTA "
                 f"adapter and nothing else (adapter {adapter_name!r})"
@@ -304,6 +306,9 @@ class DoTALayer(BaseTunerLayer):
         )
         self.dota_strategy[adapter_name] = config.strategy
         if config.quantize == "nf4":
+            # the residual's compute dtype is the cores' dtype as created (bfloat16 by
+            # default), before peft upcasts adapter weights to float32
+            self._residual_dtype = self.dota_cores[adapter_name][0].dtype
             if restoring:
                 self._pending_residual = adapter_name
             else:
@@ -317,13 +322,23 @@ class DoTALayer(BaseTunerLayer):
             w0 = dense_weight(base)
             init = [c.to(w0.dtype) for c in self.init_cores(adapter)]
             residual = w0 - cores_to_matrix(init)
-            compute = self.dota_cores[adapter][0].dtype
+            compute = self._residual_dtype
+            # the dtype a merge gives back: the replaced layer's (an empty buffer, so that
+            # a later ``model.to(dtype)`` moves it along with the model)
+            dense = torch.empty(0, dtype=self.compute_dtype, device=dense_device(base))
             self.base_layer = nf4_linear(residual, base.bias, compute)
+        self.register_buffer("_merge_dtype", dense, persistent=False)
         self._pending_residual = None
 
     def _ensure_residual(self) -> None:
         if self._pending_residual is not None:
             self._build_residual(self._pending_residual)
+
+    @staticmethod
+    def _after_load(module: Any, incompatible_keys: Any) -> None:
+        if getattr(module, "_init_arrives", False):
+            module._init_arrives = False
+            module._ensure_residual()
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Peft's delete, refused for QDoTA (the base is the adapter's residual)."""
@@ -406,8 +421,16 @@ class DoTALinear(nn.Module, DoTALayer):
     ) -> None:
         super().__init__()
         DoTALayer.__init__(self, base_layer)
+        self.register_load_state_dict_post_hook(DoTALayer._after_load)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, cores, init, restoring=restoring)
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
+        # QDoTA being restored: note whether this load brings T_init (the children's
+        # buffers are filled after this call; the post-hook below builds the residual)
+        pending = self._pending_residual
+        self._init_arrives = pending is not None and f"{prefix}dota_init.{pending}.0" in state_dict
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     # -- merge -------------------------------------------------------------------------
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
@@ -423,9 +446,10 @@ class DoTALinear(nn.Module, DoTALayer):
             with torch.no_grad():
                 if is_4bit(base):  # QDoTA: the merged base is dense, NF4(W_res) + MPO(T)
                     weight = dense_weight(base, torch.float32) + self.get_delta_weight(name).float()
+                    marker = self._buffers.get("_merge_dtype")
                     merged = nn.Linear(self.in_features, self.out_features,
                                        bias=base.bias is not None, device=weight.device,
-                                       dtype=self.compute_dtype)
+                                       dtype=self.compute_dtype if marker is None else marker.dtype)
                     merged.weight.copy_(weight)
                     if base.bias is not None:
                         merged.bias.copy_(base.bias)
@@ -529,4 +553,8 @@ def nf4_linear(
     )
     if bias is not None:
         layer.bias = nn.Parameter(bias.detach().to(compute_dtype).cpu(), requires_grad=False)
+    # bitsandbytes would repack the weight for another CPU kernel on the first inference
+    # forward, whose results differ from the training path's; one kernel keeps the
+    # layer's outputs the same in train and eval mode and after a reload
+    layer.support_avx512bf16_for_cpu = False
     return layer.to(device)

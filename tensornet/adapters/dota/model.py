@@ -51,16 +51,18 @@ class DoTAModel(TensornetTuner):
         out_modes, in_modes, ranks = config.layer_modes(out_f, in_f, layer=target.key)
         target.record["modes"] = [list(out_modes), list(in_modes)]
         target.record["ranks"] = list(ranks)
-        if is_4bit(target.module) and config.quantize != "nf4":
-            raise ConfigError(
-                f"target {target.key!r} is 4-bit quantized; use quantize='nf4' (QDoTA "
-                f"dequantizes, decomposes at full precision and re-quantizes the residual)"
-            )
+        # first the layer's adapters: a QDoTA layer's base is 4-bit, and the message below
+        # would send its user to quantize='nf4', which that layer refuses as well
         layer = model.get_submodule(target.key)
         if isinstance(layer, DoTALayer) and (layer.quantized or config.quantize == "nf4"):
             raise ConfigError(
                 f"target {target.key!r} already has a DoTA adapter; QDoTA replaces the base "
                 f"layer by its NF4 residual, so a QDoTA layer takes no other adapter"
+            )
+        if is_4bit(target.module) and config.quantize != "nf4":
+            raise ConfigError(
+                f"target {target.key!r} is 4-bit quantized; use quantize='nf4' (QDoTA "
+                f"dequantizes, decomposes at full precision and re-quantizes the residual)"
             )
         if config.quantize == "nf4":
             try:
@@ -103,6 +105,23 @@ class DoTAModel(TensornetTuner):
         if adapter_name not in self.active_adapters:
             new.requires_grad_(False)  # an added adapter is not trainable until activated
         self._replace_module(parent, target_name, new, target)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Delete as peft's ``delete_adapter`` does; a QDoTA adapter is refused first.
+
+        peft drops the adapter's config before it visits the layers, so the layers' own
+        refusal alone would leave a model without the config of an adapter it still runs.
+        """
+        if any(
+            isinstance(m, DoTALayer) and m.quantized and adapter_name in m.dota_cores
+            for m in self.model.modules()
+        ):
+            raise ConfigError(
+                f"cannot delete QDoTA adapter {adapter_name!r}: the base layers were replaced "
+                f"by NF4(W0 - MPO(T_init)) and the original weights are not kept; use "
+                f"merge_and_unload() for a plain model"
+            )
+        super().delete_adapter(adapter_name)
 
     def _unload_and_optionally_merge(self, merge: bool = True, **kwargs: Any) -> nn.Module:
         if not merge and any(
