@@ -12,12 +12,14 @@ folder as well.
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 
 import peft_harness
 from tiny_tokenizer import tiny_tokenizer
 
-from tensornet.adapters import DoTAConfig, LoTRConfig, tiny_llama
+from tensornet.adapters import DoTAConfig, LoRTAConfig, LoTRConfig, tiny_llama
 
 custom = peft_harness.load("test_custom_models")
 decoder = peft_harness.load("test_decoder_models")
@@ -60,6 +62,7 @@ LLAMA_DOTA = {"num_cores": 3, "rank": 4, "seed": 0}
 
 def _llama_folder() -> str:
     folder = tempfile.mkdtemp(prefix="tensornet-tiny-llama-")
+    atexit.register(shutil.rmtree, folder, True)
     tiny_llama().save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return folder
@@ -71,8 +74,11 @@ DECODER_CASES = [
     (LLAMA, DoTAConfig, {**LLAMA_DOTA}),
     (LLAMA, DoTAConfig, {**LLAMA_DOTA, "init": "random"}),
     (LLAMA, DoTAConfig, {**LLAMA_DOTA, "quantize": "nf4"}),
+    (LLAMA, LoTRConfig, {"rank": 4, "seed": 0}),
+    (LLAMA, LoRTAConfig, {"rank": 4, "seed": 0}),  # q, k, v, o with C_kv_head (GQA)
 ]
-DECODER_IDS = ["DoTA tiny-llama", "DoTA-Random tiny-llama", "QDoTA tiny-llama"]
+DECODER_IDS = ["DoTA tiny-llama", "DoTA-Random tiny-llama", "QDoTA tiny-llama",
+               "LoTR tiny-llama", "LoRTA tiny-llama"]
 
 
 def _offline(**case):

@@ -12,10 +12,10 @@ from torch import nn
 
 from ..errors import ConfigError
 from .base import AdapterReport, count_parameters
+from .config import TensornetConfig
 from .dota import DoTAConfig
 from .lorta import LoRTAConfig
 from .lotr import LoTRConfig
-from .tuner import TensornetConfig
 
 __all__ = [
     "apply",
@@ -55,15 +55,42 @@ def _tuner(config: TensornetConfig) -> Any:
     return PEFT_TYPE_TO_TUNER_MAPPING[config.peft_type]
 
 
-def apply(model: nn.Module, config: TensornetConfig, *, adapter_name: str = "default") -> Any:
+def apply(
+    model: nn.Module,
+    config: TensornetConfig,
+    *,
+    adapter_name: str = "default",
+    autocast_adapter_dtype: bool = True,
+) -> Any:
     """``peft.get_peft_model(model, config)`` for a tensornet config, checked first.
 
     Every target is validated before the model changes (see
     :class:`~tensornet.adapters.tuner.TensornetTuner`); a failure leaves it as it was.
 
+    Parameters
+    ----------
+    model : nn.Module
+        The base model (not already a ``PeftModel``: add more adapters with
+        ``add_adapter``).
+    config : DoTAConfig, LoTRConfig or LoRTAConfig
+        The adapter.
+    adapter_name : str
+        Name of the adapter (peft's ``"default"``).
+    autocast_adapter_dtype : bool
+        peft's option: True upcasts bfloat16/float16 adapter weights to float32 (the
+        trained copy; the base keeps its dtype). False keeps them in the dtype the config
+        asks for (``DoTAConfig(dtype="bfloat16")``, QDoTA's bfloat16 cores).
+
     Returns
     -------
     peft.PeftModel
+
+    Examples
+    --------
+    >>> from tensornet.adapters import LoTRConfig, apply, tiny_llama
+    >>> model = apply(tiny_llama(), LoTRConfig(rank=4))
+    >>> type(model).__name__, model.active_adapters
+    ('PeftModel', ['default'])
     """
     from peft import get_peft_model
 
@@ -73,13 +100,31 @@ def apply(model: nn.Module, config: TensornetConfig, *, adapter_name: str = "def
             f"LoRTAConfig); got {type(config).__name__}"
         )
     _check_model(model)
-    return get_peft_model(model, config, adapter_name=adapter_name)
+    return get_peft_model(
+        model, config, adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype
+    )
 
 
 def plan(model: nn.Module, config: TensornetConfig) -> AdapterReport:
     """What :func:`apply` would build, counted without weights and without changes.
 
     Works on a model built on the meta device (a 7B model costs no memory).
+
+    Returns
+    -------
+    AdapterReport
+        One :class:`LayerReport` per target (modes and ranks for DoTA), the trainable
+        parameters and their share of the model.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from tensornet.adapters import DoTAConfig, plan, tiny_llama
+    >>> with torch.device("meta"):
+    ...     model = tiny_llama()
+    >>> report = plan(model, DoTAConfig(rank=8, num_cores=3))
+    >>> report.method, len(report.layers), report.trainable_params
+    ('dota', 10, 16640)
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"`model` must be a torch.nn.Module; got {type(model).__name__}")

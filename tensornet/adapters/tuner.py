@@ -1,4 +1,4 @@
-"""What every tensornet peft method shares: its config base, layer base and tuner base.
+"""The tuner base of every tensornet peft method: validation, base records, undo, shared state.
 
 peft's tuner framework (``PeftConfig``, ``BaseTunerLayer``, ``BaseTuner``) does the
 lifecycle: injection, trainable marking, ``save_pretrained`` / ``from_pretrained``, named
@@ -17,269 +17,36 @@ does not do and every tensornet method needs:
   the adapter is being restored: its initial state comes from the weights file, so
   nothing is decomposed or drawn at random again (DoTA's ``T_init`` is read, not
   recomputed, which is what makes a reload exact).
-* **Check the weights file.** :meth:`TensornetConfig.from_pretrained` (which peft calls
-  before it builds the adapter) opens ``adapter_model.safetensors`` beside the config and
-  refuses a truncated or unreadable file, a missing, extra or misshapen tensor, or a
-  non-finite value, naming the file and the tensor.
+* **Check the weights file** (:mod:`tensornet.adapters.files`, called by
+  :meth:`~tensornet.adapters.config.TensornetConfig.from_pretrained` before peft builds
+  the adapter).
+* **Share state** (:class:`SharedStateTuner`): factors that belong to no single layer
+  (LoTR, LoRTA) live on the tuner, once.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import numbers
-import os
-import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from peft.config import PeftConfig
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
-from ..errors import AdapterFileError, AdapterMismatchError, ConfigError
+from ..errors import AdapterMismatchError, ConfigError
 from .base import dense_weight, fingerprint, is_4bit
+from .config import TensornetConfig
 
-__all__ = [
-    "AdditiveLinear",
-    "SharedStateTuner",
-    "TensornetConfig",
-    "TensornetTuner",
-    "WEIGHTS_NAME",
-    "check_adapter_file",
-    "check_positive_int",
-    "check_scale",
-    "check_seed",
-]
-
-#: The file peft's ``save_pretrained`` writes the adapter tensors to.
-WEIGHTS_NAME = "adapter_model.safetensors"
-#: Keys of the saved tensors start with this (``PeftModel`` -> ``BaseTuner`` -> model).
-MODEL_PREFIX = "base_model.model."
-TUNER_PREFIX = "base_model."
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-@dataclass
-class TensornetConfig(PeftConfig):
-    """Fields every tensornet method has (see the method configs for the rest).
-
-    Parameters
-    ----------
-    target_modules : list of str or str, optional
-        peft's rule: a list selects a module whose qualified name equals an entry or ends
-        with ``"." + entry``; a string is a regular expression matched against the whole
-        name. Default: the method's own (the paper's q, k, v, up, down for DoTA).
-    exclude_modules : list of str or str, optional
-        Modules never adapted, by the same rule.
-    modules_to_save : list of str, optional
-        Other modules to train fully and store in the adapter file (peft's meaning).
-    init_weights : bool
-        True (default): the adapted model computes exactly what the base computed. False:
-        start from a perturbed adapter (peft's convention, used by its tests to see that
-        merge, disable and save act on something).
-    base_layers : dict, optional
-        Filled in by tensornet when the adapter is created: for every adapted layer its
-        ``shape``, ``dtype`` and ``fingerprint`` (a hash of the weight's values). Leave
-        it empty; a config that has it describes a trained adapter to restore.
-    """
-
-    target_modules: list[str] | str | None = None
-    exclude_modules: list[str] | str | None = None
-    modules_to_save: list[str] | None = None
-    init_weights: bool = True
-    base_layers: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    #: the method's default targets and its peft prefix (class attributes, not fields)
-    default_targets: ClassVar[tuple[str, ...]] = ()
-    prefix: ClassVar[str] = ""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.target_modules is None:
-            self.target_modules = list(self.default_targets)
-        self.target_modules = _check_targets(self.target_modules, "target_modules")
-        if self.exclude_modules is not None:
-            self.exclude_modules = _check_targets(self.exclude_modules, "exclude_modules")
-        if self.modules_to_save is not None:
-            m = self.modules_to_save
-            if isinstance(m, str) or not all(isinstance(t, str) and t for t in m):
-                raise ConfigError(
-                    f"`modules_to_save` must be a list of module names; got {m!r}"
-                )
-            self.modules_to_save = list(m)
-        if not isinstance(self.init_weights, bool):
-            raise ConfigError(f"`init_weights` must be True or False; got {self.init_weights!r}")
-        if not isinstance(self.base_layers, Mapping):
-            raise ConfigError(
-                f"`base_layers` is written by tensornet (leave it empty); got {self.base_layers!r}"
-            )
-
-    # -- what a method supplies -------------------------------------------------------
-    @property
-    def method(self) -> str:
-        """The method's name in tensornet's table (``"dota"``, ``"qdota"``, ...)."""
-        raise NotImplementedError
-
-    def expected_tensors(self) -> dict[str, tuple[int, ...]]:
-        """Checkpoint key -> shape of every tensor of the saved adapter (from ``base_layers``)."""
-        raise NotImplementedError
-
-    # -- peft hooks -----------------------------------------------------------------
-    def replace(self, **overrides: Any) -> TensornetConfig:
-        """A copy with ``overrides`` applied; the config itself is left unchanged.
-
-        Raises
-        ------
-        ConfigError
-            If an override names no field of the config.
-        """
-        names = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(overrides) - names)
-        if unknown:
-            raise ConfigError(
-                f"unknown {type(self).__name__} field(s) {unknown}; valid fields: "
-                f"{sorted(n for n in names if n not in _PEFT_FIELDS)}"
-            )
-        return dataclasses.replace(self, **overrides)
-
-    @classmethod
-    def from_pretrained(
-        cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any
-    ) -> TensornetConfig:
-        """Read the config (peft's loader), plus a check of the weights file next to the config.
-
-        peft calls this before it builds the adapter, so a damaged file is refused while
-        the model is still untouched.
-        """
-        config = super().from_pretrained(pretrained_model_name_or_path, subfolder, **kwargs)
-        folder = Path(os.fspath(pretrained_model_name_or_path))
-        if subfolder:
-            folder = folder / subfolder
-        file = folder / WEIGHTS_NAME
-        if folder.is_dir() and file.exists():
-            check_adapter_file(file, config.expected_tensors(), prefix=cls.prefix)
-        config._restoring = True  # not a field: never saved, cleared by the injection
-        return config
-
-
-_PEFT_FIELDS = {f.name for f in dataclasses.fields(PeftConfig)} | {"base_layers"}
-
-
-def _check_targets(tm: Any, name: str) -> list[str] | str:
-    import re
-
-    if isinstance(tm, str):
-        try:
-            re.compile(tm)
-        except re.error as exc:
-            raise ConfigError(
-                f"`{name}` as a string must be a valid regular expression; got {tm!r} ({exc})"
-            ) from None
-        return tm
-    if (
-        not isinstance(tm, (Sequence, set, frozenset))
-        or len(tm) == 0
-        or not all(isinstance(t, str) and t for t in tm)
-    ):
-        raise ConfigError(
-            f"`{name}` must be a non-empty list of module names or a regex string; got {tm!r}"
-        )
-    return sorted(tm) if isinstance(tm, (set, frozenset)) else list(tm)
-
-
-def check_positive_int(value: Any, name: str) -> int:
-    """A config field that must be a positive int (``rank``); ConfigError otherwise."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ConfigError(f"`{name}` must be a positive int; got {value!r}")
-    return int(value)
-
-
-def check_scale(value: Any, name: str = "scale") -> float:
-    """A config field that must be a finite nonzero number (an update's scale)."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Real)
-        or not math.isfinite(value)
-        or value == 0
-    ):
-        raise ConfigError(f"`{name}` must be a finite nonzero number; got {value!r}")
-    return float(value)
-
-
-def check_seed(value: Any, name: str = "seed") -> int | None:
-    """A config field that must be None or an int (a seed)."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
-        raise ConfigError(f"`{name}` must be None or an int; got {value!r}")
-    return None if value is None else int(value)
-
-
-def check_adapter_file(
-    file: str | os.PathLike, expected: Mapping[str, tuple[int, ...]], *, prefix: str
-) -> None:
-    """Refuse an adapter weights file that is unreadable or does not match its config.
-
-    Parameters
-    ----------
-    file : path
-        ``adapter_model.safetensors``.
-    expected : mapping
-        Checkpoint key -> shape of every tensor of the method (``config.expected_tensors()``);
-        other keys (``modules_to_save``) are only checked for finiteness.
-    prefix : str
-        The method's peft prefix (``"dota_"``): a key holding ``"." + prefix`` that is not
-        expected is refused as foreign.
-
-    Raises
-    ------
-    AdapterFileError
-        Naming the file and the problem.
-    """
-    from safetensors import safe_open
-
-    file = Path(file)
-    try:
-        with safe_open(str(file), framework="pt") as fh:
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    except Exception as exc:  # safetensors raises its own error type, or OSError
-        raise AdapterFileError(
-            f"{file} is not a readable safetensors file ({type(exc).__name__}: {exc}); it is "
-            f"truncated or damaged: save the adapter again"
-        ) from None
-    missing = sorted(set(expected) - set(tensors))
-    if missing:
-        raise AdapterFileError(
-            f"{file} lacks {len(missing)} tensor(s) its adapter_config.json describes, e.g. "
-            f"{missing[:3]}: the file is damaged or belongs to another adapter"
-        )
-    extra = sorted(k for k in tensors if f".{prefix}" in k and k not in expected)
-    if extra:
-        raise AdapterFileError(
-            f"{file} holds tensor(s) its adapter_config.json does not describe, e.g. "
-            f"{extra[:3]}: the file belongs to another adapter"
-        )
-    for key, shape in expected.items():
-        got = tuple(tensors[key].shape)
-        if got != tuple(shape):
-            raise AdapterFileError(
-                f"{file}: tensor {key!r} has shape {list(got)}, its config implies "
-                f"{list(shape)}: the file is damaged or belongs to another adapter"
-            )
-    for key, value in tensors.items():
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise AdapterFileError(
-                f"{file}: tensor {key!r} holds NaN or Inf values; the adapter is damaged"
-            )
+__all__ = ["SharedStateTuner", "Target", "TensornetTuner"]
 
 
 #: The fields of a target's record every method has; the others are the method's own.
 _BASE_FIELDS = ("shape", "dtype", "fingerprint")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 @dataclass
@@ -535,67 +302,6 @@ class TensornetTuner(BaseTuner):
             self._awaiting.discard(adapter_name)
 
 
-class AdditiveLinear(nn.Module):
-    """A linear tuner layer that adds its adapters' updates to the base layer's output.
-
-    For the methods whose update is applied through its factors, never as a dense matrix
-    (LoTR, LoRTA): ``y = base(x) + sum over active adapters of delta(x, adapter)``. A
-    subclass is also a peft ``BaseTunerLayer`` (its first ``adapter_layer_names`` entry is
-    keyed by adapter) and gives ``delta(x, adapter)`` and ``get_delta_weight(adapter)``
-    (the dense update in the base dtype, computed in float32 or more); merging adds the
-    latter to the base weight, which is modified nowhere else.
-    """
-
-    def _holds(self, adapter: str) -> bool:
-        return adapter in getattr(self, self.adapter_layer_names[0])
-
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Add the adapters' ``Delta W`` to the base weight (``safe_merge``: check first)."""
-        adapter_names = check_adapters_to_merge(self, adapter_names)
-        base = self.get_base_layer()
-        for name in adapter_names:
-            if not self._holds(name):
-                continue
-            with torch.no_grad():
-                w = base.weight.data
-                dt = torch.float64 if w.dtype == torch.float64 else torch.float32
-                new = (w.to(dt) + self.get_delta_weight(name).to(dt)).to(w.dtype)
-                if safe_merge and not torch.isfinite(new).all():
-                    raise ValueError(
-                        f"NaNs detected in the merged weights; the adapter {name!r} seems to be "
-                        f"broken"
-                    )
-                base.weight.data = new
-            self.merged_adapters.append(name)
-
-    def unmerge(self) -> None:
-        """Take the merged adapters' ``Delta W`` out of the base weight again."""
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
-            return
-        base = self.get_base_layer()
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            if not self._holds(name):
-                continue
-            with torch.no_grad():
-                w = base.weight.data
-                dt = torch.float64 if w.dtype == torch.float64 else torch.float32
-                base.weight.data = (w.to(dt) - self.get_delta_weight(name).to(dt)).to(w.dtype)
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """``base(x)`` plus the active adapters' updates (none if disabled or merged)."""
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
-        y = self.base_layer(x, *args, **kwargs)
-        for adapter in self.active_adapters:
-            if self._holds(adapter):
-                y = y + self.delta(x, adapter).to(y.dtype)
-        return y
 
 
 class SharedStateTuner(TensornetTuner):
@@ -784,13 +490,3 @@ class _undo_on_error:
             self.tuner._drop_shared(self.adapter_name)
             for p, flag in self.flags:
                 p.requires_grad_(flag)
-
-
-def iter_layers(model: nn.Module, cls: type) -> Iterator[tuple[str, Any]]:
-    """Named submodules of type ``cls``."""
-    return ((n, m) for n, m in model.named_modules() if isinstance(m, cls))
-
-
-def numel(shape: Sequence[int]) -> int:
-    """Number of entries of ``shape``."""
-    return math.prod(int(s) for s in shape)

@@ -11,12 +11,10 @@ from ...errors import ConfigError, ShapeError
 from ...params import mpo_ranks
 from ...tensorize import factorize
 from .._registry import peft_type
-from ..tuner import MODEL_PREFIX, TensornetConfig
+from ..config import LLAMA_TARGETS, MODEL_PREFIX, TensornetConfig
 
 __all__ = ["DoTAConfig", "LLAMA_TARGETS"]
 
-#: The paper's targets on LLaMA: q_proj, k_proj, v_proj, up_proj and down_proj.
-LLAMA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 
 _INITS = ("mpo", "random")
 _QUANTIZE = (None, "nf4")
@@ -31,7 +29,7 @@ class DoTAConfig(TensornetConfig):
     Parameters
     ----------
     target_modules : list of str or str, optional
-        peft's rule (see :class:`~tensornet.adapters.tuner.TensornetConfig`); default the
+        peft's rule (see :class:`~tensornet.adapters.config.TensornetConfig`); default the
         paper's q_proj, k_proj, v_proj, up_proj, down_proj.
     num_cores : int
         Number of MPO cores ``N`` (the paper: 5).
@@ -48,8 +46,11 @@ class DoTAConfig(TensornetConfig):
         ``"nf4"``: QDoTA, the frozen residual ``W0 - MPO(T_init)`` stored as bitsandbytes
         NF4 in place of the base weight (decomposed at full precision first).
     dtype : {"float32", "bfloat16", "float16", "float64"} or None
-        Dtype of the trainable cores; None: the base weight's dtype, or bfloat16 with
-        ``quantize="nf4"`` (the paper's QDoTA setting).
+        Dtype the cores are created in (and ``T_init`` stored in); None: the base weight's
+        dtype, or bfloat16 with ``quantize="nf4"`` (the paper's QDoTA setting). peft then
+        upcasts bfloat16/float16 adapter weights to float32 unless
+        ``autocast_adapter_dtype=False`` is passed to ``get_peft_model`` /
+        :func:`~tensornet.adapters.apply`.
     strategy : {"auto", "dense", "contract"}
         How the layer computes its output: ``"auto"`` asks the contraction planner per
         batch size (with fixed machine constants, so every process decides alike).

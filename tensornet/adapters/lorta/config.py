@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 from ...errors import ConfigError
 from .._registry import peft_type
-from ..tuner import (
+from ..config import (
     TUNER_PREFIX,
     TensornetConfig,
     check_positive_int,

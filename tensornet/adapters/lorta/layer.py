@@ -47,7 +47,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ..tuner import AdditiveLinear
+from ..layer import AdditiveLinear
 
 __all__ = ["LoRTAIndex", "LoRTALayer", "LoRTALinear"]
 

@@ -11,7 +11,8 @@ from torch import nn
 from ...errors import ConfigError
 from ...params import lorta_num_params
 from ..base import LayerReport
-from ..tuner import SharedStateTuner, Target, TensornetConfig
+from ..config import TensornetConfig
+from ..tuner import SharedStateTuner, Target
 from .config import FACTORS, LoRTAConfig, factor_shapes
 from .layer import LoRTAIndex, LoRTALayer, LoRTALinear
 

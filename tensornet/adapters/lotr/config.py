@@ -7,8 +7,8 @@ from typing import ClassVar, Literal
 
 from ...errors import ConfigError
 from .._registry import peft_type
-from ..dota.config import LLAMA_TARGETS
-from ..tuner import (
+from ..config import (
+    LLAMA_TARGETS,
     MODEL_PREFIX,
     TUNER_PREFIX,
     TensornetConfig,
@@ -34,7 +34,7 @@ class LoTRConfig(TensornetConfig):
     Parameters
     ----------
     target_modules : list of str or str, optional
-        peft's rule (see :class:`~tensornet.adapters.tuner.TensornetConfig`); default the
+        peft's rule (see :class:`~tensornet.adapters.config.TensornetConfig`); default the
         paper's q, k, v, up, down.
     rank : int
         ``r`` (default 16).

@@ -24,7 +24,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from torch.nn import functional as F
 
-from ..tuner import AdditiveLinear
+from ..layer import AdditiveLinear
 
 __all__ = ["LoTRLayer", "LoTRLinear"]
 

@@ -1,0 +1,75 @@
+"""The layer base of the additive tensornet methods (LoTR, LoRTA): base output plus updates."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import check_adapters_to_merge
+from torch import nn
+
+__all__ = ["AdditiveLinear"]
+
+
+class AdditiveLinear(nn.Module):
+    """A linear tuner layer that adds its adapters' updates to the base layer's output.
+
+    For the methods whose update is applied through its factors, never as a dense matrix
+    (LoTR, LoRTA): ``y = base(x) + sum over active adapters of delta(x, adapter)``. A
+    subclass is also a peft ``BaseTunerLayer`` (its first ``adapter_layer_names`` entry is
+    keyed by adapter) and gives ``delta(x, adapter)`` and ``get_delta_weight(adapter)``
+    (the dense update in the base dtype, computed in float32 or more); merging adds the
+    latter to the base weight, which is modified nowhere else.
+    """
+
+    def _holds(self, adapter: str) -> bool:
+        return adapter in getattr(self, self.adapter_layer_names[0])
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Add the adapters' ``Delta W`` to the base weight (``safe_merge``: check first)."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        base = self.get_base_layer()
+        for name in adapter_names:
+            if not self._holds(name):
+                continue
+            with torch.no_grad():
+                w = base.weight.data
+                dt = torch.float64 if w.dtype == torch.float64 else torch.float32
+                new = (w.to(dt) + self.get_delta_weight(name).to(dt)).to(w.dtype)
+                if safe_merge and not torch.isfinite(new).all():
+                    raise ValueError(
+                        f"NaNs detected in the merged weights; the adapter {name!r} seems to be "
+                        f"broken"
+                    )
+                base.weight.data = new
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Take the merged adapters' ``Delta W`` out of the base weight again."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if not self._holds(name):
+                continue
+            with torch.no_grad():
+                w = base.weight.data
+                dt = torch.float64 if w.dtype == torch.float64 else torch.float32
+                base.weight.data = (w.to(dt) - self.get_delta_weight(name).to(dt)).to(w.dtype)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``base(x)`` plus the active adapters' updates (none if disabled or merged)."""
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        y = self.base_layer(x, *args, **kwargs)
+        for adapter in self.active_adapters:
+            if self._holds(adapter):
+                y = y + self.delta(x, adapter).to(y.dtype)
+        return y
