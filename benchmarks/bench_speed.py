@@ -264,7 +264,7 @@ def inference(quick: bool) -> dict[str, Any]:
             t, _ = best_round_robin({k: (lambda x=x, m=m: m(x)) for k, m in stacks.items()},
                                   1.0, 5)
             strategies = sorted({
-                m.choose_strategy(m.delta_chain(["default"]), rows, False, "default")
+                m.choose_strategy(m.delta_terms(["default"])[0][1], rows, False, "default")
                 for m in unmerged.modules() if hasattr(m, "choose_strategy")
             })
             rec = {"rows": rows, "unmerged_strategy": "/".join(strategies),

@@ -68,14 +68,7 @@ from tensornet.tensorize import cores_to_matrix
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The test machine has 2 cores shared with other jobs; torch's intra-op threads then
-    # oversubscribe them. One thread is also bit-reproducible.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def single_layer(out_f: int, in_f: int, *, bias: bool = True, dtype=torch.float32,

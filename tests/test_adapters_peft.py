@@ -52,12 +52,7 @@ from tensornet.errors import AdapterFileError, AdapterMismatchError, ConfigError
 WEIGHTS = "adapter_model.safetensors"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def adapter_state(model: nn.Module, adapter: str = "default") -> dict[str, torch.Tensor]:

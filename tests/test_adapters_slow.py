@@ -22,18 +22,11 @@ from torch import nn
 
 from tensornet.adapters import LLAMA_TARGETS, DoTAConfig, DoTALinear, load_pretrained
 
-pytestmark = pytest.mark.slow
-
 REPO = Path(__file__).resolve().parents[1]
 TEXT = "The capital of France is Paris, and the capital of Italy is Rome."
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")

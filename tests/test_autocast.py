@@ -6,13 +6,7 @@ from peft import get_peft_model
 
 from tensornet.adapters import DoTAConfig, tiny_llama
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("strategy", ["contract", "dense", "auto"])

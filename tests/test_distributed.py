@@ -132,14 +132,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # A 2-core machine shared with other jobs: torch's intra-op threads oversubscribe it
-    # (a 20 ms step takes seconds). One thread, as in the workers, is also reproducible.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

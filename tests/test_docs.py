@@ -8,7 +8,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
 import tensornet
 import tensornet.adapters
@@ -84,15 +83,6 @@ def test_readme_adapter_example_runs():
     fresh = namespace["fresh"]
     assert not any(type(m).__name__ == "DoTALinear" for m in fresh.modules())
 
-
-@pytest.fixture
-def one_thread():
-    # The user-guide examples train tiny models; on a small machine shared with other jobs,
-    # torch's intra-op threads oversubscribe the cores and a 20 ms step takes seconds.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 # Every page with ``>>>`` examples; guide/distributed.rst (several processes: its runnable

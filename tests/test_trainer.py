@@ -41,14 +41,7 @@ LR = 1e-2
 ADAPTER_FILE = "adapter_model.safetensors"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The test machine has 2 cores shared with other jobs; torch's intra-op threads then
-    # oversubscribe them and a 20 ms step takes seconds. One thread is also bit-reproducible.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch() -> torch.Tensor:

@@ -9,7 +9,26 @@ import torch
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
-__all__ = ["AdditiveLinear"]
+__all__ = ["AdditiveLinear", "shift_weight"]
+
+
+@torch.no_grad()
+def shift_weight(
+    base: nn.Module, delta: torch.Tensor, *, sign: float = 1.0, check: str | None = None
+) -> None:
+    """``base.weight += sign * delta``, computed in float32 (float64) and stored in its dtype.
+
+    With ``check`` (an adapter name: peft's ``safe_merge``) the sum is checked for NaN/Inf
+    first and the weight is left unchanged if it has any.
+    """
+    w = base.weight.data
+    dt = torch.float64 if w.dtype == torch.float64 else torch.float32
+    new = (w.to(dt) + sign * delta.to(dt)).to(w.dtype)
+    if check is not None and not torch.isfinite(new).all():
+        raise ValueError(
+            f"NaNs detected in the merged weights; the adapter {check!r} seems to be broken"
+        )
+    base.weight.data = new
 
 
 class AdditiveLinear(nn.Module):
@@ -31,19 +50,9 @@ class AdditiveLinear(nn.Module):
         adapter_names = check_adapters_to_merge(self, adapter_names)
         base = self.get_base_layer()
         for name in adapter_names:
-            if not self._holds(name):
-                continue
-            with torch.no_grad():
-                w = base.weight.data
-                dt = torch.float64 if w.dtype == torch.float64 else torch.float32
-                new = (w.to(dt) + self.get_delta_weight(name).to(dt)).to(w.dtype)
-                if safe_merge and not torch.isfinite(new).all():
-                    raise ValueError(
-                        f"NaNs detected in the merged weights; the adapter {name!r} seems to be "
-                        f"broken"
-                    )
-                base.weight.data = new
-            self.merged_adapters.append(name)
+            if self._holds(name):
+                shift_weight(base, self.get_delta_weight(name), check=name if safe_merge else None)
+                self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
         """Take the merged adapters' ``Delta W`` out of the base weight again."""
@@ -53,12 +62,8 @@ class AdditiveLinear(nn.Module):
         base = self.get_base_layer()
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            if not self._holds(name):
-                continue
-            with torch.no_grad():
-                w = base.weight.data
-                dt = torch.float64 if w.dtype == torch.float64 else torch.float32
-                base.weight.data = (w.to(dt) - self.get_delta_weight(name).to(dt)).to(w.dtype)
+            if self._holds(name):
+                shift_weight(base, self.get_delta_weight(name), sign=-1.0)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """``base(x)`` plus the active adapters' updates (none if disabled or merged)."""

@@ -38,6 +38,7 @@ from ...errors import ConfigError
 from ...plan import DEFAULT_PROFILE, mpo_matmul, plan_mpo_matmul
 from ...tensorize import combine_halves, cores_to_matrix, mpo_halves
 from ..base import dense_weight, is_4bit
+from ..layer import shift_weight
 
 __all__ = ["DoTALayer", "DoTALinear", "chain_sum", "random_cores", "release_scratch"]
 
@@ -351,18 +352,27 @@ class DoTALayer(BaseTunerLayer):
         super().delete_adapter(adapter_name)
 
     # -- the adapter's matrix --------------------------------------------------------
-    def delta_chain(self, adapters: Sequence[str], *, disabled: bool = False) -> list[torch.Tensor]:
-        """One chain for the update the ``adapters`` add to the base (see the module doc)."""
+    def delta_terms(
+        self, adapters: Sequence[str], *, disabled: bool = False
+    ) -> list[tuple[float, list[torch.Tensor]]]:
+        """``(sign, cores)`` of the chains whose sum the ``adapters`` add to the base.
+
+        DoTA: ``+T`` and ``-T_init`` per adapter; QDoTA: ``+T`` (disabled: ``+T_init``).
+        """
         if self.quantized:
             (adapter,) = adapters
-            return self.init_cores(adapter) if disabled else self.cores(adapter)
-        terms: list[tuple[float, Sequence[torch.Tensor]]] = []
+            return [(1.0, self.init_cores(adapter) if disabled else self.cores(adapter))]
+        terms: list[tuple[float, list[torch.Tensor]]] = []
         for a in adapters:
             cores = self.cores(a)
             dt = cores[0].dtype
             terms.append((1.0, cores))
             terms.append((-1.0, [c.to(dt) for c in self.init_cores(a)]))
-        return chain_sum(terms)
+        return terms
+
+    def delta_chain(self, adapters: Sequence[str], *, disabled: bool = False) -> list[torch.Tensor]:
+        """One chain for the update the ``adapters`` add to the base (see the module doc)."""
+        return chain_sum(self.delta_terms(adapters, disabled=disabled))
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """``MPO(T) - MPO(T_init)`` (QDoTA: ``MPO(T)``) in the base dtype, computed in float32+."""
@@ -459,15 +469,8 @@ class DoTALinear(nn.Module, DoTALayer):
                     self._nf4_base.append(base)
                     self.base_layer = merged
                 else:
-                    w = base.weight.data
-                    dt = torch.float64 if w.dtype == torch.float64 else torch.float32
-                    new = (w.to(dt) + self.get_delta_weight(name).to(dt)).to(w.dtype)
-                    if safe_merge and not torch.isfinite(new).all():
-                        raise ValueError(
-                            f"NaNs detected in the merged weights; the adapter {name!r} seems "
-                            f"to be broken"
-                        )
-                    base.weight.data = new
+                    shift_weight(base, self.get_delta_weight(name),
+                                 check=name if safe_merge else None)
             self.merged_adapters.append(name)
         release_scratch()
 
@@ -484,10 +487,7 @@ class DoTALinear(nn.Module, DoTALayer):
                 if self._nf4_base:
                     self.base_layer = self._nf4_base.pop()
                 else:
-                    base = self.get_base_layer()
-                    w = base.weight.data
-                    dt = torch.float64 if w.dtype == torch.float64 else torch.float32
-                    base.weight.data = (w.to(dt) - self.get_delta_weight(name).to(dt)).to(w.dtype)
+                    shift_weight(self.get_base_layer(), self.get_delta_weight(name), sign=-1.0)
 
     # -- forward -----------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -505,7 +505,7 @@ class DoTALinear(nn.Module, DoTALayer):
             adapters, disabled = [a for a in self.active_adapters if a in self.dota_cores], False
         if not adapters:
             return self.base_layer(x, *args, **kwargs)
-        chain = self.delta_chain(adapters, disabled=disabled)
+        terms = self.delta_terms(adapters, disabled=disabled)
         batch = x.numel() // self.in_features
         # by grad mode only (not by which cores require grad), so a reloaded adapter in
         # inference mode takes the same path as the trained one and gives the same bits
@@ -513,10 +513,21 @@ class DoTALinear(nn.Module, DoTALayer):
         choose = self.choose_strategy
         if torch.compiler.is_compiling():  # plan outside the traced graph, on concrete sizes
             choose = torch.compiler.disable(choose)
-        if choose(chain, batch, training, adapters[0]) == "contract":
+        # planned on one term's chain: contracting costs that per term, building W about
+        # as much per term (one product of the summed chain's halves)
+        if choose(terms[0][1], batch, training, adapters[0]) == "contract":
+            # term by term: a summed chain's middle cores are (n R)^2, n^2 times the work
+            # (summed before the base output is added: at T = T_init the terms cancel
+            # exactly and the layer gives the base's output bit for bit)
             y = self.base_layer(x, *args, **kwargs)
-            delta = mpo_matmul(x.to(chain[0].dtype), chain, strategy="contract")
+            xc = x.to(terms[0][1][0].dtype)
+            delta = None
+            for sign, cores in terms:
+                part = mpo_matmul(xc, cores, strategy="contract")
+                part = part if sign == 1 else -part
+                delta = part if delta is None else delta + part
             return y + delta.to(y.dtype)
+        chain = chain_sum(terms)
         return _DenseResidualMPO.apply(x, self.get_base_layer().bias, self, *chain)
 
     def __repr__(self) -> str:
