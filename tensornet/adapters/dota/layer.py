@@ -160,15 +160,33 @@ def _build_weight(left: torch.Tensor, right: torch.Tensor, base: torch.Tensor) -
         )
 
 
-class _DenseResidualMPO(torch.autograd.Function):
-    """``x (W_base + MPO(chain))^T + b`` that keeps no dense matrix alive for backward.
+def _term_halves(
+    terms: Sequence[Sequence[torch.Tensor]], signs: Sequence[float], ct: torch.dtype
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor]:
+    """Half-chains of each term, and of their sum: ``[L_1 .. L_n]`` and ``[s_1 R_1; ...]``.
 
-    Forward builds ``W = W_base + MPO(chain)`` (one product of the two half-chains, then
-    the sum with ``W_base`` fused into the reordering pass), uses it and drops it; only
+    The half-chains of a sum of MPOs with the same modes and split are the halves of the
+    terms side by side (left) and stacked with their signs (right), so one product of the
+    two builds ``sum_i s_i MPO(term_i)`` and each term keeps its own small halves for the
+    backward pass.
+    """
+    with torch.autocast(device_type=terms[0][0].device.type, enabled=False):
+        halves = [mpo_halves([c.to(ct) for c in t]) for t in terms]
+        left = torch.cat([h[0] for h in halves], dim=-1)
+        right = torch.cat([h[1] if s == 1 else h[1] * s for h, s in zip(halves, signs)], dim=0)
+    return halves, left, right
+
+
+class _DenseResidualMPO(torch.autograd.Function):
+    """``x (W_base + sum_i s_i MPO(term_i))^T + b`` that keeps no dense matrix for backward.
+
+    Forward builds ``W`` in one product of the summed half-chains (:func:`_term_halves`),
+    with the sum with ``W_base`` fused into the reordering pass, uses it and drops it; only
     ``x`` and the small cores are saved. Backward rebuilds ``W`` for ``dx = dy W``, forms
-    the dense ``dW = dy^T x`` in the same buffer and pulls it back through the product of
-    the two half-chains by hand (two thin matmuls), then through each half by autograd.
-    On the CPU the W-sized temporaries live in reused per-thread buffers (:class:`_Scratch`).
+    the dense ``dW = dy^T x`` in the same buffer and pulls it back by hand, through the
+    halves of only the terms that need a gradient (DoTA's ``T``, not its ``T_init``): two
+    thin matmuls per such term, then through each half by autograd. On the CPU the W-sized
+    temporaries live in reused per-thread buffers (:class:`_Scratch`).
     """
 
     @staticmethod
@@ -177,15 +195,18 @@ class _DenseResidualMPO(torch.autograd.Function):
         x: torch.Tensor,
         bias: torch.Tensor | None,
         layer: DoTALinear,
+        signs: tuple[float, ...],
         *cores: torch.Tensor,
     ) -> torch.Tensor:
         ct = layer.compute_dtype
-        with torch.autocast(device_type=x.device.type, enabled=False):  # W in ct
-            left, right = mpo_halves([c.to(ct) for c in cores])
+        n = len(cores) // len(signs)
+        terms = [cores[i * n:(i + 1) * n] for i in range(len(signs))]
+        _, left, right = _term_halves(terms, signs, ct)
         weight = _build_weight(left, right, layer.dense_base(ct))
         y = F.linear(x.to(ct), weight, None if bias is None else bias.to(ct))
         del weight
         ctx.layer = layer
+        ctx.signs = signs
         ctx.save_for_backward(x, *cores)
         ctx.has_bias = bias is not None
         return y.to(x.dtype)
@@ -193,12 +214,14 @@ class _DenseResidualMPO(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, gy: torch.Tensor) -> tuple[Any, ...]:
         x, *cores = ctx.saved_tensors
-        layer = ctx.layer
+        layer, signs = ctx.layer, ctx.signs
         ct = layer.compute_dtype
+        n = len(cores) // len(signs)
         want = [c.requires_grad for c in cores]
-        with torch.enable_grad(), torch.autocast(device_type=x.device.type, enabled=False):
+        with torch.enable_grad():
             leaves = [c.detach().requires_grad_(w) for c, w in zip(cores, want)]
-            left, right = mpo_halves([leaf.to(ct) for leaf in leaves])
+            terms = [leaves[i * n:(i + 1) * n] for i in range(len(signs))]
+            halves, left, right = _term_halves(terms, signs, ct)
         gy2 = gy.reshape(-1, gy.shape[-1]).to(ct)
         gx = None
         if ctx.needs_input_grad[0]:
@@ -208,7 +231,7 @@ class _DenseResidualMPO(torch.autograd.Function):
         gb = gy2.sum(0).to(gy.dtype) if ctx.has_bias and ctx.needs_input_grad[1] else None
         grads: list[torch.Tensor | None] = [None] * len(cores)
         if any(want):
-            li, lj, r = left.shape
+            li, lj, _ = left.shape
             _, ri, rj = right.shape
             x2 = x.reshape(-1, x.shape[-1]).to(ct)
             g_weight = _SCRATCH.get("weight", (li * ri, lj * rj), gy2)
@@ -218,19 +241,22 @@ class _DenseResidualMPO(torch.autograd.Function):
             g_prod.copy_(g_weight.view(li, ri, lj, rj).permute(0, 2, 1, 3))
             g_prod = g_prod.view(li * lj, ri * rj)
             del g_weight
-            g_left = (g_prod @ right.detach().reshape(r, ri * rj).T).reshape(li, lj, r)
-            g_right = (left.detach().reshape(li * lj, r).T @ g_prod).reshape(r, ri, rj)
+            for t, ((lt, rt), sign) in enumerate(zip(halves, signs)):
+                picked = [(i, leaves[i]) for i in range(t * n, (t + 1) * n) if want[i]]
+                if not picked:
+                    continue  # a frozen term (T_init): no thin products for it
+                r = lt.shape[-1]
+                g_left = (g_prod @ rt.detach().reshape(r, ri * rj).T).reshape(li, lj, r)
+                g_right = (lt.detach().reshape(li * lj, r).T @ g_prod).reshape(r, ri, rj)
+                if sign != 1:
+                    g_left, g_right = g_left * sign, g_right * sign
+                got = torch.autograd.grad(
+                    (lt, rt), [leaf for _, leaf in picked], (g_left, g_right), allow_unused=True
+                )
+                for (i, leaf), g in zip(picked, got):
+                    grads[i] = torch.zeros_like(leaf) if g is None else g
             del g_prod
-            picked = [leaf for leaf, w in zip(leaves, want) if w]
-            it = iter(
-                torch.autograd.grad((left, right), picked, (g_left, g_right), allow_unused=True)
-            )
-            grads = [next(it) if w else None for w in want]
-            grads = [
-                torch.zeros_like(c) if w and g is None else g
-                for c, g, w in zip(cores, grads, want)
-            ]
-        return (gx, gb, None, *grads)
+        return (gx, gb, None, None, *grads)
 
 
 class DoTALayer(BaseTunerLayer):
@@ -527,8 +553,12 @@ class DoTALinear(nn.Module, DoTALayer):
                 part = part if sign == 1 else -part
                 delta = part if delta is None else delta + part
             return y + delta.to(y.dtype)
-        chain = chain_sum(terms)
-        return _DenseResidualMPO.apply(x, self.get_base_layer().bias, self, *chain)
+        signs = tuple(sign for sign, _ in terms)
+        if len({tuple(tuple(c.shape) for c in t) for _, t in terms}) > 1:
+            # adapters of different ranks may split at different cores: one summed chain
+            signs, terms = (1.0,), [(1.0, chain_sum(terms))]
+        flat = [c for _, t in terms for c in t]
+        return _DenseResidualMPO.apply(x, self.get_base_layer().bias, self, signs, *flat)
 
     def __repr__(self) -> str:
         return "dota." + super().__repr__()
