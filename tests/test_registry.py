@@ -1,0 +1,76 @@
+"""The methods' registration with peft: the PeftType members, peft's mappings, the version pin."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import peft
+import pytest
+from peft import PeftConfig, get_peft_model
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+from peft.utils.peft_types import PeftType
+
+from tensornet.adapters import (
+    METHODS,
+    TESTED_PEFT,
+    DoTAConfig,
+    DoTAModel,
+    LoRTAConfig,
+    LoRTAModel,
+    LoTRConfig,
+    LoTRModel,
+    tiny_llama,
+)
+from tensornet.adapters._registry import check_peft, peft_type
+from tensornet.errors import PeftVersionError
+
+REGISTERED = {"DOTA": (DoTAConfig, DoTAModel), "LOTR": (LoTRConfig, LoTRModel),
+              "LORTA": (LoRTAConfig, LoRTAModel)}
+
+
+@pytest.mark.parametrize("name", sorted(REGISTERED))
+def test_each_method_is_a_member_of_peft_type_and_in_peft_mappings(name):
+    member = PeftType(name)
+    assert member is getattr(PeftType, name) is peft_type(name)  # added once, found again
+    assert member in list(PeftType) and member == name  # a str enum: serializes as "DOTA"
+    config_cls, model_cls = REGISTERED[name]
+    assert PEFT_TYPE_TO_CONFIG_MAPPING[member] is config_cls
+    assert PEFT_TYPE_TO_TUNER_MAPPING[member] is model_cls
+    assert config_cls().peft_type is member
+
+
+def test_the_method_table_names_every_variant_once():
+    assert sorted(METHODS) == ["dota", "dota-random", "lorta", "lotr", "qdota"]
+    assert METHODS["qdota"].config().quantize == "nf4"
+    assert METHODS["dota-random"].config().init == "random"
+    assert METHODS["dota"].config(rank=8).rank == 8
+
+
+def test_saved_config_names_its_type_and_peft_reads_it_back(tmp_path):
+    model = get_peft_model(tiny_llama(), LoTRConfig(rank=2))
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "LOTR" and saved["rank"] == 2
+    again = PeftConfig.from_pretrained(tmp_path)  # peft's generic loader dispatches to ours
+    assert type(again) is LoTRConfig and again.rank == 2
+
+
+def test_the_installed_peft_is_a_tested_one():
+    assert check_peft() == peft.__version__ in TESTED_PEFT
+
+
+def test_an_untested_peft_is_refused_with_a_message(monkeypatch):
+    monkeypatch.setattr(peft, "__version__", "99.0.0")
+    with pytest.raises(PeftVersionError, match=r"tested with peft 0\.21\.2; the installed peft is "
+                                               r"99\.0\.0"):
+        check_peft()
+
+
+def test_importing_the_adapters_under_an_untested_peft_fails_in_one_line():
+    code = "import peft; peft.__version__ = '99.0.0'; import tensornet.adapters"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode != 0
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("tensornet.errors.PeftVersionError: ") and "99.0.0" in last
