@@ -247,9 +247,6 @@ class TensornetTuner(BaseTuner):
             self._awaiting_weights().add(adapter_name)
         del self._targets, self._placeholders
 
-    def _create_new_module(self, *args: Any, **kwargs: Any) -> nn.Module:  # pragma: no cover
-        raise NotImplementedError
-
     @classmethod
     def _get_adapter_state_dict(
         cls, model: nn.Module, config: Any, adapter_name: str, state_dict: Any,

@@ -5,15 +5,16 @@ Each adapter holds its cores ``T`` (``dota_cores``, trained) and its initial cor
 layer follows peft's semantics (disable, several adapters, unload) exactly; the paper's
 ``W_res + MPO(T)`` with ``W_res = W0 - MPO(T_init)`` is the same matrix.
 
-``MPO(T) - MPO(T_init)`` (summed over the active adapters) is itself one MPO, of bond
-``R_T + R_init`` (:func:`chain_sum`: first cores side by side, middle cores block
-diagonal, last cores stacked with a sign). The layer computes with that one chain, by
-the planner's strategy:
+The update is a sum of MPO terms (``+T`` and ``-T_init`` per active adapter), computed
+by the planner's strategy:
 
-* ``"contract"``: ``base(x) + x MPO(chain)^T`` through the cores;
-* ``"dense"``: ``W = W0 + MPO(chain)`` built in one product of the two half-chains with
-  the sum fused into the reordering pass, in a reused buffer, used for one matmul and
-  dropped (:class:`_DenseResidualMPO`). Backward rebuilds it; no dense matrix is kept.
+* ``"contract"``: ``base(x) + sum_i s_i x MPO(term_i)^T``, contracting ``x`` through each
+  term's cores (a summed chain of bond ``2R`` would cost ``(2R)^2`` in its middle cores);
+* ``"dense"``: ``W = W0 + sum_i s_i MPO(term_i)`` built in one product of the terms'
+  half-chains side by side (bond ``2R``), with the sum fused into the reordering pass, in a
+  reused buffer, used for one matmul and dropped (:class:`_DenseResidualMPO`). Backward
+  rebuilds it and pulls ``dW`` back through the halves of ``T`` only; no dense matrix is
+  kept. :func:`chain_sum` gives the sum as one MPO (bonds added) where one chain is needed.
 
 QDoTA stores ``NF4(W0 - MPO(T_init))`` as the base (the paper's form, the only way the
 base can be 4-bit) and adds ``MPO(T)``; disabled, it adds ``MPO(T_init)`` back, which gives
