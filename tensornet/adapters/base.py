@@ -24,6 +24,7 @@ __all__ = [
     "set_submodule",
     "dense_weight",
     "fingerprint",
+    "compute_dtype",
     "count_parameters",
     "is_4bit",
 ]
@@ -124,6 +125,13 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
+
+
+def compute_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype a linear layer computes in: its weight's, or a 4-bit layer's compute dtype."""
+    if is_4bit(module):
+        return module.compute_dtype or torch.float32
+    return module.weight.dtype
 
 
 def dense_weight(module: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -35,7 +35,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from ..errors import AdapterMismatchError, ConfigError
-from .base import dense_weight, fingerprint, is_4bit
+from .base import compute_dtype, dense_weight, fingerprint
 from .config import TensornetConfig
 
 __all__ = ["SharedStateTuner", "Target", "TensornetTuner"]
@@ -147,7 +147,7 @@ class TensornetTuner(BaseTuner):
                 )
             record = {
                 "shape": [int(base.out_features), int(base.in_features)],
-                "dtype": _dtype_name(_base_dtype(base)),
+                "dtype": _dtype_name(compute_dtype(base)),
             }
             targets.append(Target(key, base, index, record))
         for t in targets:
@@ -434,7 +434,7 @@ class SharedStateTuner(TensornetTuner):
         for owner, key, p in self.shared_parameters(adapter_name):
             if p.device.type != "meta":
                 owner[key] = nn.Parameter(
-                    p.detach().to(device, _base_dtype(base)), requires_grad=p.requires_grad
+                    p.detach().to(device, compute_dtype(base)), requires_grad=p.requires_grad
                 )
 
 
@@ -444,13 +444,6 @@ def _weights_arrived(tuner: TensornetTuner, incompatible_keys: Any) -> None:
     for name in list(tuner._awaiting):
         if not any(f".{name}." in k or k.endswith(f".{name}") for k in missing):
             tuner._awaiting.discard(name)
-
-
-def _base_dtype(module: nn.Module) -> torch.dtype:
-    """The dtype a layer computes in (a 4-bit layer: its compute dtype)."""
-    if is_4bit(module):
-        return module.compute_dtype or torch.float32
-    return module.weight.dtype
 
 
 class _undo_on_error:

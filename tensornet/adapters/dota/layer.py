@@ -38,7 +38,7 @@ from torch.nn import functional as F
 from ...errors import ConfigError
 from ...plan import DEFAULT_PROFILE, mpo_matmul, plan_mpo_matmul
 from ...tensorize import combine_halves, cores_to_matrix, mpo_halves
-from ..base import dense_weight, is_4bit
+from ..base import compute_dtype, dense_weight, is_4bit
 from ..layer import shift_weight
 
 __all__ = ["DoTALayer", "DoTALinear", "chain_sum", "random_cores", "release_scratch"]
@@ -293,10 +293,7 @@ class DoTALayer(BaseTunerLayer):
     @property
     def compute_dtype(self) -> torch.dtype:
         """Dtype of the dense computations: the base weight's (a 4-bit base's compute dtype)."""
-        base = self.get_base_layer()
-        if is_4bit(base):
-            return base.compute_dtype or torch.float32
-        return base.weight.dtype
+        return compute_dtype(self.get_base_layer())
 
     def cores(self, adapter: str) -> list[nn.Parameter]:
         """The trainable cores ``T`` of ``adapter``."""
@@ -367,16 +364,6 @@ class DoTALayer(BaseTunerLayer):
         if getattr(module, "_init_arrives", False):
             module._init_arrives = False
             module._ensure_residual()
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        """Peft's delete, refused for QDoTA (the base is the adapter's residual)."""
-        if adapter_name in self.dota_cores and self.quantized:
-            raise ConfigError(
-                f"cannot delete QDoTA adapter {adapter_name!r}: the base layer was replaced by "
-                f"NF4(W0 - MPO(T_init)) and the original weight is not kept; use "
-                f"merge_and_unload() for a plain model"
-            )
-        super().delete_adapter(adapter_name)
 
     # -- the adapter's matrix --------------------------------------------------------
     def delta_terms(

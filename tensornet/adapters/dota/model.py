@@ -10,7 +10,7 @@ from torch import nn
 from ...decompose import mpo_decompose
 from ...errors import ConfigError
 from ...params import mpo_num_params
-from ..base import LayerReport, dense_weight, is_4bit
+from ..base import LayerReport, compute_dtype, dense_weight, is_4bit
 from ..tuner import Target, TensornetTuner
 from .config import DoTAConfig
 from .layer import DoTALayer, DoTALinear, random_cores
@@ -140,7 +140,7 @@ def _cores_dtype(module: nn.Module, config: DoTAConfig) -> torch.dtype:
         return _DTYPES[config.dtype]
     if config.quantize == "nf4":
         return torch.bfloat16
-    return module.compute_dtype if is_4bit(module) else module.weight.dtype
+    return compute_dtype(module)
 
 
 def _initial_cores(
