@@ -1,7 +1,9 @@
 """Exceptions raised by tensornet.
 
 Every error derives from :class:`TensornetError` and from the builtin a caller would
-catch anyway (``ValueError`` or ``TypeError``), so ``except ValueError`` keeps working.
+catch anyway (``ValueError``, ``TypeError`` or ``ImportError``), so ``except ValueError``
+keeps working. Every exception class of the package is defined here, the command line's
+and the data loaders' included.
 """
 
 from __future__ import annotations
@@ -9,13 +11,16 @@ from __future__ import annotations
 __all__ = [
     "TensornetError",
     "ShapeError",
+    "ConfigError",
     "RankError",
+    "ToleranceError",
     "DTypeError",
     "NonFiniteError",
-    "ConfigError",
     "AdapterMismatchError",
     "AdapterFileError",
     "PeftVersionError",
+    "DataError",
+    "UsageError",
 ]
 
 
@@ -27,8 +32,20 @@ class ShapeError(TensornetError, ValueError):
     """An array's shape, or a list of modes, does not fit the request."""
 
 
-class RankError(TensornetError, ValueError):
-    """A rank cap, a rank list or an error tolerance is out of range."""
+class ConfigError(TensornetError, ValueError):
+    """An option or an adapter configuration value is invalid."""
+
+
+class RankError(ConfigError):
+    """A rank specification is invalid (the one error for ``rank`` everywhere).
+
+    Raised by the decompositions, the counting functions and the adapter configs alike;
+    a :class:`ConfigError` (and so a ``ValueError``).
+    """
+
+
+class ToleranceError(ConfigError):
+    """An error tolerance ``tol`` is not a number in the open interval (0, 1)."""
 
 
 class DTypeError(TensornetError, TypeError):
@@ -36,11 +53,7 @@ class DTypeError(TensornetError, TypeError):
 
 
 class NonFiniteError(TensornetError, ValueError):
-    """An array holds NaN or Inf values."""
-
-
-class ConfigError(TensornetError, ValueError):
-    """An option or an adapter configuration value is invalid."""
+    """An array holds NaN or Inf values, or a result would (an overflow of its dtype)."""
 
 
 class AdapterMismatchError(TensornetError, ValueError):
@@ -53,3 +66,11 @@ class AdapterFileError(TensornetError, ValueError):
 
 class PeftVersionError(TensornetError, ImportError):
     """The installed peft is a version tensornet's methods were not tested with."""
+
+
+class DataError(TensornetError, ValueError):
+    """A data file or a data option is invalid (the message names the file and line)."""
+
+
+class UsageError(TensornetError, ValueError):
+    """Bad command-line input; the command line reports it as one line with exit code 2."""

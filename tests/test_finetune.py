@@ -1,4 +1,4 @@
-"""tensornet.finetune: the arithmetic task, JSONL data, methods, training, resume, compare, CLI.
+"""tensornet.finetune: the arithmetic task, JSONL data, methods, Trainer runs, resume, compare, CLI.
 
 Everything runs on ``tiny_llama`` with a tiny byte-level BPE tokenizer trained in-process
 (deterministic, 128 tokens), so the whole file takes well under a minute.
@@ -185,7 +185,7 @@ def test_resume_reaches_the_same_parameters(method, tokenizer, splits, tmp_path)
 
 
 def test_compare_writes_results_table_and_plots(tokenizer, splits, tmp_path):
-    def load():
+    def load(method):
         return tiny_llama(), tokenizer
 
     results = run_compare(load, ["dota", "lora"], [0, 1], splits,
@@ -210,7 +210,7 @@ def test_build_method_rejects_bad_shapes():
     with pytest.raises(TensornetError):
         build_method(model, "dota", MethodOptions(num_cores=9))
     with pytest.raises(TensornetError, match="method"):
-        build_method(model, "dora")
+        build_method(model, "nope")
 
 
 # --------------------------------------------------------------------------- CLI
@@ -255,13 +255,13 @@ def test_cli_finetune_and_resume_flags(model_dir, tmp_path, capsys):
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [
-        (["finetune", "--method", "dora"], "--method"),
+        (["finetune", "--method", "nope"], "--method"),
         (["finetune", "/no/such/model", "--method", "dota"], "/no/such/model"),
         (["finetune", "MODEL", "--method", "dota", "--num-cores", "9"], "num_cores=9"),
         (["finetune", "MODEL", "--method", "dota", "--data", "BAD"], "line 2"),
         (["compare", "MODEL", "--methods", "dota,nope"], "nope"),
         (["decompose", "MODEL", "--num-cores", "9"], "9"),
-        (["finetune", "MODEL", "--method", "lora", "--resume", "--out", "EMPTY"], "checkpoint"),
+        (["finetune", "MODEL", "--method", "lora", "--resume", "--out", "EMPTY"], "--resume"),
     ],
 )
 def test_cli_bad_input_one_line(argv, needle, model_dir, tmp_path, capsys):
@@ -323,8 +323,17 @@ def test_method_names_match_the_adapter_registry():
     # the CLI reads names.METHODS without importing torch; the tensornet methods in it must
     # be exactly those registered as peft methods (tensornet.adapters.METHODS)
     from tensornet.adapters import METHODS as REGISTERED
-    from tensornet.finetune.names import DEFAULT_LR, METHODS
+    from tensornet.adapters import LLAMA_TARGETS
+    from tensornet.finetune.defaults import (
+        BASELINES,
+        DEFAULT_LR,
+        DEFAULT_OPTIONS,
+        DEFAULT_TARGETS,
+        METHOD_OPTIONS,
+        METHODS,
+    )
 
-    peft_baselines = {"lora", "pissa", "qlora", "full"}
-    assert set(METHODS) - peft_baselines == set(REGISTERED)
-    assert set(DEFAULT_LR) == set(METHODS)
+    assert set(METHODS) - set(BASELINES) == set(REGISTERED)
+    assert set(DEFAULT_LR) == set(METHODS) == set(METHOD_OPTIONS)
+    assert DEFAULT_TARGETS == LLAMA_TARGETS
+    assert {o for opts in METHOD_OPTIONS.values() for o in opts} == set(DEFAULT_OPTIONS)

@@ -1,9 +1,11 @@
-"""Fine-tuning with DoTA and its baselines: data, methods, training loop, comparisons.
+"""Fine-tuning with DoTA and its baselines: data, methods, the Trainer run, comparisons.
 
-``tasks`` builds the data (the built-in ``arithmetic`` task or a JSONL file), ``methods``
-prepares a model for a method (DoTA, DoTA-Random, QDoTA, and peft's LoRA, PiSSA and
-QLoRA, or full fine-tuning), ``training`` runs the paper's recipe with checkpoint/resume,
-and ``compare`` runs several methods and seeds on the same data and budget.
+``defaults`` holds the methods, their options, ranks, targets and learning rates;
+``tasks`` builds the data (the built-in ``arithmetic`` task or a local data file);
+``methods`` prepares a model for a method (DoTA, DoTA-Random, QDoTA, LoTR, LoRTA, and
+peft's LoRA, DoRA, PiSSA, QPiSSA and QLoRA, or full fine-tuning); ``trainer`` runs the
+paper's recipe on ``transformers.Trainer`` (checkpoints, resume, DDP); ``evaluate`` the
+test accuracy; ``compare`` several methods and seeds on the same data and budget.
 """
 
 import importlib
@@ -12,8 +14,8 @@ from typing import Any
 # Imported on first use, so that `tensornet --help` does not load torch and transformers.
 _WHERE = {
     "run_compare": "compare",
-    "DEFAULT_LR": "names",
-    "METHODS": "names",
+    "DEFAULT_LR": "defaults",
+    "METHODS": "defaults",
     "BuiltMethod": "methods",
     "MethodOptions": "methods",
     "build_method": "methods",
@@ -25,11 +27,10 @@ _WHERE = {
     "extract_answer": "tasks",
     "load_jsonl": "tasks",
     "split_examples": "tasks",
-    "TrainConfig": "training",
-    "TrainResult": "training",
-    "evaluate_accuracy": "training",
-    "evaluate_loss": "training",
-    "train": "training",
+    "TrainConfig": "trainer",
+    "TrainResult": "trainer",
+    "evaluate_accuracy": "evaluate",
+    "train": "trainer",
 }
 
 __all__ = [
@@ -45,7 +46,6 @@ __all__ = [
     "arithmetic_splits",
     "build_method",
     "evaluate_accuracy",
-    "evaluate_loss",
     "extract_answer",
     "load_jsonl",
     "run_compare",

