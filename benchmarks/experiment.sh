@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The comparison of issue 5 on the offline SmolLM2-135M-Instruct: every method with seeds
-# 0,1,2 on the same data and budget, plus a DoTA rank sweep (R = 8, 16, 32).
+# The comparison on the offline SmolLM2-135M-Instruct: every method with seeds 0,1,2 on the
+# same data and budget (transformers' Trainer, bf16 autocast, float32 trained weights),
+# plus a DoTA rank sweep (R = 8, 16, 32).
 # One `tensornet compare` process per method (a crash loses one method, not the run); a
 # method whose results.json exists is skipped, so re-running the script resumes.
 # Usage: benchmarks/experiment.sh [OUT]   (default runs/experiment), then
@@ -14,7 +15,7 @@ CORES=${CORES:-0}
 BIN=${BIN:-.venv/bin}
 COMMON=(--dtype bfloat16 --threads 1 --seeds 0,1,2 --steps 40 --batch-size 4
         --max-length 128 --eval-every 5 --n-train 800 --n-val 32 --n-test 25
-        --max-new-tokens 48 --data-seed 0 --no-progress)
+        --max-new-tokens 48 --data-seed 0 --device cpu --no-progress)
 LABELS=${LABELS:-}
 run() {  # label, then extra arguments
     local label=$1; shift
@@ -27,13 +28,13 @@ run() {  # label, then extra arguments
 run dota        --methods dota --rank 16
 run dota-random --methods dota-random --rank 16
 run lora        --methods lora --lora-rank 32
+run dora        --methods dora --lora-rank 32
 run pissa       --methods pissa --pissa-rank 16
+# full fine-tuning keeps float32 master weights under --dtype bfloat16 (bf16 autocast)
 run full        --methods full
-# full fine-tuning with float32 weights: in pure bfloat16 AdamW's updates at lr 1e-5 fall
-# below the weights' resolution (the paper's bf16 training keeps float32 master weights)
-run full-fp32   --methods full --dtype float32
 run qdota       --methods qdota --rank 16
 run qlora       --methods qlora --lora-rank 32
+run qpissa      --methods qpissa --lora-rank 32
 run dota-r8     --methods dota --rank 8
 run dota-r32    --methods dota --rank 32
 echo "== done: $(date -u +%H:%M:%S)"

@@ -37,7 +37,7 @@ from typing import Any
 
 from _environment import _git
 
-from tensornet.finetune.cli import RUN_MARKER  # the marker holding each run's argv
+from tensornet.cli.finetune import RUN_MARKER  # the marker holding each run's argv
 from tensornet.finetune.compare import (
     RESULTS_FILE,
     markdown_table,
@@ -58,6 +58,7 @@ RANK_OPTION = {
     "dota": ("rank", "R"), "dota-random": ("rank", "R"), "qdota": ("rank", "R"),
     "lotr": ("rank", "r"), "lorta": ("rank", "r"),
     "lora": ("lora_rank", "r"), "qlora": ("lora_rank", "r"), "pissa": ("pissa_rank", "r"),
+    "dora": ("lora_rank", "r"), "qpissa": ("lora_rank", "r"),
 }
 TRAIN_KEYS = ("steps", "batch_size", "max_length", "warmup_ratio", "weight_decay",
               "max_grad_norm", "eval_every", "eval_batch_size", "checkpoint_every")

@@ -204,3 +204,29 @@ def test_cuda_asked_for_on_a_machine_without_one(model_dir, tmp_path, capsys, mo
     err = _one_error_line(capsys, main(["finetune", str(model_dir), "--method", "dota",
                                         "--device", "cuda", "--out", str(tmp_path / "o")]))
     assert "--device" in err and "no CUDA" in err
+
+
+def test_trainer_fsdp_on_cpu_matches_one_process(tmp_path):
+    # FSDP through the Trainer's own option (fsdp=True, FSDP1 with use_orig_params) runs on
+    # the CPU with gloo: the adapter trainer.save_model writes is gathered (full cores) and
+    # equals a single-process run on the whole batch
+    script = os.path.join(os.path.dirname(__file__), "fsdp_trainer_run.py")
+    fsdp, one = tmp_path / "fsdp", tmp_path / "one"
+    proc = subprocess.run(
+        [*LAUNCHERS["torchrun"](), script, str(fsdp), "--fsdp"],
+        capture_output=True, text=True, timeout=300, env=_env(),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.run([sys.executable, script, str(one)], capture_output=True, text=True,
+                          timeout=300, env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = [json.loads((fsdp / f"losses-{r}.json").read_text()) for r in (0, 1)]
+    ref = json.loads((one / "losses-0.json").read_text())
+    assert losses[0] == losses[1]
+    assert losses[0] == pytest.approx(ref, rel=1e-6)
+    a = load_file(fsdp / "adapter" / "adapter_model.safetensors")
+    b = load_file(one / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].shape == b[k].shape
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
