@@ -175,3 +175,14 @@ def test_parameter_count_formulas():
         "DoTA N=5 R=16",
         "DoTA N=5 R=32",
     ]
+
+
+def test_main_job_method_table_matches_the_defaults():
+    # the methods table of the command's guide page lists every method of
+    # tensornet.finetune.defaults with its default learning rate, and nothing else
+    from tensornet.finetune.defaults import DEFAULT_LR
+
+    text = (GUIDE / "main-job.rst").read_text()
+    table = text.split("=============  ====", 2)
+    rows = re.findall(r"^([a-z-]+) {2,}.*? {2,}(\d+e-\d+)", table[2], flags=re.M)
+    assert dict(rows) == {m: f"{lr:.0e}".replace("e-0", "e-") for m, lr in DEFAULT_LR.items()}

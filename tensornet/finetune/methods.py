@@ -9,14 +9,17 @@ qdota          DoTA with the frozen residual in NF4 (``quantize="nf4"``)       1
 lotr           LoTR, factors shared per kind of target, ``r = rank`` (16)      3e-4
 lorta          LoRTA, one CP decomposition of q, k, v, o, ``r = rank`` (16)    3e-4
 lora           peft LoRA, ``r = lora_rank`` (32), ``alpha = r``                3e-4
+dora           peft DoRA (``use_dora=True``), ``r = lora_rank`` (32)           3e-4
 pissa          peft PiSSA (``init_lora_weights="pissa_niter_4"``), r = 16      1e-4
+qpissa         PiSSA at full precision, then the residual in NF4, r = 32       1e-4
 qlora          peft LoRA on NF4 bitsandbytes ``Linear4bit`` bases              1e-5
 full           every parameter                                                 1e-5
 =============  ==============================================================  ===========
 
 The learning rates are the DoTA paper's (appendix B: math for DoTA/LoRA/PiSSA/full,
-the quantization settings for QDoTA/QLoRA). LoRA, PiSSA and QLoRA are Hugging Face
-peft's own implementations; no dropout anywhere (the paper's recipe).
+the quantization settings for QDoTA/QLoRA/QPiSSA); DoRA has none there and takes
+LoRA's (see :data:`tensornet.finetune.defaults.DEFAULT_LR`). LoRA, DoRA, PiSSA and QLoRA
+are Hugging Face peft's own implementations; no dropout anywhere (the paper's recipe).
 
 QLoRA does not go through transformers' ``load_in_4bit`` path: the target ``nn.Linear``
 layers are replaced by bitsandbytes NF4 ``Linear4bit`` layers
@@ -24,15 +27,36 @@ layers are replaced by bitsandbytes NF4 ``Linear4bit`` layers
 ``get_peft_model``. On a CPU-only machine peft wraps those layers in its generic
 ``lora.Linear`` (its bitsandbytes dispatch is not taken), which trains correctly but
 cannot be merged into the 4-bit base.
+
+QPiSSA is built the way the PiSSA paper quantizes (and peft's documentation asks for:
+PiSSA cannot be initialized on a 4-bit base): peft's PiSSA is initialized on the
+full-precision model, which leaves each target's base layer holding the residual
+``W0 - s B0 A0``; that residual is then replaced by an NF4 ``Linear4bit`` computing in
+the model's dtype. Only the residual is quantized, and it is smaller than ``W0`` by the
+principal components the adapter took, so the quantization error is smaller than
+QLoRA's ``NF4(W0)``. The adapter is kept in float32 in a bfloat16 model, as peft keeps
+every baseline's here (``autocast_adapter_dtype``), QLoRA's included: PiSSA's factors
+start at the size of ``W0``'s principal components, and in bfloat16 an AdamW step of
+1e-4 leaves most of their entries unchanged (rounded away).
+
+PiSSA and QPiSSA change the base weights, so their adapter alone does not reproduce
+the trained model on the original weights. :func:`save_trained` therefore saves them
+converted to a plain LoRA adapter of twice the rank on the original ``W0`` (peft's
+``path_initial_model_for_weight_conversion``: ``B A - B0 A0`` as ``[B | -B0] [A; A0]``).
+``PeftModel.from_pretrained(original_base, path)`` then gives the trained PiSSA model
+up to float rounding; for QPiSSA it gives ``W_res + s B A`` where the trained model had
+``NF4(W_res) + s B A``, so the two differ by the NF4 error of the residual.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
@@ -40,8 +64,9 @@ from torch import nn
 from ..adapters import LLAMA_TARGETS, apply
 from ..adapters import METHODS as TENSOR_METHODS
 from ..adapters.base import count_parameters, find_targets, set_submodule
+from ..adapters.dota.layer import nf4_linear
 from ..errors import ConfigError
-from .defaults import DEFAULT_LR, METHODS
+from .defaults import DEFAULT_LR, DEFAULT_OPTIONS, METHODS
 from .io import atomic_dir
 
 __all__ = [
@@ -67,7 +92,8 @@ class MethodOptions:
     num_cores : int
         DoTA's number of cores ``N``.
     lora_rank : int
-        LoRA / QLoRA rank ``r``; ``alpha = r``.
+        LoRA / DoRA / QLoRA / QPiSSA rank ``r``; ``alpha = r`` (QPiSSA takes QLoRA's
+        rank: the paper's Figure 5 gives the two the same parameter share).
     pissa_rank : int
         PiSSA rank; ``alpha = r``.
     target_modules : tuple of str
@@ -76,22 +102,37 @@ class MethodOptions:
         Seed for random initializations (DoTA-Random cores, LoRA's A).
     """
 
-    rank: int = 16
-    num_cores: int = 5
-    lora_rank: int = 32
-    pissa_rank: int = 16
+    rank: int = DEFAULT_OPTIONS["rank"]  # type: ignore[assignment]
+    num_cores: int = DEFAULT_OPTIONS["num_cores"]  # type: ignore[assignment]
+    lora_rank: int = DEFAULT_OPTIONS["lora_rank"]  # type: ignore[assignment]
+    pissa_rank: int = DEFAULT_OPTIONS["pissa_rank"]  # type: ignore[assignment]
     target_modules: tuple[str, ...] = LLAMA_TARGETS
     seed: int = 0
 
 
 @dataclass
 class BuiltMethod:
-    """A model ready to train with one method."""
+    """A model ready to train with one method.
+
+    Attributes
+    ----------
+    method : str
+        The method's name.
+    model : nn.Module
+        The model to train.
+    trainable_params, total_params : int
+        Parameter counts (4-bit weights by logical size).
+    initial_adapter : dict of str to Tensor, optional
+        PiSSA's and QPiSSA's adapter as initialized (peft's state dict, copied at build
+        time): :func:`save_trained` subtracts it to save the trained adapter as a LoRA on
+        the original weights. ``None`` for the other methods.
+    """
 
     method: str
     model: nn.Module
     trainable_params: int
     total_params: int
+    initial_adapter: dict[str, torch.Tensor] | None = None
 
     @property
     def trainable_share(self) -> float:
@@ -109,25 +150,14 @@ def quantize_linears_nf4(model: nn.Module, target_modules: Sequence[str]) -> lis
     Quantization happens when the ``Params4bit`` weight is moved to a device (``.to("cpu")``
     quantizes on the CPU), so no CUDA is needed. Returns the replaced layer names.
     """
-    import bitsandbytes as bnb
-
     names = find_targets(model, tuple(target_modules))
     for name in names:
         mod = model.get_submodule(name)
         if not isinstance(mod, nn.Linear):
             raise ConfigError(f"target {name!r} is a {type(mod).__name__}, not nn.Linear")
-        dtype = mod.weight.dtype
-        layer = bnb.nn.Linear4bit(
-            mod.in_features, mod.out_features, bias=mod.bias is not None,
-            compute_dtype=dtype, quant_type="nf4", device="meta",
-        )
-        layer.weight = bnb.nn.Params4bit(
-            mod.weight.detach().to(torch.float32).cpu().clone(), requires_grad=False,
-            quant_type="nf4",
-        ).to("cpu")
-        if mod.bias is not None:
-            layer.bias = nn.Parameter(mod.bias.detach().clone(), requires_grad=False)
-        set_submodule(model, name, layer)
+    for name in names:
+        mod = model.get_submodule(name)
+        set_submodule(model, name, nf4_linear(mod.weight.detach(), mod.bias, mod.weight.dtype))
     return names
 
 
@@ -167,15 +197,16 @@ def build_method(
         raise ConfigError(f"`method` must be one of {', '.join(METHODS)}; got {method!r}")
     for p in model.parameters():
         p.requires_grad_(False)
+    initial = None
     if method in TENSOR_METHODS:  # a tensornet peft method: built by get_peft_model
         model = apply(model, _tensor_config(method, opts))
     elif method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
     else:
-        model = _peft_model(model, method, opts)
+        model, initial = _peft_model(model, _BASELINES[method], opts)
     trainable, total = count_parameters(model)
-    return BuiltMethod(method, model, trainable, total)
+    return BuiltMethod(method, model, trainable, total, initial)
 
 
 def _tensor_config(method: str, opts: MethodOptions) -> object:
@@ -188,27 +219,68 @@ def _tensor_config(method: str, opts: MethodOptions) -> object:
     return entry.config(**{k: v for k, v in wanted.items() if k in names})
 
 
-def _peft_model(model: nn.Module, method: str, opts: MethodOptions) -> nn.Module:
+@dataclass(frozen=True)
+class _Baseline:
+    """How a peft baseline is built: its rank option, LoRA init, DoRA, what is NF4."""
+
+    rank_option: Literal["lora_rank", "pissa_rank"]
+    init: Literal[True, "pissa_niter_4"] = True
+    use_dora: bool = False
+    quantize: Literal[None, "base", "residual"] = None
+
+
+#: The peft baselines: every name of :data:`~tensornet.finetune.defaults.BASELINES` but ``full``.
+_BASELINES: dict[str, _Baseline] = {
+    "lora": _Baseline("lora_rank"),
+    "dora": _Baseline("lora_rank", use_dora=True),
+    "pissa": _Baseline("pissa_rank", init="pissa_niter_4"),
+    "qpissa": _Baseline("lora_rank", init="pissa_niter_4", quantize="residual"),
+    "qlora": _Baseline("lora_rank", quantize="base"),
+}
+
+
+def _peft_model(
+    model: nn.Module, spec: _Baseline, opts: MethodOptions
+) -> tuple[nn.Module, dict[str, torch.Tensor] | None]:
+    """The peft model of a baseline, and its initial adapter when the init is not zero."""
     from peft import LoraConfig, get_peft_model
+    from peft.utils import get_peft_model_state_dict
 
     targets = list(opts.target_modules)
     find_targets(model, tuple(targets))  # a clear ConfigError when nothing matches
-    r = opts.pissa_rank if method == "pissa" else opts.lora_rank
-    if r < 1:
-        raise ConfigError(f"the LoRA/PiSSA rank must be a positive int; got {r}")
-    if method == "qlora":
+    r = getattr(opts, spec.rank_option)
+    if not isinstance(r, int) or r < 1:
+        raise ConfigError(f"`{spec.rank_option}` must be a positive int; got {r!r}")
+    if spec.quantize == "base":
         quantize_linears_nf4(model, targets)
     config = LoraConfig(
         r=r,
         lora_alpha=r,
         lora_dropout=0.0,
         target_modules=targets,
-        init_lora_weights="pissa_niter_4" if method == "pissa" else True,
+        init_lora_weights=spec.init,
+        use_dora=spec.use_dora,
         task_type="CAUSAL_LM",
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(opts.seed)
-        return get_peft_model(model, config)
+        peft_model = get_peft_model(model, config)
+    if spec.quantize == "residual":
+        _quantize_residuals_nf4(peft_model)
+    if spec.init is True:
+        return peft_model, None
+    initial = {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+    return peft_model, initial
+
+
+def _quantize_residuals_nf4(peft_model: nn.Module) -> None:
+    """Replace each LoRA layer's base (PiSSA's residual) by its NF4 ``Linear4bit``."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in peft_model.modules():
+        if isinstance(module, LoraLayer):
+            base = module.get_base_layer()
+            module.base_layer = nf4_linear(base.weight.detach(), base.bias, base.weight.dtype)
 
 
 def save_trained(built: BuiltMethod, path: str | os.PathLike[str]) -> Path:
@@ -216,8 +288,29 @@ def save_trained(built: BuiltMethod, path: str | os.PathLike[str]) -> Path:
 
     Adapters (tensornet's and peft's methods alike): ``save_pretrained``
     (``adapter_config.json`` + ``adapter_model.safetensors``, reloaded with
-    ``PeftModel.from_pretrained``); full fine-tuning: the model's state dict as
-    ``model.safetensors``.
+    ``PeftModel.from_pretrained`` onto the original base model); full fine-tuning: the
+    model's state dict as ``model.safetensors``.
+
+    PiSSA and QPiSSA are saved converted to a LoRA of rank ``2 r`` on the original
+    weights (``built.initial_adapter`` subtracted through peft's
+    ``path_initial_model_for_weight_conversion``), because their base layers hold a
+    residual the original model does not have. Reloaded on the original base, a PiSSA
+    adapter gives the trained model's outputs up to float rounding; a QPiSSA adapter
+    gives them up to the NF4 error of the residual (the reloaded model has the exact
+    residual, the trained one its NF4 copy).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from peft import PeftModel
+    >>> from tensornet.adapters import tiny_llama
+    >>> built = build_method(tiny_llama(), "pissa", MethodOptions(pissa_rank=4))
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     folder = save_trained(built, Path(tmp) / "adapter")
+    ...     again = PeftModel.from_pretrained(tiny_llama(), folder)
+    >>> ids = torch.arange(8)[None]
+    >>> bool(torch.allclose(again(ids).logits, built.model(ids).logits, atol=1e-5))
+    True
     """
     path = Path(path)
     with atomic_dir(path) as tmp:
@@ -239,6 +332,18 @@ def _save_into(built: BuiltMethod, folder: Path) -> None:
             seen[v.data_ptr()] = k
             unique[k] = v
         save_file(unique, str(folder / "model.safetensors"))
+    elif built.initial_adapter is not None:
+        from safetensors.torch import save_file
+
+        # peft reads the initial adapter from a folder; it must not be named "pissa*",
+        # or peft warns about the quantized residual on every save (documented above)
+        with tempfile.TemporaryDirectory(prefix="tensornet-initial-") as tmp:
+            initial = Path(tmp) / "initial"
+            initial.mkdir()
+            save_file(built.initial_adapter, str(initial / "adapter_model.safetensors"))
+            built.model.save_pretrained(
+                str(folder), path_initial_model_for_weight_conversion=str(initial)
+            )
     else:
         built.model.save_pretrained(str(folder))
 

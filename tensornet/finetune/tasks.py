@@ -3,7 +3,9 @@
 An :class:`Example` is a ``prompt`` and a ``response``. The built-in task generates
 GSM8K-style word problems of 2 to 4 reasoning steps whose response ends with the final
 answer in GSM8K's format, ``#### 42``. A user's own data is a JSONL file with one
-``{"prompt": ..., "response": ...}`` object per line. Both are split into train,
+``{"prompt": ..., "response": ...}`` object per line (:func:`load_jsonl`), or any JSON,
+JSON Lines, CSV or Parquet file that Hugging Face ``datasets`` reads, with named prompt
+and response columns (:func:`load_data_file`). Both are split into train,
 validation and test sets deterministically and without overlap (examples are
 de-duplicated by prompt text before they are split).
 
@@ -13,18 +15,21 @@ masks the prompt tokens with ``-100`` so that the loss is taken on the response 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import random
 import re
-from collections.abc import Iterable, Sequence
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import TensornetError
+from ..errors import DataError
 
 __all__ = [
     "DataError",
@@ -33,7 +38,9 @@ __all__ = [
     "SYSTEM_PROMPT",
     "arithmetic_problem",
     "arithmetic_splits",
+    "DATA_SUFFIXES",
     "load_jsonl",
+    "load_data_file",
     "split_examples",
     "extract_answer",
     "format_prompt",
@@ -45,10 +52,6 @@ __all__ = [
 SYSTEM_PROMPT = "Solve step by step; end with '#### N'."
 
 IGNORE_INDEX = -100
-
-
-class DataError(TensornetError, ValueError):
-    """A data file or a data option is invalid (the message names the line)."""
 
 
 @dataclass(frozen=True)
@@ -233,6 +236,183 @@ def load_jsonl(path: str | os.PathLike[str]) -> list[Example]:
     if not out:
         raise DataError(f"the data file {os.fspath(path)!r} holds no examples")
     return out
+
+
+#: The data file suffixes :func:`load_data_file` reads, and the ``datasets`` builder of each.
+DATA_SUFFIXES: dict[str, str] = {
+    ".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
+}
+
+
+def load_data_file(
+    path: str | os.PathLike[str],
+    *,
+    prompt_field: str = "prompt",
+    response_field: str = "response",
+) -> list[Example]:
+    r"""Read prompt/response examples from a JSON, JSON Lines, CSV or Parquet file.
+
+    The file is read by Hugging Face ``datasets`` (what ``load_dataset(<builder>,
+    data_files=path, split="train")`` does, the builder chosen by the suffix, see
+    :data:`DATA_SUFFIXES`) offline and into memory; its cache goes to a temporary folder
+    that is removed afterwards. A ``.json`` file may hold one list of objects or one
+    object per line; blank lines are skipped. CSV cells are read as text, as written
+    (``007`` stays ``007``). Columns other than the two fields are ignored. As with
+    :func:`load_jsonl`, the final number of a response written as ``#### 42`` is kept as
+    the expected answer, and duplicates are removed later, by :func:`split_examples`.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The data file.
+    prompt_field, response_field : str
+        The columns (JSON keys) holding the prompt and the response.
+
+    Returns
+    -------
+    list of Example
+        In the file's order.
+
+    Raises
+    ------
+    DataError
+        One line naming the file and the problem: the file is missing, its suffix is not
+        one of :data:`DATA_SUFFIXES`, it cannot be parsed, it holds no rows, a field is
+        not among its columns (the columns are listed), or a value is not a non-empty
+        string (the row is named, counting from 1).
+
+    Examples
+    --------
+    >>> folder = tempfile.mkdtemp()
+    >>> path = os.path.join(folder, "data.csv")
+    >>> with open(path, "w") as fh:
+    ...     _ = fh.write("question,answer\n2 + 2?,#### 4\n")
+    >>> load_data_file(path, prompt_field="question", response_field="answer")
+    [Example(prompt='2 + 2?', response='#### 4', answer='4')]
+    >>> import shutil; shutil.rmtree(folder)
+    """
+    file = Path(path)
+    name = os.fspath(path)
+    if not file.is_file():
+        what = "is a folder, not a file" if file.is_dir() else "does not exist"
+        raise DataError(f"the data file {name!r} {what}")
+    builder = DATA_SUFFIXES.get(file.suffix.lower())
+    if builder is None:
+        raise DataError(
+            f"the data file {name!r} has the suffix {file.suffix!r}; expected one of "
+            f"{', '.join(DATA_SUFFIXES)}"
+        )
+    if _is_blank(file):
+        raise DataError(f"the data file {name!r} holds no examples (it is empty)")
+    columns = _read_columns(file, builder, (prompt_field, response_field))
+    if columns is None or not columns[prompt_field]:
+        raise DataError(f"the data file {name!r} holds no examples")
+    out = []
+    for row, (prompt, response) in enumerate(
+        zip(columns[prompt_field], columns[response_field]), start=1
+    ):
+        for field, value in ((prompt_field, prompt), (response_field, response)):
+            if not isinstance(value, str) or not value.strip():
+                got = "an empty string" if isinstance(value, str) else (
+                    f"{type(value).__name__} {value!r}"[:80]
+                )
+                raise DataError(
+                    f"{name}, row {row}: field {field!r} must be a non-empty string; got {got}"
+                )
+        out.append(Example(prompt, response, extract_answer(response)))
+    return out
+
+
+def _is_blank(file: Path) -> bool:
+    """Whether ``file`` holds nothing but whitespace (read until the first other byte)."""
+    with open(file, "rb") as fh:
+        while chunk := fh.read(1 << 16):
+            if chunk.strip():
+                return False
+    return True
+
+
+def _read_columns(
+    file: Path, builder: str, fields: tuple[str, str]
+) -> dict[str, list[Any]] | None:
+    """The ``fields`` columns of ``file`` read by ``datasets``; ``None`` when it has no rows.
+
+    This is ``load_dataset(builder, data_files=file, split="train", keep_in_memory=True)``
+    in its three steps, so that a file without rows is told apart from a broken one
+    (``load_dataset`` raises the same ``ValueError`` for an empty split as for a bad
+    split name).
+    """
+    import datasets
+
+    name = os.fspath(file)
+    options: dict[str, Any] = {}
+    if builder == "csv":  # every cell as the text written, "" for an empty cell
+        options = {"converters": {f: str for f in fields}, "keep_default_na": False}
+    offline = datasets.DownloadConfig(local_files_only=True, disable_tqdm=True)
+    with tempfile.TemporaryDirectory(prefix="tensornet-data-") as cache, _quiet_datasets():
+        try:
+            if builder == "parquet" and _parquet_rows(file) == 0:
+                return None  # datasets' parquet reader fails on a file without rows
+            reader = datasets.load_dataset_builder(
+                builder, data_files=name, cache_dir=cache, download_config=offline, **options
+            )
+            reader.download_and_prepare(download_config=offline)
+            if not reader.info.splits["train"].num_examples:
+                return None
+            table = reader.as_dataset(split="train", in_memory=True)
+        except Exception as exc:  # noqa: BLE001 - any parser's error becomes one line
+            raise DataError(
+                f"the data file {name!r} cannot be read as {builder.upper()}: "
+                f"{_root_message(exc)}"
+            ) from None
+    missing = [f for f in fields if f not in table.column_names]
+    if missing:
+        raise DataError(
+            f"the data file {name!r} has no field {' or '.join(map(repr, missing))}; its "
+            f"columns are {', '.join(map(repr, table.column_names))} (name the fields with "
+            f"--prompt-field and --response-field)"
+        )
+    return {f: table[f] for f in fields}
+
+
+def _parquet_rows(file: Path) -> int:
+    """The number of rows a Parquet file's footer declares."""
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(file).metadata.num_rows
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """``datasets``' progress bars and log messages off for the block, then as they were."""
+    from datasets import config
+    from datasets.utils import (
+        are_progress_bars_disabled,
+        disable_progress_bars,
+        enable_progress_bars,
+    )
+    from datasets.utils import logging as datasets_logging
+
+    forced = config.HF_DATASETS_DISABLE_PROGRESS_BARS is not None  # the environment decides
+    turn_off = not forced and not are_progress_bars_disabled()
+    verbosity = datasets_logging.get_verbosity()
+    if turn_off:
+        disable_progress_bars()
+    datasets_logging.set_verbosity(datasets_logging.CRITICAL)  # its errors become ours
+    try:
+        yield
+    finally:
+        datasets_logging.set_verbosity(verbosity)
+        if turn_off:
+            enable_progress_bars()
+
+
+def _root_message(exc: BaseException) -> str:
+    """The first line of the innermost cause of ``exc`` (``datasets`` wraps parser errors)."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def split_examples(
