@@ -149,6 +149,12 @@ def run_case(name: str, out_modes: tuple[int, ...], in_modes: tuple[int, ...], W
     t_tn, times_tn, mpo = best_of(
         lambda: mpo_decompose(W, (out_modes, in_modes), rank), args.repeats, warmup=True
     )
+    # full_spectrum=True: every singular value of every unfolding (to choose a rank from),
+    # at the cost of full eigendecompositions of the large Gram matrices; not a goal
+    t_full, _, full = best_of(
+        lambda: mpo_decompose(W, (out_modes, in_modes), rank, full_spectrum=True),
+        args.repeats, warmup=False,
+    )
     cores64 = [c.double() for c in mpo.cores]
     dense_tn = tensornet.MPO(tuple(cores64)).to_dense()
     err_tn = rel_error(W64, dense_tn)
@@ -170,6 +176,9 @@ def run_case(name: str, out_modes: tuple[int, ...], in_modes: tuple[int, ...], W
         "rank": rank,
         "tensornet_seconds": t_tn,
         "tensornet_times": times_tn,
+        "tensornet_full_spectrum_seconds": t_full,
+        "full_spectrum_lengths": [len(v) for v in full.singular_values],
+        "default_spectrum_lengths": [len(v) for v in mpo.singular_values],
         "tensorly_seconds": t_tl,
         "tensorly_times": times_tl,
         "speedup": t_tl / t_tn,
@@ -214,6 +223,9 @@ def print_case(r: dict[str, Any]) -> None:
           f"  ({r['num_params']} params)")
     print(f"  tensornet        {r['tensornet_seconds']:9.4f} s  (best of "
           f"{len(r['tensornet_times'])}, after a warm-up call)")
+    print(f"  tensornet full   {r['tensornet_full_spectrum_seconds']:9.4f} s  (full_spectrum="
+          f"True: {r['full_spectrum_lengths']} singular values per sweep, default "
+          f"{r['default_spectrum_lengths']}; informative, not a goal)")
     print(f"  tensorly/torch   {r['tensorly_seconds']:9.4f} s  (best of "
           f"{len(r['tensorly_times'])}, no warm-up)")
     if "tensorly_numpy_seconds" in r:

@@ -45,9 +45,9 @@ from tensornet.finetune.compare import (
     plot_val_loss,
     summarize,
 )
+from tensornet.finetune.defaults import DEFAULT_MODEL_NAME
 from tensornet.finetune.io import save_figure_atomic, write_text_atomic
 from tensornet.finetune.methods import MethodOptions
-from tensornet.finetune.defaults import DEFAULT_MODEL_NAME
 
 EXPERIMENT_SCRIPT = Path(__file__).resolve().parent / "experiment.sh"
 TABLE_OUT, JSON_OUT = "results.md", "results.json"

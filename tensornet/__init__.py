@@ -1,27 +1,26 @@
 """tensornet: tensor-network (MPO / tensor-train) decomposition and tensor adapters for LLMs.
 
 The core (this package) is array-library agnostic: numpy arrays and torch tensors go in,
-the same type, device and dtype come out. Torch modules and transformers integration live
-in :mod:`tensornet.adapters`.
+the same type, device and dtype come out. Its public names are what an analysis needs:
+decompose a matrix or a tensor, read the result, count parameters, plan and run an MPO
+applied to a batch, tensorize shapes, and the errors it raises. Torch modules, peft
+methods and the adapters' own formulas live in :mod:`tensornet.adapters`; every
+exception class is in :mod:`tensornet.errors`.
 """
 
 from .decompose import mpo_decompose, tt_decompose
 from .errors import (
-    AdapterFileError,
-    AdapterMismatchError,
     ConfigError,
     DTypeError,
     NonFiniteError,
-    PeftVersionError,
     RankError,
     ShapeError,
     TensornetError,
+    ToleranceError,
 )
 from .formats import MPO, TensorTrain
 from .params import (
     compression_ratio,
-    lorta_num_params,
-    lotr_num_params,
     mpo_num_params,
     mpo_ranks,
     rank_for_budget,
@@ -29,52 +28,41 @@ from .params import (
     tt_ranks,
 )
 from .plan import ContractionPlan, MachineProfile, calibrate, mpo_matmul, plan_mpo_matmul
-from .tensorize import (
-    PAPER_SHAPES,
-    combine_halves,
-    cores_to_matrix,
-    factorize,
-    matrix_to_tensor,
-    mpo_halves,
-    mpo_modes,
-    tensor_to_matrix,
-)
+from .tensorize import cores_to_matrix, factorize, matrix_to_tensor, mpo_modes, tensor_to_matrix
 
 __version__ = "0.1.0"
 
 __all__ = [
+    # decomposition and its results
+    "mpo_decompose",
+    "tt_decompose",
     "MPO",
-    "PAPER_SHAPES",
-    "AdapterFileError",
-    "AdapterMismatchError",
-    "ConfigError",
+    "TensorTrain",
+    # counting on shapes
+    "mpo_ranks",
+    "mpo_num_params",
+    "tt_ranks",
+    "tt_num_params",
+    "compression_ratio",
+    "rank_for_budget",
+    # applying an MPO to a batch
+    "plan_mpo_matmul",
+    "mpo_matmul",
     "ContractionPlan",
     "MachineProfile",
+    "calibrate",
+    # tensorization
+    "factorize",
+    "mpo_modes",
+    "matrix_to_tensor",
+    "tensor_to_matrix",
+    "cores_to_matrix",
+    # errors
+    "TensornetError",
+    "ShapeError",
+    "ConfigError",
+    "RankError",
+    "ToleranceError",
     "DTypeError",
     "NonFiniteError",
-    "PeftVersionError",
-    "RankError",
-    "ShapeError",
-    "TensorTrain",
-    "TensornetError",
-    "calibrate",
-    "compression_ratio",
-    "combine_halves",
-    "cores_to_matrix",
-    "factorize",
-    "lorta_num_params",
-    "lotr_num_params",
-    "matrix_to_tensor",
-    "mpo_decompose",
-    "mpo_matmul",
-    "mpo_halves",
-    "mpo_modes",
-    "mpo_num_params",
-    "mpo_ranks",
-    "plan_mpo_matmul",
-    "rank_for_budget",
-    "tensor_to_matrix",
-    "tt_decompose",
-    "tt_num_params",
-    "tt_ranks",
 ]

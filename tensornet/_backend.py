@@ -28,10 +28,14 @@ def is_torch(x: Any) -> bool:
 _SUBSET_MIN_SIZE = 128
 
 
-def _eigh_top_lapack(g: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Leading ``k`` eigenpairs (descending) of a symmetric numpy matrix."""
+def _eigh_top_lapack(g: np.ndarray, k: int, full: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (descending) and the leading ``k`` eigenvectors of a symmetric matrix.
+
+    The eigenvalues are all of them for a small ``g``, for ``2 k >= m``, or with ``full``;
+    otherwise only the leading ``k`` (LAPACK's subset solver forms no more).
+    """
     m = g.shape[0]
-    if m >= _SUBSET_MIN_SIZE and 2 * k < m:
+    if not full and m >= _SUBSET_MIN_SIZE and 2 * k < m:
         import scipy.linalg
 
         lam, vec = scipy.linalg.eigh(
@@ -49,7 +53,7 @@ def _blas_controller() -> Any:
     return ThreadpoolController()
 
 
-def _eigh_top_beside_torch(g: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def _eigh_top_beside_torch(g: np.ndarray, k: int, full: bool) -> tuple[np.ndarray, np.ndarray]:
     """:func:`_eigh_top_lapack` with numpy's BLAS on one thread.
 
     Right after a torch CPU kernel, torch's OpenMP workers are still spinning; a
@@ -57,7 +61,7 @@ def _eigh_top_beside_torch(g: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarra
     slower. One BLAS thread leaves them a core.
     """
     with _blas_controller().limit(limits=1, user_api="blas"):
-        return _eigh_top_lapack(g, k)
+        return _eigh_top_lapack(g, k, full)
 
 
 class NumpyOps:
@@ -78,8 +82,8 @@ class NumpyOps:
         return np.asarray(x, dtype=np.float64)
 
     @staticmethod
-    def eigh_top(g: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return _eigh_top_lapack(g, k)
+    def eigh_top(g: np.ndarray, k: int, full: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        return _eigh_top_lapack(g, k, full)
 
     @staticmethod
     def kron_eye(u: np.ndarray, n: int) -> np.ndarray:
@@ -144,11 +148,11 @@ class TorchOps:
         return x.detach().to(torch.float64)
 
     @staticmethod
-    def eigh_top(g: Any, k: int) -> tuple[Any, Any]:
+    def eigh_top(g: Any, k: int, full: bool = False) -> tuple[Any, Any]:
         import torch
 
         if g.device.type == "cpu":
-            lam, vec = _eigh_top_beside_torch(g.numpy(), k)
+            lam, vec = _eigh_top_beside_torch(g.numpy(), k, full)
             return torch.from_numpy(lam), torch.from_numpy(vec)
         lam, vec = torch.linalg.eigh(g)
         return lam.flip(0), vec.flip(1)[:, :k]
@@ -200,23 +204,55 @@ def ops_for(x: Any) -> type[NumpyOps] | type[TorchOps]:
     return TorchOps if is_torch(x) else NumpyOps
 
 
+def _library(x: Any) -> str:
+    return "torch" if is_torch(x) else "numpy"
+
+
+def as_array(x: Any, name: str) -> Any:
+    """``x`` if it is a numpy array or a torch tensor; lists and array-likes via numpy.
+
+    Raises :class:`DTypeError` for anything else and :class:`ShapeError` for a ragged
+    nested list, naming the argument.
+    """
+    if is_torch(x) or isinstance(x, np.ndarray):
+        return x
+    if isinstance(x, (list, tuple)) or (hasattr(x, "__array__") and not isinstance(x, str)):
+        try:
+            return np.asarray(x)
+        except (ValueError, TypeError) as exc:
+            raise ShapeError(
+                f"`{name}` must be a numpy array, a torch tensor or a rectangular nested list; "
+                f"got a {type(x).__name__} numpy cannot read as an array ({exc})"
+            ) from None
+    raise DTypeError(f"`{name}` must be a numpy array or a torch tensor; got {type(x).__name__}")
+
+
+def check_has_data(x: Any, name: str) -> None:
+    """Refuse a torch tensor without data (meta device) or not strided (sparse)."""
+    if is_torch(x):
+        if x.device.type == "meta":
+            raise DTypeError(
+                f"`{name}` must hold data; got a tensor on the meta device (shape "
+                f"{tuple(x.shape)}); materialize it first (e.g. load the weights)"
+            )
+        import torch
+
+        if x.layout != torch.strided:
+            raise DTypeError(f"`{name}` must be a dense (strided) tensor; got layout {x.layout}")
+
+
 def check_float_array(x: Any, name: str, ndim: int | None = None, finite: bool = True) -> Any:
     """Validate a numpy array or torch tensor of real floating dtype (finite if asked).
 
     Lists and other array-likes are converted with ``np.asarray``. Callers that detect
     non-finite values more cheaply themselves pass ``finite=False``.
     """
-    if not is_torch(x) and not isinstance(x, np.ndarray):
-        if hasattr(x, "__array__") or isinstance(x, (list, tuple)):
-            x = np.asarray(x)
-        else:
-            raise DTypeError(
-                f"`{name}` must be a numpy array or a torch tensor; got {type(x).__name__}"
-            )
+    x = as_array(x, name)
     if ndim is not None and x.ndim != ndim:
         raise ShapeError(
             f"`{name}` must be a {ndim}-D array; got a {x.ndim}-D array of shape {tuple(x.shape)}"
         )
+    check_has_data(x, name)
     if is_torch(x):
         ok = x.dtype.is_floating_point
     else:
@@ -231,6 +267,36 @@ def check_float_array(x: Any, name: str, ndim: int | None = None, finite: bool =
     if finite:
         check_finite(x, name)
     return x
+
+
+def check_same_kind(
+    arrays: Any, name: str, like: Any = None, like_name: str = "x", *, indexed: bool = True
+) -> None:
+    """All of ``arrays`` (``name[k]``) share one array library, dtype and device (``like``'s).
+
+    ``indexed=False`` names a single array ``name`` instead of ``name[0]``.
+    """
+    ref = like if like is not None else arrays[0]
+    ref_name = like_name if like is not None else f"{name}[0]"
+    for k, a in enumerate(arrays):
+        if a is ref:
+            continue
+        label = f"{name}[{k}]" if indexed else name
+        if _library(a) != _library(ref):
+            raise DTypeError(
+                f"`{label}` must be a {_library(ref)} array like `{ref_name}`; got a "
+                f"{_library(a)} {'tensor' if is_torch(a) else 'array'}"
+            )
+        if a.dtype != ref.dtype:
+            raise DTypeError(
+                f"`{label}` must have the dtype of `{ref_name}` ({ref.dtype}); got "
+                f"{a.dtype}; cast one of them (e.g. `.to(x.dtype)` / `.astype(x.dtype)`)"
+            )
+        if is_torch(a) and a.device != ref.device:
+            raise DTypeError(
+                f"`{label}` must be on the device of `{ref_name}` ({ref.device}); got "
+                f"{a.device}"
+            )
 
 
 def check_finite(x: Any, name: str) -> None:

@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 
 from ._backend import check_float_array, ops_for
-from ._validate import check_modes, check_positive_int, check_tol, normalize_rank
-from .errors import NonFiniteError, ShapeError
+from ._validate import as_int_list, check_modes, check_positive_int, check_tol
+from .errors import DTypeError, NonFiniteError, ShapeError
 from .formats import MPO, TensorTrain
-from .params import tt_ranks
+from .params import Rank, check_rank, tt_ranks
 from .tensorize import _permute, factorize, matrix_to_tensor
 
 __all__ = ["tt_decompose", "mpo_decompose"]
@@ -47,30 +47,37 @@ def _choose_rank(lam: np.ndarray, total: float, cap: int, budget: float) -> int:
     return cap
 
 
-def _top_from_gram(g: Any, cap: int, budget: float, ops: Any) -> tuple[Any, int, float, np.ndarray]:
-    """Leading eigenvectors of a Gram matrix: ``(vectors[:, :r], r, discarded, sigma)``."""
+def _top_from_gram(
+    g: Any, cap: int, budget: float, ops: Any, full: bool
+) -> tuple[Any, int, float, np.ndarray]:
+    """Leading eigenvectors of a Gram matrix: ``(vectors[:, :r], r, discarded, sigma)``.
+
+    ``sigma`` holds every singular value with ``full``, else at least the leading ``cap``.
+    """
     total = ops.trace(g)
     if not math.isfinite(total):
         raise _Overflow
-    lam, vec = ops.eigh_top(g, min(cap, g.shape[0]))
+    lam, vec = ops.eigh_top(g, min(cap, g.shape[0]), full)
     lam_np = np.clip(ops.numpy(lam), 0.0, None)
     r = _choose_rank(lam_np, total, min(cap, g.shape[0]), budget)
     discarded = max(total - float(lam_np[:r].sum()), 0.0)
     return vec[:, :r], r, discarded, np.sqrt(lam_np)
 
 
-def _truncated_svd(a: Any, cap: int, budget: float, ops: Any) -> tuple[Any, Any, float, np.ndarray]:
+def _truncated_svd(
+    a: Any, cap: int, budget: float, ops: Any, full: bool
+) -> tuple[Any, Any, float, np.ndarray]:
     """Truncated SVD of ``a`` through its small-side Gram matrix.
 
     Returns ``(u, s_vt, discarded, sigma)``: ``u`` has orthonormal columns (the left
     singular vectors), ``s_vt = u^T a``, ``discarded`` is the sum of the discarded
-    squared singular values and ``sigma`` the leading singular values.
+    squared singular values and ``sigma`` the leading (``full``: all) singular values.
     """
     m, n = a.shape
     if m <= n:
-        u, _, discarded, sigma = _top_from_gram(a @ a.T, cap, budget, ops)
+        u, _, discarded, sigma = _top_from_gram(a @ a.T, cap, budget, ops, full)
         return u, u.T @ a, discarded, sigma
-    v, _, discarded, sigma = _top_from_gram(a.T @ a, cap, budget, ops)
+    v, _, discarded, sigma = _top_from_gram(a.T @ a, cap, budget, ops, full)
     # a v = u s w^T exactly: a small thin SVD orthonormalizes the m x r block.
     u, s, wt = ops.svd(a @ v)
     return u, (s[:, None] * wt) @ v.T, discarded, sigma
@@ -96,7 +103,12 @@ class _Layout:
 
 
 def _fused_head(
-    layout: _Layout, dims: tuple[int, ...], caps: tuple[int, ...], cdtype: Any, ops: Any
+    layout: _Layout,
+    dims: tuple[int, ...],
+    caps: tuple[int, ...],
+    cdtype: Any,
+    ops: Any,
+    full: bool,
 ) -> tuple[list[Any], list[np.ndarray], float, float, Any]:
     """Sweeps 1 and 2 from one Gram ``G2`` of the ``(d_1 d_2, rest)`` unfolding.
 
@@ -114,9 +126,9 @@ def _fused_head(
     to_sweep = layout.row_perm + tuple(nr + p for p in layout.row_perm)
     g2 = _permute(g.reshape(*layout.row_shape, *layout.row_shape), to_sweep).reshape(rows2, rows2)
     g1 = g2.reshape(d1, d2, d1, d2).diagonal(0, 1, 3).sum(-1)
-    u1, r1, lost1, sigma1 = _top_from_gram(g1, caps[0], 0.0, ops)
+    u1, r1, lost1, sigma1 = _top_from_gram(g1, caps[0], 0.0, ops, full)
     lift = ops.kron_eye(u1, d2)
-    u2, r2, lost2, sigma2 = _top_from_gram(lift.T @ g2 @ lift, caps[1], 0.0, ops)
+    u2, r2, lost2, sigma2 = _top_from_gram(lift.T @ g2 @ lift, caps[1], 0.0, ops, full)
     # the projector (lift @ u2) back in the block's row order
     back = tuple(int(i) for i in np.argsort(layout.row_perm)) + (nr,)
     sweep_rows = tuple(layout.row_shape[p] for p in layout.row_perm)
@@ -134,6 +146,7 @@ def _tt_sweep(
     tol: float | None,
     cdtype: Any,
     ops: Any,
+    full: bool,
 ) -> tuple[list[Any], float, float, float, tuple[np.ndarray, ...]]:
     """Left-to-right TT-SVD.
 
@@ -151,7 +164,7 @@ def _tt_sweep(
         and math.prod(dims) // rows2 >= rows2
     )
     if fused:
-        cores, spectra, norm2, discarded, rest = _fused_head(layout, dims, caps, cdtype, ops)
+        cores, spectra, norm2, discarded, rest = _fused_head(layout, dims, caps, cdtype, ops, full)
         r_prev, start = cores[-1].shape[-1], 2
     else:
         x = ops.contiguous(layout.sweep, cdtype)
@@ -162,7 +175,7 @@ def _tt_sweep(
     budget = 0.0 if tol is None else tol * tol * norm2 / max(n - 1, 1)
     for k in range(start, n - 1):
         a = rest.reshape(r_prev * dims[k], -1)
-        u, rest, lost, sigma = _truncated_svd(a, caps[k], budget, ops)
+        u, rest, lost, sigma = _truncated_svd(a, caps[k], budget, ops, full)
         r = u.shape[1]
         cores.append(u.reshape(r_prev, dims[k], r))
         spectra.append(sigma)
@@ -193,6 +206,20 @@ class _NonFinite(Exception):
 _FLOAT32_MIN_TOL = 1e-2
 
 
+def _balanced(cores: list[Any], ops: Any) -> list[Any]:
+    """The same chain with every core of the same Frobenius norm (their product kept).
+
+    TT-SVD leaves the cores left-orthonormal and the whole norm of ``W`` in the last
+    core; a dtype with a small range (float16) can hold the balanced cores when it
+    cannot hold that last core.
+    """
+    norms = [math.sqrt(ops.sumsq(c)) for c in cores]
+    if not all(n > 0.0 and math.isfinite(n) for n in norms):
+        return cores
+    mean = math.exp(sum(math.log(n) for n in norms) / len(norms))
+    return [c * (mean / n) for c, n in zip(cores, norms)]
+
+
 def _run(
     layout_of: Any,
     like: Any,
@@ -200,12 +227,14 @@ def _run(
     dims: tuple[int, ...],
     caps: tuple[int, ...],
     tol: float | None,
+    full: bool,
     dense: Any,
 ) -> tuple[list[Any], float, float, tuple[np.ndarray, ...]]:
     """Decompose ``like`` (``layout_of(array)`` gives its views), cast back to its dtype.
 
     ``dense(cores)`` rebuilds ``like`` from float64 cores for the reconstruction error.
-    Returns the cast cores, the relative bound, the relative error and the spectra.
+    Returns the cast cores, the relative bound (never below the relative error), the
+    relative error and the spectra.
     """
     ops = ops_for(like)
     f64 = ops.to64(like.reshape(-1)[:1]).dtype
@@ -218,7 +247,7 @@ def _run(
         try:
             with np.errstate(over="ignore", invalid="ignore"):  # overflow -> float64 retry
                 cores, norm2, discarded, kept2, spectra = _tt_sweep(
-                    layout_of(data), dims, caps, tol, cdtype, ops
+                    layout_of(data), dims, caps, tol, cdtype, ops, full
                 )
         except _NonFinite:
             raise NonFiniteError(
@@ -235,23 +264,37 @@ def _run(
             break
         cdtype = f64  # redo: float32 cannot resolve an error this small
     if scale != 1.0:
+        spectra = tuple(sigma * scale for sigma in spectra)
         cores[-1] = cores[-1] * scale
-    out = [ops.cast(c, like) for c in cores]
+    with np.errstate(over="ignore"):  # an overflow of the cast is detected below
+        out = [ops.cast(c, like) for c in cores]
+        balanced = False
+        if not all(ops.all_finite(c) for c in out):
+            out = [ops.cast(c, like) for c in _balanced(cores, ops)]
+            balanced = True
+    if not all(ops.all_finite(c) for c in out):
+        raise NonFiniteError(
+            f"the MPO cores of `{name}` overflow its dtype {like.dtype} even with the norm "
+            f"spread evenly over the cores (||{name}||_F = {math.sqrt(norm2) * scale:.3e}); "
+            f"pass `{name}` in float32 or bfloat16, or scale it down"
+        )
     if norm2 == 0.0:
         return out, 0.0, 0.0, spectra
     bound = math.sqrt(max(discarded, 0.0) / norm2)
     eps = float(np.finfo(np.float64).eps)
     same_dtype = out[0].dtype == cores[0].dtype
-    if rel2 >= _IDENTITY_MIN_ULPS * eps and same_dtype:
-        return out, bound, math.sqrt(rel2), spectra
+    if rel2 >= _IDENTITY_MIN_ULPS * eps and same_dtype and not balanced:
+        rel = math.sqrt(rel2)
+        return out, max(bound, rel), rel, spectra
     # small errors, or cores cast to a narrower dtype: measure the returned cores
     x64 = ops.to64(like)
     diff = dense([ops.to64(c) for c in out]) - x64
-    return out, bound, math.sqrt(ops.sumsq(diff) / ops.sumsq(x64)), spectra
+    rel = math.sqrt(ops.sumsq(diff) / ops.sumsq(x64))
+    return out, max(bound, rel), rel, spectra
 
 
 def tt_decompose(
-    x: Any, rank: int | Sequence[int] | None = None, *, tol: float | None = None
+    x: Any, rank: Rank = None, *, tol: float | None = None, full_spectrum: bool = False
 ) -> TensorTrain:
     """Tensor-train decomposition (TT-SVD) of an N-d array.
 
@@ -259,13 +302,18 @@ def tt_decompose(
     ----------
     x : numpy.ndarray or torch.Tensor
         Real floating array of order ``N >= 1``, any dtype and device.
-    rank : int, sequence of int or None
-        Cap for every bond, one cap per bond (``N-1`` values), or None for the exact
-        ranks ``R_k = min(prod_{n<=k} d_n, prod_{n>k} d_n)``.
+    rank : None, int or sequence of int
+        A rank specification (:mod:`tensornet.params`): None for the exact ranks
+        ``R_k = min(prod_{n<=k} d_n, prod_{n>k} d_n)``, a cap for every bond, ``N-1``
+        caps, or the ``N+1`` form with boundary 1s (``tt.ranks``, tensorly's form).
     tol : float, optional
         Relative Frobenius error target in (0, 1): each sweep keeps the smallest rank
         whose discarded mass is at most ``tol^2 ||x||^2 / (N-1)``, so that the total
         relative error is at most ``tol``. Combined with ``rank``, the cap wins.
+    full_spectrum : bool, default False
+        Keep every singular value of every unfolding in ``singular_values`` (costs a
+        full eigendecomposition of each large Gram matrix), as for
+        :func:`mpo_decompose`.
 
     Returns
     -------
@@ -276,7 +324,7 @@ def tt_decompose(
 
     Raises
     ------
-    ShapeError, RankError, DTypeError, NonFiniteError
+    ShapeError, RankError, ToleranceError, DTypeError, NonFiniteError
         On a bad argument (each message names it and the value received).
 
     Examples
@@ -292,9 +340,12 @@ def tt_decompose(
     (1, 2, 2, 1)
     """
     x = check_float_array(x, "x", finite=False)
+    if x.ndim == 0:
+        raise ShapeError(f"`x` must have at least one axis; got a 0-d array ({x!r})")
     dims = tuple(int(d) for d in x.shape)
-    caps = normalize_rank(rank, len(dims) - 1)
+    caps = check_rank(rank, len(dims))
     tol = check_tol(tol)
+    full = _check_flag(full_spectrum, "full_spectrum")
     caps = tt_ranks(dims, caps)[1:-1]
 
     def layout_of(data: Any) -> _Layout:
@@ -311,9 +362,15 @@ def tt_decompose(
         )
 
     cores, bound, rel, spectra = _run(
-        layout_of, x, "x", dims, caps, tol, lambda c: TensorTrain(tuple(c)).to_dense()
+        layout_of, x, "x", dims, caps, tol, full, lambda c: TensorTrain(tuple(c)).to_dense()
     )
     return TensorTrain(tuple(cores), error_bound=bound, relative_error=rel, singular_values=spectra)
+
+
+def _check_flag(value: Any, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise DTypeError(f"`{name}` must be True or False; got {value!r}")
+    return bool(value)
 
 
 def _matrix_layout(W: Any, out_modes: tuple[int, ...], in_modes: tuple[int, ...]) -> _Layout:
@@ -336,18 +393,17 @@ def _matrix_layout(W: Any, out_modes: tuple[int, ...], in_modes: tuple[int, ...]
     )
 
 
+_SHAPE_FORMS = "a number of cores N (int) or a pair (out_modes, in_modes)"
+
+
 def _resolve_shape(shape: Any, rows: int, cols: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     if isinstance(shape, (int, np.integer)) and not isinstance(shape, bool):
         n = check_positive_int(shape, "shape")
         return factorize(rows, n), factorize(cols, n)
-    if (
-        isinstance(shape, Sequence)
-        and not isinstance(shape, (str, bytes))
-        and len(shape) == 2
-        and all(isinstance(s, Sequence) and not isinstance(s, (str, bytes)) for s in shape)
-    ):
-        out_modes = check_modes(shape[0], "shape[0] (out_modes)")
-        in_modes = check_modes(shape[1], "shape[1] (in_modes)")
+    pair = as_int_list(shape)
+    if pair is not None and len(pair) == 2 and all(as_int_list(s) is not None for s in pair):
+        out_modes = check_modes(pair[0], "shape[0] (out_modes)")
+        in_modes = check_modes(pair[1], "shape[1] (in_modes)")
         if len(out_modes) != len(in_modes):
             raise ShapeError(
                 f"`shape` must pair out_modes and in_modes of the same length; got "
@@ -360,17 +416,52 @@ def _resolve_shape(shape: Any, rows: int, cols: int) -> tuple[tuple[int, ...], t
                 f"({rows}, {cols})"
             )
         return out_modes, in_modes
-    raise ShapeError(
-        f"`shape` must be a number of cores N (int) or a pair (out_modes, in_modes); got {shape!r}"
-    )
+    raise ShapeError(f"`shape` must be {_SHAPE_FORMS}; got {shape!r}")
+
+
+def _as_matrix(W: Any, shape: Any) -> tuple[Any, Any]:
+    """``(matrix, shape)``: an order-2N tensor ``(I_1..I_N, J_1..J_N)`` becomes its matrix."""
+    if W.ndim == 2:
+        if shape is None:
+            raise ShapeError(
+                f"`shape` must be {_SHAPE_FORMS} for a matrix `W` of shape {tuple(W.shape)}; "
+                f"got None (it may be omitted only for an order-2N tensor `W`)"
+            )
+        return W, shape
+    if W.ndim < 4 or W.ndim % 2:
+        raise ShapeError(
+            f"`W` must be a 2-D matrix (out_features, in_features) or an order-2N tensor "
+            f"(I_1, ..., I_N, J_1, ..., J_N) as tensorly's tensor_train_matrix takes; got a "
+            f"{W.ndim}-D array of shape {tuple(W.shape)}"
+        )
+    n = W.ndim // 2
+    out_modes = tuple(int(s) for s in W.shape[:n])
+    in_modes = tuple(int(s) for s in W.shape[n:])
+    modes_of_w = (out_modes, in_modes)
+    if shape is not None:
+        given: Any = None
+        if isinstance(shape, (int, np.integer)) and not isinstance(shape, bool):
+            given = shape == n
+        else:
+            pair = as_int_list(shape)
+            if pair is not None and len(pair) == 2:
+                a, b = as_int_list(pair[0]), as_int_list(pair[1])
+                given = a is not None and b is not None and (tuple(a), tuple(b)) == modes_of_w
+        if not given:
+            raise ShapeError(
+                f"`shape` must be None, {n} or {modes_of_w} for an order-{2 * n} tensor `W` "
+                f"of shape {tuple(W.shape)} (out modes, then in modes); got {shape!r}"
+            )
+    return W.reshape(math.prod(out_modes), math.prod(in_modes)), modes_of_w
 
 
 def mpo_decompose(
     W: Any,
-    shape: int | tuple[Sequence[int], Sequence[int]],
-    rank: int | Sequence[int] | None = None,
+    shape: int | tuple[Sequence[int], Sequence[int]] | None = None,
+    rank: Rank = None,
     *,
     tol: float | None = None,
+    full_spectrum: bool = False,
 ) -> MPO:
     """MPO (tensor-train matrix) decomposition of a weight matrix, Algorithm 1 of DoTA.
 
@@ -380,23 +471,36 @@ def mpo_decompose(
     Parameters
     ----------
     W : numpy.ndarray or torch.Tensor
-        2-D real floating matrix of shape ``(out_features, in_features)`` (PyTorch's
-        ``nn.Linear.weight`` layout), any dtype and device.
-    shape : int or (out_modes, in_modes)
+        Real floating array, any dtype and device: a matrix of shape
+        ``(out_features, in_features)`` (PyTorch's ``nn.Linear.weight`` layout), or the
+        order-2N tensor ``(I_1, ..., I_N, J_1, ..., J_N)`` (out modes, then in modes: the
+        input of tensorly's ``tensor_train_matrix``), which gives the same MPO as its
+        matrix ``W.reshape(prod(I), prod(J))``.
+    shape : int or (out_modes, in_modes), optional
         Number of cores ``N`` (modes from :func:`tensornet.factorize`), or explicit row
         modes ``I_1..I_N`` (product ``out_features``) and column modes ``J_1..J_N``
-        (product ``in_features``).
-    rank : int, sequence of int or None
-        Cap ``R`` for every bond, ``N-1`` caps, or None for the exact ranks of eq. (1).
+        (product ``in_features``). Required for a matrix; for a tensor it is read off
+        ``W.shape`` (if given, it must agree).
+    rank : None, int or sequence of int
+        A rank specification (:mod:`tensornet.params`): None for the exact ranks of
+        eq. (1), a cap ``R`` for every bond, ``N-1`` caps, or the ``N+1`` form with
+        boundary 1s (``mpo.ranks``, tensorly's form).
     tol : float, optional
         Relative Frobenius error target in (0, 1), instead of or on top of ``rank``.
+    full_spectrum : bool, default False
+        Keep every singular value of every unfolding in ``singular_values``, to choose a
+        rank from. By default an unfolding with at least 128 rows and columns keeps only
+        the leading values (at least the kept ones): its eigensolver is asked for no
+        more, which is what keeps a truncated decomposition fast. True costs a full
+        eigendecomposition of each such Gram matrix.
 
     Returns
     -------
     MPO
         Cores ``(R_{k-1}, I_k, J_k, R_k)`` with ``W``'s array type, device and dtype;
-        ``error_bound`` (from the discarded singular values) and ``relative_error``
-        (``||W - MPO||_F / ||W||_F`` of the returned cores).
+        ``relative_error`` (``||W - MPO||_F / ||W||_F`` of the returned cores),
+        ``error_bound`` (from the discarded singular values, never below
+        ``relative_error``) and ``singular_values`` (one array per sweep).
 
     Notes
     -----
@@ -405,19 +509,26 @@ def mpo_decompose(
     place, so a ``tol`` below ``1e-2``, or a result whose relative error turns out below
     about 3e-2 (high ranks), is computed in float64 instead: the bound and the error are
     then accurate to float64 rounding. Entries large enough to overflow a Gram matrix are
-    rescaled first. Each sweep's truncated SVD comes from the Gram matrix of the
-    unfolding on its small side, the method in [1]_ (Algorithm 1) computed as in [2]_.
+    rescaled first. TT-SVD leaves the whole norm of ``W`` in the last core; where that
+    core would overflow the output dtype (float16), the norm is spread evenly over the
+    cores, and where even that overflows, :class:`~tensornet.errors.NonFiniteError` is
+    raised: a result never holds NaN or Inf. Each sweep's truncated SVD comes from the
+    Gram matrix of the unfolding on its small side, the method in [1]_ (Algorithm 1)
+    computed as in [2]_.
 
     Raises
     ------
     ShapeError
-        ``W`` is not 2-D or the modes do not multiply to its shape.
+        ``W`` is neither a matrix nor an order-2N tensor, or the modes do not multiply to
+        its shape.
     RankError
-        ``rank`` is not positive or has the wrong length; ``tol`` is outside (0, 1).
+        ``rank`` is not a rank specification for ``N`` cores.
+    ToleranceError
+        ``tol`` is outside (0, 1).
     DTypeError
-        ``W`` is not a real floating array.
+        ``W`` is not a real floating array with data (a meta tensor has none).
     NonFiniteError
-        ``W`` holds NaN or Inf.
+        ``W`` holds NaN or Inf, or its cores cannot be held in its dtype.
 
     References
     ----------
@@ -432,18 +543,29 @@ def mpo_decompose(
     >>> mpo = mpo_decompose(W, ((4, 4, 4), (2, 4, 4)), rank=8)
     >>> mpo.ranks, mpo.num_params
     ((1, 8, 8, 1), 1216)
-    >>> bool(mpo.relative_error <= mpo.error_bound + 1e-12)
+    >>> bool(mpo.relative_error <= mpo.error_bound)
+    True
+    >>> again = mpo_decompose(W, ((4, 4, 4), (2, 4, 4)), mpo.ranks)  # ranks round-trip
+    >>> again.ranks == mpo.ranks
     True
     >>> exact = mpo_decompose(W, 3)
     >>> bool(np.allclose(exact.to_dense(), W))
     True
+
+    The order-2N tensor (tensorly's input) gives the same MPO:
+
+    >>> T = W.reshape(4, 4, 4, 2, 4, 4)
+    >>> bool(np.allclose(mpo_decompose(T, rank=8).to_dense(), mpo.to_dense()))
+    True
     """
-    W = check_float_array(W, "W", ndim=2, finite=False)
+    W = check_float_array(W, "W", finite=False)
+    W, shape = _as_matrix(W, shape)
     rows, cols = (int(s) for s in W.shape)
     out_modes, in_modes = _resolve_shape(shape, rows, cols)
     n = len(out_modes)
-    caps = normalize_rank(rank, n - 1)
+    caps = check_rank(rank, n)
     tol = check_tol(tol)
+    full = _check_flag(full_spectrum, "full_spectrum")
     dims = tuple(i * j for i, j in zip(out_modes, in_modes))
     caps = tt_ranks(dims, caps)[1:-1]
 
@@ -460,6 +582,7 @@ def mpo_decompose(
         dims,
         caps,
         tol,
+        full,
         lambda c: MPO(tuple(as_mpo(c))).to_dense(),
     )
     return MPO(tuple(as_mpo(cores)), error_bound=bound, relative_error=rel, singular_values=spectra)

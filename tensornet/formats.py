@@ -8,20 +8,35 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ShapeError
-from .tensorize import cores_to_matrix
+from ._backend import check_same_kind, is_torch
+from .errors import DTypeError, ShapeError
+from .tensorize import _combine_halves, _mpo_halves
 
 __all__ = ["MPO", "TensorTrain"]
 
 
-def _check_chain(cores: Sequence[Any], order: int, kind: str) -> tuple[int, ...]:
+def _check_chain(cores: Any, order: int, kind: str) -> tuple[tuple[Any, ...], tuple[int, ...]]:
+    """The cores as a tuple and their bond dimensions; raise on anything else."""
+    if is_torch(cores) or isinstance(cores, (np.ndarray, str, bytes)) or not isinstance(
+        cores, Sequence
+    ):
+        raise DTypeError(
+            f"`cores` of {kind} must be a sequence of {order}-D arrays; got "
+            f"{type(cores).__name__}"
+        )
+    cores = tuple(cores)
     if len(cores) == 0:
-        raise ShapeError(f"`cores` of a {kind} must hold at least one core; got none")
+        raise ShapeError(f"`cores` of {kind} must hold at least one core; got none")
     ranks = [1]
     for k, core in enumerate(cores):
+        if not (is_torch(core) or isinstance(core, np.ndarray)):
+            raise DTypeError(
+                f"`cores[{k}]` of {kind} must be a numpy array or a torch tensor; got "
+                f"{type(core).__name__}"
+            )
         shape = tuple(core.shape)
         if len(shape) != order:
-            raise ShapeError(f"`cores[{k}]` of a {kind} must have {order} axes; got shape {shape}")
+            raise ShapeError(f"`cores[{k}]` of {kind} must have {order} axes; got shape {shape}")
         if shape[0] != ranks[-1]:
             raise ShapeError(
                 f"bond mismatch at `cores[{k}]`: expected leading rank {ranks[-1]}, got "
@@ -29,30 +44,58 @@ def _check_chain(cores: Sequence[Any], order: int, kind: str) -> tuple[int, ...]
             )
         ranks.append(shape[-1])
     if ranks[-1] != 1:
-        raise ShapeError(f"the last core of a {kind} must end with rank 1; got {ranks[-1]}")
-    return tuple(int(r) for r in ranks)
+        raise ShapeError(f"the last core of {kind} must end with rank 1; got {ranks[-1]}")
+    check_same_kind(cores, "cores")
+    return cores, tuple(int(r) for r in ranks)
+
+
+def _cores_of(obj: Any, name: str) -> tuple[Any, ...]:
+    """The cores of a tensorly object (a list of cores itself)."""
+    if is_torch(obj) or isinstance(obj, (np.ndarray, str, bytes)) or not hasattr(obj, "__iter__"):
+        raise DTypeError(
+            f"`{name}` must be a tensorly TT object or a list of its cores; got "
+            f"{type(obj).__name__}"
+        )
+    return tuple(obj)
 
 
 @dataclass(frozen=True, eq=False)
 class MPO:
     """A matrix product operator (tensor-train matrix) approximating a weight matrix.
 
+    Returned by :func:`tensornet.mpo_decompose`; can also be built from cores.
+
+    Parameters
+    ----------
+    cores : sequence of arrays
+        ``N`` cores of shape ``(R_{k-1}, I_k, J_k, R_k)`` with ``R_0 = R_N = 1``, all of
+        one array type, dtype and device (a decomposition gives the decomposed matrix's).
+    error_bound : float, optional
+        Relative bound on ``||W - to_dense()||_F / ||W||_F``: the TT-SVD bound
+        ``sqrt(sum of discarded sigma^2) / ||W||_F``, raised to the measured error where
+        rounding (of the compute dtype, or of the cast to the output dtype) exceeds it, so
+        that ``relative_error <= error_bound`` always. None when not decomposed.
+    relative_error : float, optional
+        ``||W - to_dense()||_F / ||W||_F`` of the returned cores (None when not computed).
+    singular_values : tuple of numpy arrays, optional
+        For each of the ``N-1`` sweeps, the singular values of the unfolding the sweep
+        truncated (float64, descending): the first is the spectrum of ``W``'s unfolding
+        ``(I_1 J_1) x (rest)``, the k-th that of the ``(R_{k-1} I_k J_k) x (rest)``
+        remainder. Every value when ``mpo_decompose(..., full_spectrum=True)`` was asked
+        for, or the unfolding has fewer than 128 rows or columns; otherwise the leading
+        ones, at least the kept ``R_k`` (the eigensolver is asked for no more).
+
     Attributes
     ----------
-    cores : tuple of arrays
-        ``N`` cores of shape ``(R_{k-1}, I_k, J_k, R_k)``, same array type, device and
-        dtype as the decomposed matrix.
-    error_bound : float or None
-        Relative TT-SVD bound ``sqrt(sum of discarded sigma^2) / ||W||_F`` (None when the
-        MPO was not produced by a decomposition).
-    relative_error : float or None
-        ``||W - to_dense()||_F / ||W||_F`` (None when not computed).
-    singular_values : tuple of numpy arrays or None
-        For each of the ``N-1`` sweeps, the leading singular values of the unfolding
-        (float64, descending): all of them for unfoldings under 128 rows or columns,
-        otherwise at least the kept ones (the eigensolver is asked for no more).
     ranks : tuple of int
-        Bond dimensions ``(1, R_1, ..., R_{N-1}, 1)``, read off the cores.
+        Bond dimensions ``(1, R_1, ..., R_{N-1}, 1)``, read off the cores; a valid ``rank``
+        argument (:mod:`tensornet.params`), so ``mpo_decompose(W, shape, mpo.ranks)``
+        repeats the decomposition.
+
+    Raises
+    ------
+    ShapeError, DTypeError
+        If the cores are not a chain of 4-D arrays of one kind with matching bonds.
 
     Examples
     --------
@@ -61,6 +104,8 @@ class MPO:
     >>> m = MPO(cores)
     >>> m.shape, m.ranks, m.num_params
     ((10, 18), (1, 4, 1), 144)
+    >>> float(m.to_dense()[0, 0])
+    4.0
     """
 
     cores: tuple[Any, ...]
@@ -70,9 +115,9 @@ class MPO:
     ranks: tuple[int, ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        cores = tuple(self.cores)
+        cores, ranks = _check_chain(self.cores, 4, "an MPO")
         object.__setattr__(self, "cores", cores)
-        object.__setattr__(self, "ranks", _check_chain(cores, 4, "MPO"))
+        object.__setattr__(self, "ranks", ranks)
 
     @property
     def num_cores(self) -> int:
@@ -107,7 +152,7 @@ class MPO:
 
     def to_dense(self) -> Any:
         """Contract the cores into the ``(out_features, in_features)`` matrix."""
-        return cores_to_matrix(self.cores)
+        return _combine_halves(*_mpo_halves(self.cores))
 
     def to_tensorly(self) -> Any:
         """Return a :class:`tensorly.tt_matrix.TTMatrix` over the same cores (no copy).
@@ -122,7 +167,7 @@ class MPO:
     @classmethod
     def from_tensorly(cls, tt_matrix: Any) -> MPO:
         """Build an :class:`MPO` from a tensorly ``TTMatrix`` (or its list of cores)."""
-        return cls(tuple(tt_matrix))
+        return cls(_cores_of(tt_matrix, "tt_matrix"))
 
     def __repr__(self) -> str:
         err = "n/a" if self.relative_error is None else f"{self.relative_error:.3e}"
@@ -137,12 +182,25 @@ class MPO:
 class TensorTrain:
     """A tensor train approximating an N-d array.
 
+    Returned by :func:`tensornet.tt_decompose`; can also be built from cores.
+
+    Parameters
+    ----------
+    cores : sequence of arrays
+        ``N`` cores of shape ``(R_{k-1}, d_k, R_k)`` with ``R_0 = R_N = 1``, all of one
+        array type, dtype and device.
+    error_bound, relative_error, singular_values : optional
+        As for :class:`MPO` (the unfoldings are ``(R_{k-1} d_k) x (rest)``).
+
     Attributes
     ----------
-    cores : tuple of arrays
-        ``N`` cores of shape ``(R_{k-1}, d_k, R_k)``.
-    error_bound, relative_error, singular_values, ranks
-        As for :class:`MPO`.
+    ranks : tuple of int
+        Bond dimensions ``(1, R_1, ..., R_{N-1}, 1)``; a valid ``rank`` argument.
+
+    Raises
+    ------
+    ShapeError, DTypeError
+        If the cores are not a chain of 3-D arrays of one kind with matching bonds.
 
     Examples
     --------
@@ -159,9 +217,9 @@ class TensorTrain:
     ranks: tuple[int, ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        cores = tuple(self.cores)
+        cores, ranks = _check_chain(self.cores, 3, "a tensor train")
         object.__setattr__(self, "cores", cores)
-        object.__setattr__(self, "ranks", _check_chain(cores, 3, "tensor train"))
+        object.__setattr__(self, "ranks", ranks)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -190,7 +248,7 @@ class TensorTrain:
     @classmethod
     def from_tensorly(cls, tt_tensor: Any) -> TensorTrain:
         """Build a :class:`TensorTrain` from a tensorly ``TTTensor`` (or its cores)."""
-        return cls(tuple(tt_tensor))
+        return cls(_cores_of(tt_tensor, "tt_tensor"))
 
     def __repr__(self) -> str:
         err = "n/a" if self.relative_error is None else f"{self.relative_error:.3e}"

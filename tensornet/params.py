@@ -1,31 +1,101 @@
-"""Parameter counting for MPO / tensor-train formats and the LoTR / LoRTA adapters.
+"""Parameter counting for MPO / tensor-train formats, and the one rank specification.
 
 Formulas on shapes only: nothing is decomposed or allocated.
+
+A rank specification (the ``rank`` argument of :func:`tensornet.mpo_decompose`,
+:func:`tensornet.tt_decompose`, the counting functions below and
+:class:`tensornet.adapters.DoTAConfig`) takes one of four forms, for a train of ``N``
+cores (``N-1`` bonds):
+
+* ``None``: the exact ranks of eq. (1), no truncation;
+* an int ``R >= 1``: a cap for every bond;
+* ``N-1`` ints ``>= 1``: one cap per bond;
+* ``N+1`` ints starting and ending with 1, ``[1, R_1, ..., R_{N-1}, 1]``: the form of
+  :attr:`tensornet.MPO.ranks` and of tensorly, so that ``mpo.ranks`` can be passed back.
+
+Anything else raises :class:`~tensornet.errors.RankError`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
-from ._validate import check_modes, check_positive_int, normalize_rank
+from ._validate import _is_int, as_int_list, check_modes, check_positive_int
 from .errors import RankError, ShapeError
 
 __all__ = [
+    "Rank",
+    "check_rank",
     "tt_ranks",
     "tt_num_params",
     "mpo_ranks",
     "mpo_num_params",
     "compression_ratio",
     "rank_for_budget",
-    "lotr_num_params",
-    "lorta_num_params",
 ]
 
+#: A rank specification: None, an int cap, ``N-1`` caps or the ``N+1`` form with boundary 1s.
+Rank = int | Sequence[int] | None
 
-def tt_ranks(shape: Sequence[int], rank: Any = None) -> tuple[int, ...]:
+
+def check_rank(rank: Any, num_cores: int, *, name: str = "rank") -> tuple[int, ...] | None:
+    """Validate a rank specification; return its ``N-1`` bond caps (None: exact ranks).
+
+    Parameters
+    ----------
+    rank : None, int or sequence of int
+        One of the four forms of the module docstring.
+    num_cores : int
+        ``N``, the number of cores of the train.
+    name : str, default "rank"
+        The argument's name in the error message.
+
+    Returns
+    -------
+    tuple of int or None
+        One cap per bond (``N-1`` ints), or None for exact ranks.
+
+    Raises
+    ------
+    RankError
+        For anything else; the message names the argument, lists the valid forms for this
+        ``N`` and shows the value received.
+
+    Examples
+    --------
+    >>> check_rank(16, 3), check_rank([8, 4], 3), check_rank([1, 8, 4, 1], 3)
+    ((16, 16), (8, 4), (8, 4))
+    >>> check_rank(None, 3) is None
+    True
+    >>> check_rank([16, 0, 16], 5)
+    Traceback (most recent call last):
+    ...
+    tensornet.errors.RankError: `rank` must be None (exact ranks), ... or a list of 6 positive ints
+    starting and ending with 1 (the form of MPO.ranks); got [16, 0, 16]
+    """
+    bonds = num_cores - 1
+    if rank is None:
+        return None
+    expected = (
+        f"`{name}` must be None (exact ranks), a positive int (a cap for every bond), a list "
+        f"of {bonds} positive ints (one per bond) or a list of {bonds + 2} positive ints "
+        f"starting and ending with 1 (the form of MPO.ranks)"
+    )
+    if _is_int(rank):
+        return (int(rank),) * bonds
+    caps = as_int_list(rank)
+    if caps is None or not all(_is_int(r) for r in caps):
+        raise RankError(f"{expected}; got {rank if caps is None else caps!r}")
+    if len(caps) == bonds + 2 and caps[0] == 1 and caps[-1] == 1:
+        caps = caps[1:-1]
+    if len(caps) != bonds:
+        raise RankError(f"{expected}; got {caps!r}")
+    return tuple(int(r) for r in caps)
+
+
+def tt_ranks(shape: Sequence[int], rank: Rank = None) -> tuple[int, ...]:
     """Bond dimensions ``(1, R_1, ..., R_{N-1}, 1)`` of a tensor train of ``shape``.
 
     ``R_k = min(prod_{n<=k} d_n, prod_{n>k} d_n)`` (eq. (1) of the DoTA paper with
@@ -36,8 +106,9 @@ def tt_ranks(shape: Sequence[int], rank: Any = None) -> tuple[int, ...]:
     ----------
     shape : sequence of int
         The tensor's mode sizes ``d_1..d_N``.
-    rank : int, sequence of int or None
-        A cap for every bond, one cap per bond (``N-1`` values), or None for exact ranks.
+    rank : None, int or sequence of int
+        A rank specification (module docstring): None for exact ranks, a cap for every
+        bond, ``N-1`` caps, or ``N+1`` values with boundary 1s.
 
     Returns
     -------
@@ -50,11 +121,13 @@ def tt_ranks(shape: Sequence[int], rank: Any = None) -> tuple[int, ...]:
     (1, 16, 256, 256, 16, 1)
     >>> tt_ranks((16, 16, 16, 16, 16), 8)
     (1, 8, 8, 8, 8, 1)
+    >>> tt_ranks((16, 16, 16, 16, 16), [1, 8, 8, 8, 8, 1])
+    (1, 8, 8, 8, 8, 1)
     """
     dims = check_modes(shape, "shape")
-    caps = normalize_rank(rank, len(dims) - 1)
+    caps = check_rank(rank, len(dims))
     ranks = [1]
-    left, total = 1, int(np.prod(dims, dtype=object))
+    left, total = 1, math.prod(dims)
     for k in range(len(dims) - 1):
         left *= dims[k]
         full = min(left, total // left)
@@ -63,8 +136,20 @@ def tt_ranks(shape: Sequence[int], rank: Any = None) -> tuple[int, ...]:
     return tuple(int(r) for r in ranks)
 
 
-def tt_num_params(shape: Sequence[int], rank: Any = None) -> int:
+def tt_num_params(shape: Sequence[int], rank: Rank = None) -> int:
     """Number of entries of the tensor-train cores of ``shape`` at ``rank``.
+
+    Parameters
+    ----------
+    shape : sequence of int
+        The tensor's mode sizes ``d_1..d_N``.
+    rank : None, int or sequence of int
+        A rank specification, as for :func:`tt_ranks`.
+
+    Returns
+    -------
+    int
+        ``sum_k R_{k-1} d_k R_k`` with the ranks of :func:`tt_ranks`.
 
     Examples
     --------
@@ -88,9 +173,22 @@ def _mode_products(out_modes: Sequence[int], in_modes: Sequence[int]) -> tuple[i
 
 
 def mpo_ranks(
-    out_modes: Sequence[int], in_modes: Sequence[int], rank: Any = None
+    out_modes: Sequence[int], in_modes: Sequence[int], rank: Rank = None
 ) -> tuple[int, ...]:
     """Bond dimensions ``(1, R_1, ..., R_{N-1}, 1)`` of an MPO, eq. (1) capped at ``rank``.
+
+    Parameters
+    ----------
+    out_modes, in_modes : sequence of int
+        ``I_1..I_N`` (rows, ``out_features``) and ``J_1..J_N`` (columns, ``in_features``).
+    rank : None, int or sequence of int
+        A rank specification (:mod:`tensornet.params`): None for exact ranks, a cap for
+        every bond, ``N-1`` caps, or ``N+1`` values with boundary 1s.
+
+    Returns
+    -------
+    tuple of int
+        The ``N+1`` ranks :func:`tensornet.mpo_decompose` returns for these arguments.
 
     Examples
     --------
@@ -102,19 +200,20 @@ def mpo_ranks(
     return tt_ranks(_mode_products(out_modes, in_modes), rank)
 
 
-def mpo_num_params(out_modes: Sequence[int], in_modes: Sequence[int], rank: Any = None) -> int:
+def mpo_num_params(out_modes: Sequence[int], in_modes: Sequence[int], rank: Rank = None) -> int:
     """Trainable parameters of an MPO: the paper's ``rho = sum_k R_{k-1} I_k J_k R_k``.
 
     Parameters
     ----------
     out_modes, in_modes : sequence of int
         ``I_1..I_N`` (rows, ``out_features``) and ``J_1..J_N`` (columns, ``in_features``).
-    rank : int, sequence of int or None
-        Bond cap ``R`` (or one per bond); None for exact ranks.
+    rank : None, int or sequence of int
+        A rank specification, as for :func:`mpo_ranks`.
 
     Returns
     -------
     int
+        The number of core entries.
 
     Examples
     --------
@@ -126,25 +225,56 @@ def mpo_num_params(out_modes: Sequence[int], in_modes: Sequence[int], rank: Any 
     return tt_num_params(_mode_products(out_modes, in_modes), rank)
 
 
-def compression_ratio(out_modes: Sequence[int], in_modes: Sequence[int], rank: Any = None) -> float:
+def compression_ratio(
+    out_modes: Sequence[int], in_modes: Sequence[int], rank: Rank = None
+) -> float:
     """Dense parameter count divided by the MPO's: how many times smaller the cores are.
+
+    Parameters
+    ----------
+    out_modes, in_modes : sequence of int
+        ``I_1..I_N`` (rows) and ``J_1..J_N`` (columns).
+    rank : None, int or sequence of int
+        A rank specification, as for :func:`mpo_ranks`.
+
+    Returns
+    -------
+    float
+        ``prod(out_modes) * prod(in_modes) / mpo_num_params(out_modes, in_modes, rank)``.
 
     Examples
     --------
     >>> round(compression_ratio((4, 4, 4, 4, 4), (4, 4, 4, 4, 4), 8), 1)
     315.1
     """
-    dense = int(np.prod(out_modes, dtype=object)) * int(np.prod(in_modes, dtype=object))
-    return dense / mpo_num_params(out_modes, in_modes, rank)
+    prods = _mode_products(out_modes, in_modes)
+    return math.prod(prods) / tt_num_params(prods, rank)
 
 
 def rank_for_budget(out_modes: Sequence[int], in_modes: Sequence[int], budget: int) -> int:
     """Largest uniform rank cap ``R`` whose MPO has at most ``budget`` parameters.
 
+    Parameters
+    ----------
+    out_modes, in_modes : sequence of int
+        ``I_1..I_N`` (rows) and ``J_1..J_N`` (columns).
+    budget : int
+        The largest parameter count allowed (>= 1).
+
+    Returns
+    -------
+    int
+        The largest ``R`` with ``mpo_num_params(out_modes, in_modes, R) <= budget``, but
+        at most the largest exact rank ``max(mpo_ranks(out_modes, in_modes))``: beyond it
+        a larger cap changes nothing, so a budget that fits the exact MPO returns that
+        rank (the exact decomposition), not an arbitrarily large number.
+
     Raises
     ------
     RankError
         If even ``R = 1`` exceeds the budget.
+    ShapeError, DTypeError
+        On bad modes or a ``budget`` that is not an int >= 1.
 
     Examples
     --------
@@ -152,9 +282,11 @@ def rank_for_budget(out_modes: Sequence[int], in_modes: Sequence[int], budget: i
     8
     >>> rank_for_budget((4, 4, 4, 4, 4), (4, 4, 4, 4, 4), 3327)
     7
+    >>> rank_for_budget((2, 2), (2, 2), 10**9)  # capped at the exact rank, max((1, 4, 1))
+    4
     """
-    budget = check_positive_int(budget, "budget")
     prods = _mode_products(out_modes, in_modes)
+    budget = check_positive_int(budget, "budget")
     full = tt_ranks(prods)
     if tt_num_params(prods, 1) > budget:
         raise RankError(
@@ -171,108 +303,3 @@ def rank_for_budget(out_modes: Sequence[int], in_modes: Sequence[int], budget: i
     return lo
 
 
-def lotr_num_params(
-    shapes_by_kind: Mapping[str, tuple[int, int]], num_layers: int, rank: int
-) -> int:
-    """Trainable parameters of LoTR: ``sum over kinds of r (out + in) + L r^2``.
-
-    LoTR shares ``A`` (out x r) and ``B`` (r x in) among the layers of one kind of matrix
-    (every ``q_proj``, say) and gives each of the ``L`` layers its own ``G_l`` (r x r).
-
-    Parameters
-    ----------
-    shapes_by_kind : mapping of str to (int, int)
-        ``(out_features, in_features)`` of each kind of adapted matrix.
-    num_layers : int
-        ``L``, the number of layers holding each kind.
-    rank : int
-        ``r``.
-
-    Returns
-    -------
-    int
-
-    Examples
-    --------
-    LLaMA-2-7B's q, k, v (4096 x 4096), up (11008 x 4096) and down (4096 x 11008) in its
-    32 layers, at r = 16:
-
-    >>> shapes = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096),
-    ...           "up_proj": (11008, 4096), "down_proj": (4096, 11008)}
-    >>> lotr_num_params(shapes, 32, 16)
-    917504
-    """
-    num_layers = check_positive_int(num_layers, "num_layers")
-    rank = check_positive_int(rank, "rank")
-    if not isinstance(shapes_by_kind, Mapping) or not shapes_by_kind:
-        raise ShapeError(
-            f"`shapes_by_kind` must be a non-empty mapping of kind -> (out, in); got "
-            f"{shapes_by_kind!r}"
-        )
-    total = 0
-    for kind, shape in shapes_by_kind.items():
-        out_f, in_f = check_modes(shape, f"shapes_by_kind[{kind!r}]")
-        total += rank * (out_f + in_f) + num_layers * rank * rank
-    return int(total)
-
-
-def lorta_num_params(
-    d_model: int,
-    d_head: int,
-    num_heads: int,
-    num_kv_heads: int,
-    num_layers: int,
-    rank: int,
-    *,
-    num_matrices: int = 4,
-) -> int:
-    """Trainable parameters of LoRTA: ``r (d_model + d_head + H + H_kv + M + L)``.
-
-    The five CP factors ``A`` (d_model x r), ``B`` (r x d_head), ``C_head`` (H x r),
-    ``C_matrix`` (M x r, M = 4 for Q, K, V, O) and ``C_layer`` (L x r). With grouped-query
-    attention (``num_kv_heads < num_heads``) K and V have their own head factor
-    ``C_kv_head`` (H_kv x r); without it (``num_kv_heads == num_heads``) they share
-    ``C_head`` and the count is the paper's ``r (d_model + d_head + H + 4 + L)``.
-
-    Parameters
-    ----------
-    d_model, d_head : int
-        Model width and width of one attention head.
-    num_heads, num_kv_heads : int
-        Query heads ``H`` and key/value heads ``H_kv`` (``H_kv == H`` without GQA).
-    num_layers : int
-        ``L``.
-    rank : int
-        CP rank ``r``.
-    num_matrices : int, default 4
-        ``M``, how many of Q, K, V, O are adapted. Pass ``num_kv_heads=num_heads`` when
-        neither K nor V is adapted.
-
-    Returns
-    -------
-    int
-
-    Examples
-    --------
-    LLaMA-2-7B (no GQA) at r = 16, and SmolLM2-135M (9 heads, 3 key/value heads):
-
-    >>> lorta_num_params(4096, 128, 32, 32, 32, 16)
-    68672
-    >>> lorta_num_params(576, 64, 9, 3, 30, 16)
-    10976
-    """
-    dims = [
-        check_positive_int(v, name)
-        for v, name in (
-            (d_model, "d_model"),
-            (d_head, "d_head"),
-            (num_heads, "num_heads"),
-            (num_kv_heads, "num_kv_heads"),
-            (num_layers, "num_layers"),
-            (rank, "rank"),
-            (num_matrices, "num_matrices"),
-        )
-    ]
-    d_model, d_head, num_heads, num_kv_heads, num_layers, rank, num_matrices = dims
-    kv = num_kv_heads if num_kv_heads != num_heads else 0
-    return int(rank * (d_model + d_head + num_heads + kv + num_matrices + num_layers))

@@ -11,7 +11,9 @@ Two strategies are costed on shapes alone:
 Each plan reports FLOPs and the peak intermediate (in elements) of both, and a time
 estimate from a three-term model (FLOPs at GEMM throughput, bytes moved at memory
 bandwidth, a fixed cost per kernel launch) whose constants are measured once per array
-library, device and dtype (:func:`calibrate`). :func:`mpo_matmul` executes the cheaper.
+library, device and dtype (:func:`calibrate`). A plan is what runs: calling it on ``x``
+and the cores executes its strategy along its path (as opt_einsum's ``ContractExpression``
+does), and :func:`mpo_matmul` plans and calls the plan in one step.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import sys
+import numbers
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,11 +30,11 @@ from typing import Any, Literal
 import numpy as np
 import opt_einsum as oe
 
-from ._backend import is_torch
+from ._backend import as_array, check_has_data, check_same_kind, is_torch
 from ._validate import check_positive_int
-from .errors import ConfigError, ShapeError
+from .errors import ConfigError, DTypeError, ShapeError
 from .formats import MPO
-from .tensorize import cores_to_matrix
+from .tensorize import _combine_halves, _mpo_halves, check_cores
 
 __all__ = ["MachineProfile", "ContractionPlan", "calibrate", "plan_mpo_matmul", "mpo_matmul"]
 
@@ -43,10 +45,28 @@ Strategy = Literal["dense", "contract"]
 class MachineProfile:
     """Constants of the time model: ``t = flops / flops_per_s + bytes / bytes_per_s + ops * op_s``.
 
-    ``contract_factor`` scales the modelled time of a contraction through the cores: its
-    pairwise steps are thin matrix products with strided reorganizations, slower per
-    FLOP and per byte than one large matrix product. :func:`calibrate` measures it on a
-    probe contraction.
+    Parameters
+    ----------
+    flops_per_s : float
+        Matrix-product throughput, floating-point operations per second (> 0).
+    bytes_per_s : float
+        Memory bandwidth of a contiguous copy, bytes per second (> 0).
+    op_seconds : float
+        Fixed cost of one kernel launch, seconds (>= 0).
+    contract_factor : float, default 1.0
+        Scales the modelled time of a contraction through the cores: its pairwise steps
+        are thin matrix products with strided reorganizations, slower per FLOP and per
+        byte than one large matrix product. :func:`calibrate` measures it on a probe
+        contraction.
+    copy_efficiency : tuple of (int, float) pairs
+        ``(run length in bytes, fraction of bytes_per_s)`` of a reorganizing copy whose
+        contiguous runs have that length (interpolated in log-length, flat beyond the
+        ends), run lengths increasing.
+
+    Raises
+    ------
+    ConfigError
+        If a constant is not a finite number in its range.
 
     Examples
     --------
@@ -62,8 +82,45 @@ class MachineProfile:
     #: contiguous runs have that length (interpolated in log-length, flat beyond the ends)
     copy_efficiency: tuple[tuple[int, float], ...] = ((16, 0.8), (64, 1.0))
 
+    def __post_init__(self) -> None:
+        for name, minimum in (
+            ("flops_per_s", None),
+            ("bytes_per_s", None),
+            ("op_seconds", 0.0),
+            ("contract_factor", None),
+        ):
+            v = getattr(self, name)
+            ok = (
+                not isinstance(v, bool)
+                and isinstance(v, numbers.Real)
+                and math.isfinite(v)
+                and (v > 0 if minimum is None else v >= minimum)
+            )
+            if not ok:
+                rng = "> 0" if minimum is None else ">= 0"
+                raise ConfigError(f"`{name}` must be a finite number {rng}; got {v!r}")
+        table = self.copy_efficiency
+        try:
+            pairs = [(int(r), float(e)) for r, e in table]
+        except (TypeError, ValueError):
+            pairs = []
+        if not pairs or any(r <= 0 or not 0 < e <= 1 for r, e in pairs) or any(
+            a[0] >= b[0] for a, b in zip(pairs, pairs[1:])
+        ):
+            raise ConfigError(
+                f"`copy_efficiency` must be (run bytes > 0, fraction in (0, 1]) pairs with "
+                f"increasing run lengths; got {table!r}"
+            )
+        object.__setattr__(self, "copy_efficiency", tuple(pairs))
+
     def copy_seconds(self, copies: Sequence[tuple[int, int]]) -> float:
-        """Modelled time of reorganizing copies given as ``(bytes, run bytes)``."""
+        """Modelled time of reorganizing copies given as ``(bytes, run bytes)``.
+
+        Examples
+        --------
+        >>> MachineProfile(1e11, 1e9, 0.0).copy_seconds([(10**9, 64)])
+        1.0
+        """
         table = self.copy_efficiency
         total = 0.0
         for nbytes, run in copies:
@@ -81,7 +138,13 @@ class MachineProfile:
         return total
 
     def seconds(self, flops: float, bytes_moved: float, ops: int) -> float:
-        """Modelled time of a computation."""
+        """Modelled time of a computation.
+
+        Examples
+        --------
+        >>> MachineProfile(1e9, 1e9, 1e-3).seconds(1e9, 1e9, 2)
+        2.002
+        """
         return flops / self.flops_per_s + bytes_moved / self.bytes_per_s + ops * self.op_seconds
 
 
@@ -204,12 +267,30 @@ def calibrate(like: Any) -> MachineProfile:
     Parameters
     ----------
     like : numpy.ndarray or torch.Tensor
-        An array of the library, device and dtype the plans are for.
+        A floating array of the library, device and dtype the plans are for (its values
+        and shape do not matter).
 
     Returns
     -------
     MachineProfile
+        Measured on this machine (a matrix product, a copy, reorganizing copies and a
+        probe contraction; about a second the first time per library, device and dtype).
+
+    Raises
+    ------
+    DTypeError
+        If ``like`` is not a floating numpy array or torch tensor with data.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> profile = calibrate(np.zeros(1))
+    >>> profile.flops_per_s > 0 and profile.contract_factor >= 1.0
+    True
+    >>> calibrate(np.ones(3)) is profile  # cached per (library, device, dtype)
+    True
     """
+    like = _check_float(like, "like")
     if is_torch(like):
         with _no_autocast(like):
             return _calibrate_key(
@@ -218,14 +299,33 @@ def calibrate(like: Any) -> MachineProfile:
     return _calibrate_key("numpy", "cpu", str(np.dtype(like.dtype)))
 
 
+def _check_float(x: Any, name: str) -> Any:
+    """A numpy array or torch tensor with data and a real floating dtype."""
+    x = as_array(x, name)
+    check_has_data(x, name)
+    ok = x.dtype.is_floating_point if is_torch(x) else np.issubdtype(x.dtype, np.floating)
+    if not ok:
+        raise DTypeError(
+            f"`{name}` must have a real floating dtype (float16/bfloat16/float32/float64); "
+            f"got dtype {x.dtype}"
+        )
+    return x
+
+
 @dataclass(frozen=True)
 class ContractionPlan:
-    """Cost of both strategies for ``y = x @ W.T`` with ``W`` given as MPO cores.
+    """How ``y = x @ W.T`` is computed for ``W`` given as MPO cores, and what each way costs.
 
-    Attributes
+    Made by :func:`plan_mpo_matmul` (its fields are costs on shapes); calling the plan
+    runs it, as opt_einsum's ``ContractExpression`` does::
+
+        plan = plan_mpo_matmul(cores, batch_size)
+        y = plan(x, cores)            # plan.strategy, along plan.path
+
+    Parameters
     ----------
     batch_size : int
-        Rows of ``x`` (all leading dimensions flattened).
+        Rows of ``x`` the plan was costed for (all leading dimensions flattened).
     dense_flops, contract_flops : int
         Floating-point operations of each strategy (a multiply-add counts 2).
     dense_peak, contract_peak : int
@@ -235,11 +335,28 @@ class ContractionPlan:
     build_seconds, matmul_seconds : float
         The two parts of ``dense_seconds``: materializing ``W``, and ``x @ W.T``.
     strategy : {"dense", "contract"}
-        The cheaper strategy by modelled time.
+        The cheaper strategy by modelled time, what a call runs by default.
     equation : str
         The einsum equation of the contraction (``x`` first, then the cores).
     path : tuple of tuple of int
         The chosen pairwise contraction order (opt_einsum format).
+    core_shapes : tuple of tuple of int
+        Shapes ``(R_{k-1}, I_k, J_k, R_k)`` of the cores the plan is for.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> cores = [rng.standard_normal((1, 4, 3, 2)), rng.standard_normal((2, 2, 5, 1))]
+    >>> plan = plan_mpo_matmul(cores, 7, itemsize=8)
+    >>> plan.strategy, plan.core_shapes
+    ('contract', ((1, 4, 3, 2), (2, 2, 5, 1)))
+    >>> x = rng.standard_normal((7, 15))
+    >>> W = MPO(cores).to_dense()
+    >>> bool(np.allclose(plan(x, cores), x @ W.T))
+    True
+    >>> bool(np.allclose(plan(x, cores, strategy="dense"), x @ W.T))
+    True
     """
 
     batch_size: int
@@ -254,38 +371,111 @@ class ContractionPlan:
     strategy: Strategy
     equation: str
     path: tuple[tuple[int, ...], ...]
+    core_shapes: tuple[tuple[int, int, int, int], ...]
 
-    def residual_strategy(self, *, training: bool) -> Strategy:
-        """Cheaper strategy for ``x @ (W_res + W).T`` with a frozen dense ``W_res``.
+    @property
+    def in_features(self) -> int:
+        """Columns of ``W``: the last dimension ``x`` must have."""
+        return math.prod(s[2] for s in self.core_shapes)
 
-        Both strategies pay the matmul with ``W_res`` (folded into one matmul by
-        ``"dense"``), so the forward pass compares building ``W`` with contracting
-        ``x`` through the cores. A training step (forward, backward to the input and
-        to the cores, with ``W`` rebuilt in the backward pass instead of stored) costs
-        about ``4 * build + 3 * matmul`` dense against ``2 * matmul + 3 * contract``.
+    @property
+    def out_features(self) -> int:
+        """Rows of ``W``: the last dimension of the result."""
+        return math.prod(s[1] for s in self.core_shapes)
+
+    def __call__(self, x: Any, cores: Any, *, strategy: Strategy | None = None) -> Any:
+        """Run the plan: ``x @ W.T`` by ``strategy`` (default :attr:`strategy`).
+
+        Parameters
+        ----------
+        x : numpy.ndarray or torch.Tensor
+            Input of shape ``(..., in_features)``, any number of rows (the path is valid
+            for every batch size; its costs were modelled for :attr:`batch_size`).
+        cores : MPO or sequence of arrays
+            Cores of the shapes :attr:`core_shapes`, of ``x``'s array type, dtype and
+            device.
+        strategy : {"dense", "contract"}, optional
+            Run this strategy instead of the cheaper one; ``"contract"`` follows
+            :attr:`path`.
+
+        Returns
+        -------
+        array
+            ``(..., out_features)``, of ``x``'s array type and dtype; differentiable for
+            torch tensors.
+
+        Raises
+        ------
+        ShapeError, DTypeError, ConfigError
+            If ``x`` or the cores do not fit the plan, or ``strategy`` is unknown.
 
         Examples
         --------
-        >>> shapes = [(1, 4, 4, 16), (16, 4, 4, 16), (16, 8, 8, 16), (16, 8, 8, 16), (16, 4, 4, 1)]
-        >>> plan_mpo_matmul(shapes, 1).residual_strategy(training=False)
-        'contract'
-        >>> plan_mpo_matmul(shapes, 8192).residual_strategy(training=True)
-        'dense'
+        >>> import numpy as np
+        >>> cores = [np.ones((1, 2, 2, 1))]
+        >>> plan_mpo_matmul(cores, 1)(np.ones((1, 2)), cores).tolist()
+        [[2.0, 2.0]]
         """
-        if training:
-            dense = 4 * self.build_seconds + 3 * self.matmul_seconds
-            contract = 2 * self.matmul_seconds + 3 * self.contract_seconds
+        if strategy is None:
+            strategy = self.strategy
+        elif strategy not in ("dense", "contract"):
+            raise ConfigError(
+                f"`strategy` must be None, 'dense' or 'contract'; got {strategy!r}"
+            )
+        x = _check_float(x, "x")
+        core_list = check_cores(cores.cores if isinstance(cores, MPO) else cores)
+        shapes = tuple(tuple(int(d) for d in c.shape) for c in core_list)
+        if shapes != self.core_shapes:
+            raise ShapeError(
+                f"`cores` must have the shapes the plan is for, {list(self.core_shapes)}; got "
+                f"{list(shapes)}"
+            )
+        check_same_kind(core_list, "cores", like=x, like_name="x")
+        cols = self.in_features
+        if x.ndim == 0 or x.shape[-1] != cols:
+            raise ShapeError(
+                f"`x` must have in_features={cols} as its last dimension; got shape "
+                f"{tuple(x.shape)}"
+            )
+        lead = tuple(x.shape[:-1])
+        batch = math.prod(lead)
+        if strategy == "dense":
+            return _dense_matmul(x, core_list)
         else:
-            dense, contract = self.build_seconds, self.contract_seconds
-        return "dense" if dense < contract else "contract"
+            in_modes = tuple(s[2] for s in shapes)
+            expr = _expression(self.equation, self.path, ((batch, *in_modes), *shapes))
+            with _no_autocast(x):
+                y = expr(x.reshape(batch, *in_modes), *core_list)
+        return y.reshape(*lead, self.out_features)
+
+
+def _dense_matmul(x: Any, cores: Sequence[Any]) -> Any:
+    """``x @ W.T`` through the dense ``W`` (checked arguments)."""
+    W = _combine_halves(*_mpo_halves(cores))
+    return (x.reshape(-1, W.shape[1]) @ W.T).reshape(*x.shape[:-1], W.shape[0])
 
 
 def _core_shapes(cores: Any) -> tuple[tuple[int, int, int, int], ...]:
     if isinstance(cores, MPO):
         cores = cores.cores
+    if is_torch(cores) or isinstance(cores, (np.ndarray, str, bytes)) or not isinstance(
+        cores, Sequence
+    ):
+        raise DTypeError(
+            f"`cores` must be an MPO, a sequence of 4-D cores or a sequence of their shapes; "
+            f"got {type(cores).__name__}"
+        )
     shapes = []
     for k, c in enumerate(cores):
-        shape = tuple(int(s) for s in (c.shape if hasattr(c, "shape") else c))
+        raw = c.shape if hasattr(c, "shape") else c
+        if isinstance(raw, (str, bytes)) or not isinstance(raw, Sequence) or not all(
+            isinstance(d, numbers.Integral) and not isinstance(d, bool) and d >= 1 for d in raw
+        ):
+            raise ShapeError(
+                f"`cores[{k}]` must be a 4-D core (R_prev, I_k, J_k, R_next) or its shape "
+                f"(4 positive ints); got {c if not hasattr(c, 'shape') else tuple(raw)!r}"
+            )
+        shape = tuple(int(d) for d in raw)
         if len(shape) != 4:
             raise ShapeError(
                 f"`cores[{k}]` must be a 4-D core (R_prev, I_k, J_k, R_next) or its shape; "
@@ -298,7 +488,7 @@ def _core_shapes(cores: Any) -> tuple[tuple[int, int, int, int], ...]:
 
 @functools.lru_cache(maxsize=1024)
 def _check_chain(shapes: tuple[tuple[int, ...], ...]) -> None:
-    """Validate the bond chain once per shape tuple (mpo_matmul runs on every forward)."""
+    """Validate the bond chain once per shape tuple."""
     MPO(tuple(np.empty(s, dtype=np.int8) for s in shapes))
 
 
@@ -438,6 +628,7 @@ def _plan_cached(
         strategy="dense" if d_seconds < c_seconds else "contract",
         equation=equation,
         path=c_path,
+        core_shapes=shapes,
     )
 
 
@@ -464,7 +655,14 @@ def plan_mpo_matmul(
     Returns
     -------
     ContractionPlan
-        Cached per (shapes, batch size, itemsize, profile).
+        Cached per (shapes, batch size, itemsize, profile); call it on ``x`` and the
+        cores to run it.
+
+    Raises
+    ------
+    ShapeError, DTypeError, ConfigError
+        On bad cores, a ``batch_size`` or ``itemsize`` that is not an int >= 1, or a
+        ``profile`` that is not a :class:`MachineProfile`.
 
     Examples
     --------
@@ -476,47 +674,20 @@ def plan_mpo_matmul(
     >>> plan_mpo_matmul(shapes, 4096).dense_peak
     16777216
     """
+    shapes = _core_shapes(cores)
     batch_size = check_positive_int(batch_size, "batch_size")
     itemsize = check_positive_int(itemsize, "itemsize")
-    return _plan_cached(_core_shapes(cores), batch_size, itemsize, profile or DEFAULT_PROFILE)
+    if profile is not None and not isinstance(profile, MachineProfile):
+        raise ConfigError(
+            f"`profile` must be None or a MachineProfile (see calibrate()); got "
+            f"{type(profile).__name__}"
+        )
+    return _plan_cached(shapes, batch_size, itemsize, profile or DEFAULT_PROFILE)
 
 
 @functools.lru_cache(maxsize=1024)
 def _expression(equation: str, path: tuple[tuple[int, ...], ...], shapes: tuple) -> Any:
     return oe.contract_expression(equation, *shapes, optimize=list(path))
-
-
-def _torch_compiling(x: Any) -> bool:
-    """True while torch.compile (dynamo) traces the call that received ``x``."""
-    torch = sys.modules.get("torch")
-    return torch is not None and is_torch(x) and bool(torch.compiler.is_compiling())
-
-
-def _plan_for(shapes: tuple, batch: int, itemsize: int, strategy: str, x: Any) -> ContractionPlan:
-    profile = calibrate(x) if strategy == "auto" else DEFAULT_PROFILE
-    return _plan_cached(shapes, max(int(batch), 1), itemsize, profile)
-
-
-def _run_path(equation: str, path: Sequence[Sequence[int]], operands: Sequence[Any]) -> Any:
-    """Contract ``operands`` pairwise along ``path`` with ``torch.einsum``.
-
-    The same contraction as opt_einsum's expression (path in its linear format), in plain
-    torch calls that torch.compile traces; opt_einsum's own dispatch does not trace.
-    """
-    import torch
-
-    inputs, out = equation.split("->")
-    terms, ops = inputs.split(","), list(operands)
-    for pair in path:
-        picked = sorted(pair, reverse=True)
-        group_ops = [ops.pop(k) for k in picked]
-        group_terms = [terms.pop(k) for k in picked]
-        keep = set("".join(terms)) | set(out)
-        joined = dict.fromkeys("".join(group_terms))
-        result = "".join(ch for ch in joined if ch in keep)
-        ops.append(torch.einsum(f"{','.join(group_terms)}->{result}", *group_ops))
-        terms.append(result)
-    return ops[0] if terms[0] == out else torch.einsum(f"{terms[0]}->{out}", ops[0])
 
 
 def mpo_matmul(
@@ -527,19 +698,34 @@ def mpo_matmul(
 ) -> Any:
     """Compute ``x @ W.T`` where ``W`` is given by MPO cores, by the cheaper strategy.
 
+    Plans with :func:`plan_mpo_matmul` and runs the plan (``plan(x, cores)``); to run a
+    plan costed once, or with a profile of your own, call the plan instead.
+
     Parameters
     ----------
     x : numpy.ndarray or torch.Tensor
-        Input of shape ``(..., in_features)``.
+        Floating input of shape ``(..., in_features)``.
     cores : MPO or sequence of arrays
-        Cores ``(R_{k-1}, I_k, J_k, R_k)`` of the same array type as ``x``.
+        Cores ``(R_{k-1}, I_k, J_k, R_k)`` of ``x``'s array type, dtype and device.
     strategy : {"auto", "dense", "contract"}
-        ``"auto"`` picks by :func:`plan_mpo_matmul` with this machine's calibrated profile.
+        ``"auto"`` runs the plan's choice under this machine's calibrated profile
+        (:func:`calibrate`); ``"contract"`` runs the contraction along the path planned
+        with :data:`DEFAULT_PROFILE` (no calibration); ``"dense"`` builds ``W``.
 
     Returns
     -------
     array
         ``(..., out_features)``; differentiable for torch tensors.
+
+    Raises
+    ------
+    DTypeError
+        ``x`` or a core is not a floating array, or the cores' array type, dtype or
+        device differ from ``x``'s.
+    ShapeError
+        The cores do not chain, or ``x``'s last dimension is not ``in_features``.
+    ConfigError
+        ``strategy`` is not one of the three.
 
     Examples
     --------
@@ -558,37 +744,20 @@ def mpo_matmul(
         raise ConfigError(
             f"`strategy` must be one of 'auto', 'dense', 'contract'; got {strategy!r}"
         )
-    core_list = tuple(cores.cores if isinstance(cores, MPO) else cores)
+    x = _check_float(x, "x")
+    core_list = check_cores(cores.cores if isinstance(cores, MPO) else cores)
+    check_same_kind(core_list, "cores", like=x, like_name="x")
     shapes = _core_shapes(core_list)
-    in_modes = tuple(s[2] for s in shapes)
-    cols = math.prod(in_modes)
-    rows = math.prod(s[1] for s in shapes)
-    if x.shape[-1] != cols:
-        raise ShapeError(
-            f"`x` must have in_features={cols} as its last dimension; got shape {tuple(x.shape)}"
-        )
-    lead = tuple(x.shape[:-1])
-    batch = math.prod(lead)
+    if strategy == "dense":  # nothing to plan
+        cols = math.prod(s[2] for s in shapes)
+        if x.ndim == 0 or x.shape[-1] != cols:
+            raise ShapeError(
+                f"`x` must have in_features={cols} as its last dimension; got shape "
+                f"{tuple(x.shape)}"
+            )
+        return _dense_matmul(x, core_list)
+    batch = max(math.prod(x.shape[:-1]) if x.ndim else 1, 1)
     itemsize = x.element_size() if is_torch(x) else x.itemsize
-    plan = None
-    compiling = _torch_compiling(x)
-    if strategy == "auto" or strategy == "contract":
-        if compiling:  # plan outside the traced graph, on concrete sizes
-            import torch
-
-            plan = torch.compiler.disable(_plan_for)(shapes, batch, itemsize, strategy, x)
-        else:
-            plan = _plan_for(shapes, batch, itemsize, strategy, x)
-        strategy = plan.strategy if strategy == "auto" else "contract"
-    if strategy == "dense":
-        y = x.reshape(batch, cols) @ cores_to_matrix(core_list).T
-    else:
-        assert plan is not None
-        operands = (x.reshape(batch, *in_modes), *core_list)
-        with _no_autocast(x):
-            if compiling:
-                y = _run_path(plan.equation, plan.path, operands)
-            else:
-                expr = _expression(plan.equation, plan.path, ((batch, *in_modes), *shapes))
-                y = expr(*operands)
-    return y.reshape(*lead, rows)
+    profile = calibrate(x) if strategy == "auto" else DEFAULT_PROFILE
+    plan = _plan_cached(shapes, batch, itemsize, profile)
+    return plan(x, core_list, strategy=None if strategy == "auto" else "contract")

@@ -9,14 +9,15 @@ the layout of tensorly's TT-matrix cores.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
-from ._backend import is_torch
+from ._backend import as_array, check_same_kind, is_torch
 from ._validate import check_modes, check_positive_int
-from .errors import ShapeError
+from .errors import DTypeError, ShapeError
 
 __all__ = [
     "PAPER_SHAPES",
@@ -25,8 +26,6 @@ __all__ = [
     "matrix_to_tensor",
     "tensor_to_matrix",
     "cores_to_matrix",
-    "mpo_halves",
-    "combine_halves",
 ]
 
 #: Tensor shapes of the DoTA paper's Table 2 (appendix B), used by :func:`factorize`
@@ -138,39 +137,43 @@ def mpo_modes(
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Return ``(out_modes, in_modes)`` for a ``(out_features, in_features)`` weight.
 
+    Each dimension is factored with :func:`factorize` (the paper's Table 2 for
+    ``num_cores=5``).
+
+    Parameters
+    ----------
+    out_features, in_features : int
+        The weight's rows and columns (``nn.Linear.weight`` is ``(out, in)``).
+    num_cores : int
+        Number of MPO cores ``N``.
+
+    Returns
+    -------
+    (tuple of int, tuple of int)
+        ``I_1..I_N`` (product ``out_features``) and ``J_1..J_N`` (product
+        ``in_features``), the ``shape`` argument of :func:`tensornet.mpo_decompose`.
+
+    Raises
+    ------
+    ShapeError
+        If a dimension cannot be factored into ``num_cores`` modes.
+
     Examples
     --------
     >>> mpo_modes(11008, 4096, 5)
     ((4, 4, 43, 4, 4), (4, 4, 8, 8, 4))
     """
+    out_features = check_positive_int(out_features, "out_features")
+    in_features = check_positive_int(in_features, "in_features")
+    num_cores = check_positive_int(num_cores, "num_cores")
     return factorize(out_features, num_cores), factorize(in_features, num_cores)
-
-
-def _lib(x: Any) -> Any:
-    """``torch`` for a torch tensor, ``numpy`` otherwise (their ``matmul``/``add`` take ``out``)."""
-    if is_torch(x):
-        import torch
-
-        return torch
-    return np
 
 
 def _permute(x: Any, perm: Sequence[int]) -> Any:
     return x.permute(*perm) if hasattr(x, "permute") else np.transpose(x, perm)
 
 
-def matrix_to_tensor(matrix: Any, out_modes: Sequence[int], in_modes: Sequence[int]) -> Any:
-    """View a ``(prod(out_modes), prod(in_modes))`` matrix as the order-2N tensor of the MPO.
-
-    The axes are interleaved ``(I_1, J_1, I_2, J_2, ..., I_N, J_N)``, so that the k-th
-    core of the MPO owns axes ``2k`` and ``2k+1``.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> matrix_to_tensor(np.zeros((6, 20)), (2, 3), (4, 5)).shape
-    (2, 4, 3, 5)
-    """
+def _check_mode_pair(out_modes: Any, in_modes: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
     out_modes = check_modes(out_modes, "out_modes")
     in_modes = check_modes(in_modes, "in_modes")
     if len(out_modes) != len(in_modes):
@@ -178,11 +181,43 @@ def matrix_to_tensor(matrix: Any, out_modes: Sequence[int], in_modes: Sequence[i
             f"`out_modes` and `in_modes` must have the same length; got {list(out_modes)} "
             f"and {list(in_modes)}"
         )
-    expected = (int(np.prod(out_modes)), int(np.prod(in_modes)))
+    return out_modes, in_modes
+
+
+def matrix_to_tensor(matrix: Any, out_modes: Sequence[int], in_modes: Sequence[int]) -> Any:
+    """View a ``(prod(out_modes), prod(in_modes))`` matrix as the order-2N tensor of the MPO.
+
+    The axes are interleaved ``(I_1, J_1, I_2, J_2, ..., I_N, J_N)``, so that the k-th
+    core of the MPO owns axes ``2k`` and ``2k+1``. (tensorly's ``tensor_train_matrix``
+    takes the other order-2N layout, ``(I_1, ..., I_N, J_1, ..., J_N)``, which is
+    ``matrix.reshape(*out_modes, *in_modes)``.)
+
+    Parameters
+    ----------
+    matrix : numpy.ndarray or torch.Tensor
+        2-D array of shape ``(prod(out_modes), prod(in_modes))``; a nested list is read
+        with numpy.
+    out_modes, in_modes : sequence of int
+        ``I_1..I_N`` and ``J_1..J_N``.
+
+    Returns
+    -------
+    array
+        A view (no copy) of ``matrix`` with ``2N`` axes, of its array type.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> matrix_to_tensor(np.zeros((6, 20)), (2, 3), (4, 5)).shape
+    (2, 4, 3, 5)
+    """
+    matrix = as_array(matrix, "matrix")
+    out_modes, in_modes = _check_mode_pair(out_modes, in_modes)
+    expected = (math.prod(out_modes), math.prod(in_modes))
     if tuple(matrix.shape) != expected:
         raise ShapeError(
             f"modes {list(out_modes)} x {list(in_modes)} describe a matrix of shape "
-            f"{expected}; got an array of shape {tuple(matrix.shape)}"
+            f"{expected}; got `matrix` of shape {tuple(matrix.shape)}"
         )
     n = len(out_modes)
     t = matrix.reshape(*out_modes, *in_modes)
@@ -193,6 +228,17 @@ def matrix_to_tensor(matrix: Any, out_modes: Sequence[int], in_modes: Sequence[i
 def tensor_to_matrix(tensor: Any) -> Any:
     """Inverse of :func:`matrix_to_tensor`: interleaved ``(I_1, J_1, ...)`` axes to a matrix.
 
+    Parameters
+    ----------
+    tensor : numpy.ndarray or torch.Tensor
+        Array of even order ``2N >= 2`` with axes ``(I_1, J_1, ..., I_N, J_N)``.
+
+    Returns
+    -------
+    array
+        The ``(prod(I), prod(J))`` matrix, of the tensor's array type (a copy where the
+        axes must move).
+
     Examples
     --------
     >>> import numpy as np
@@ -200,147 +246,132 @@ def tensor_to_matrix(tensor: Any) -> Any:
     >>> bool((tensor_to_matrix(matrix_to_tensor(w, (2, 3), (4, 5))) == w).all())
     True
     """
-    shape = tuple(tensor.shape)
-    if len(shape) % 2:
-        raise ShapeError(f"expected an order-2N tensor with interleaved axes; got shape {shape}")
+    tensor = as_array(tensor, "tensor")
+    shape = tuple(int(s) for s in tensor.shape)
+    if len(shape) % 2 or not shape:
+        raise ShapeError(
+            f"`tensor` must be an order-2N tensor (N >= 1) with interleaved axes "
+            f"(I_1, J_1, ..., I_N, J_N); got shape {shape}"
+        )
     n = len(shape) // 2
     perm = [2 * k for k in range(n)] + [2 * k + 1 for k in range(n)]
     t = _permute(tensor, perm)
-    rows = int(np.prod(shape[0::2]))
-    cols = int(np.prod(shape[1::2]))
-    return t.reshape(rows, cols)
+    return t.reshape(math.prod(shape[0::2]), math.prod(shape[1::2]))
 
 
-def _chain(cores: Sequence[Any]) -> tuple[Any, list[int], list[int]]:
+def _chain(cores: Sequence[Any]) -> Any:
     """Contract consecutive cores into ``(R_first, I.., J.., R_last)`` (rows, then columns)."""
-    r0, i, j, r1 = cores[0].shape
     acc = cores[0]  # (r0, I, J, r1)
-    rows, cols = [i], [j]
     for core in cores[1:]:
         q0, i, j, q1 = core.shape
-        if acc.shape[-1] != q0:
-            raise ShapeError(
-                f"bond mismatch: a core ends with rank {acc.shape[-1]}, the next starts with "
-                f"rank {q0}"
-            )
         a0, ai, aj, _ = acc.shape
         prod = (acc.reshape(-1, q0) @ core.reshape(q0, -1)).reshape(a0, ai, aj, i, j, q1)
         acc = _permute(prod, (0, 1, 3, 2, 4, 5)).reshape(a0, ai * i, aj * j, q1)
-        rows.append(i)
-        cols.append(j)
-    return acc, rows, cols
+    return acc
 
 
-def mpo_halves(cores: Sequence[Any]) -> tuple[Any, Any]:
-    """Contract MPO cores into two small halves whose product is the matrix.
+def check_cores(cores: Any, name: str = "cores") -> tuple[Any, ...]:
+    """Validate MPO cores: a non-empty sequence of 4-D arrays of one kind, bonds chained.
+
+    Returns them as a tuple (private helper of the core's public functions).
+    """
+    if is_torch(cores) or isinstance(cores, np.ndarray) or isinstance(cores, (str, bytes)) or (
+        not isinstance(cores, Sequence)
+    ):
+        raise DTypeError(
+            f"`{name}` must be a sequence of 4-D MPO cores (R_prev, I_k, J_k, R_next); got "
+            f"{type(cores).__name__}"
+        )
+    cores = tuple(cores)
+    if not cores:
+        raise ShapeError(f"`{name}` must hold at least one core; got an empty sequence")
+    for k, core in enumerate(cores):
+        if not (is_torch(core) or isinstance(core, np.ndarray)):
+            raise DTypeError(
+                f"`{name}[{k}]` must be a numpy array or a torch tensor; got "
+                f"{type(core).__name__}"
+            )
+        if core.ndim != 4:
+            raise ShapeError(
+                f"`{name}[{k}]` must be a 4-D core (R_prev, I_k, J_k, R_next); got shape "
+                f"{tuple(core.shape)}"
+            )
+    check_same_kind(cores, name)
+    prev = 1
+    for k, core in enumerate(cores):
+        if core.shape[0] != prev:
+            raise ShapeError(
+                f"bond mismatch at `{name}[{k}]`: expected leading rank {prev}, got shape "
+                f"{tuple(core.shape)}"
+            )
+        prev = core.shape[-1]
+    if prev != 1:
+        raise ShapeError(f"the last core of `{name}` must end with rank 1; got {prev}")
+    return cores
+
+
+def _mpo_halves(cores: Sequence[Any]) -> tuple[Any, Any]:
+    """Contract (checked) MPO cores into two small halves whose product is the matrix.
 
     The cores are split where the two half-chains are smallest. Returns ``left`` of
     shape ``(I_left, J_left, R)`` and ``right`` of shape ``(R, I_right, J_right)``, with
-    ``W[(i, i'), (j, j')] = sum_r left[i, j, r] right[r, i', j']``; see
-    :func:`combine_halves`. Differentiable for torch tensors.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> cores = [np.ones((1, 2, 3, 4)), np.ones((4, 5, 6, 1))]
-    >>> left, right = mpo_halves(cores)
-    >>> left.shape, right.shape
-    ((2, 3, 4), (4, 5, 6))
+    ``W[(i, i'), (j, j')] = sum_r left[i, j, r] right[r, i', j']``; differentiable for
+    torch tensors. (DoTA's layer builds its dense weight from these halves as well.)
     """
-    if len(cores) == 0:
-        raise ShapeError("`cores` must hold at least one core; got an empty sequence")
-    for k, core in enumerate(cores):
-        if core.ndim != 4:
-            raise ShapeError(
-                f"`cores[{k}]` must have 4 axes (R_prev, I_k, J_k, R_next); got shape "
-                f"{tuple(core.shape)}"
-            )
-    if cores[0].shape[0] != 1:
-        raise ShapeError(f"`cores[0]` must have a leading rank of 1; got {cores[0].shape[0]}")
-    if cores[-1].shape[-1] != 1:
-        raise ShapeError(
-            f"the last core must have a trailing rank of 1; got {cores[-1].shape[-1]}"
-        )
     n = len(cores)
     if n == 1:
         c = cores[0]
         one = c.reshape(-1)[:1] * 0 + 1  # a 1 of c's array type, dtype and device
         return c.reshape(c.shape[1], c.shape[2], 1), one.reshape(1, 1, 1)
-    sizes = [int(np.prod(c.shape[1:3])) for c in cores]
+    sizes = [int(c.shape[1]) * int(c.shape[2]) for c in cores]
     best, split = None, 1
     for m in range(1, n):
         r = int(cores[m].shape[0])
-        cost = int(np.prod(sizes[:m])) * r + r * int(np.prod(sizes[m:]))
+        cost = math.prod(sizes[:m]) * r + r * math.prod(sizes[m:])
         if best is None or cost < best:
             best, split = cost, m
-    left, _, _ = _chain(cores[:split])
-    right, _, _ = _chain(cores[split:])
-    if left.shape[-1] != right.shape[0]:
-        raise ShapeError(f"bond mismatch at core {split}: {left.shape[-1]} vs {right.shape[0]}")
+    left = _chain(cores[:split])
+    right = _chain(cores[split:])
     left = left.reshape(left.shape[1], left.shape[2], left.shape[3])
     right = right.reshape(right.shape[0], right.shape[1], right.shape[2])
     return left, right
 
 
-def combine_halves(
-    left: Any, right: Any, *, base: Any = None, out: Any = None, work: Any = None
-) -> Any:
-    """The ``(I, J)`` matrix from :func:`mpo_halves`, plus ``base`` if given.
+def _combine_halves(left: Any, right: Any, base: Any = None) -> Any:
+    """The ``(I, J)`` matrix from :func:`_mpo_halves`, plus ``base`` if given.
 
     One matrix product writes the entries; one pass puts them in ``(I, J)`` order and,
     with ``base``, adds ``base`` in the same pass (no separate sum).
-
-    ``work`` (``(I_left * J_left, I_right * J_right)``) and ``out`` (``(I, J)``, only with
-    ``base``) are contiguous arrays to write the product and the result into instead of
-    allocating them: a caller that builds matrices repeatedly reuses its buffers (no
-    autograd through them).
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> cores = [np.ones((1, 2, 3, 4)), np.ones((4, 5, 6, 1))]
-    >>> w = combine_halves(*mpo_halves(cores), base=np.ones((10, 18)))
-    >>> w.shape, float(w[0, 0])
-    ((10, 18), 5.0)
     """
     li, lj, r = left.shape
     _, ri, rj = right.shape
-    a, b = left.reshape(li * lj, r), right.reshape(r, ri * rj)
-    if work is None:
-        prod = a @ b
-    else:
-        prod = work.reshape(li * lj, ri * rj)
-        _lib(a).matmul(a, b, out=prod)
+    prod = left.reshape(li * lj, r) @ right.reshape(r, ri * rj)
     ordered = _permute(prod.reshape(li, lj, ri, rj), (0, 2, 1, 3))
     if base is None:
-        if out is not None:
-            raise ShapeError("`out` needs `base`: without it the result is a reordered view")
         return ordered.reshape(li * ri, lj * rj)
-    if tuple(base.shape) != (li * ri, lj * rj):
-        raise ShapeError(
-            f"`base` must have the matrix's shape {(li * ri, lj * rj)}; got {tuple(base.shape)}"
-        )
-    if out is None:
-        return (base.reshape(li, ri, lj, rj) + ordered).reshape(li * ri, lj * rj)
-    target = out.reshape(li, ri, lj, rj)
-    _lib(a).add(base.reshape(li, ri, lj, rj), ordered, out=target)
-    return target.reshape(li * ri, lj * rj)
+    return (base.reshape(li, ri, lj, rj) + ordered).reshape(li * ri, lj * rj)
 
 
 def cores_to_matrix(cores: Sequence[Any], *, base: Any = None) -> Any:
     """Contract MPO cores ``(R_{k-1}, I_k, J_k, R_k)`` into the dense ``(I, J)`` matrix.
 
-    The cores are split where the two halves are smallest (:func:`mpo_halves`); each
-    half is contracted into a small block, and one matrix product over the shared bond
-    writes ``W``, reordered in one more pass (:func:`combine_halves`). Works for numpy
-    arrays and torch tensors (autograd flows through it).
+    The cores are split where the two halves are smallest; each half is contracted into
+    a small block, and one matrix product over the shared bond writes ``W``, reordered
+    in one more pass. Works for numpy arrays and torch tensors (autograd flows through
+    it).
 
     Parameters
     ----------
     cores : sequence of arrays
-        The MPO cores.
+        The MPO cores, all of one array type, dtype and device.
     base : array, optional
-        A dense ``(I, J)`` matrix to add, in the same pass as the reordering.
+        A dense ``(I, J)`` matrix of the cores' kind to add, in the same pass as the
+        reordering.
+
+    Returns
+    -------
+    array
+        ``(prod(I_k), prod(J_k))``, of the cores' array type, dtype and device.
 
     Examples
     --------
@@ -348,5 +379,19 @@ def cores_to_matrix(cores: Sequence[Any], *, base: Any = None) -> Any:
     >>> cores = [np.ones((1, 2, 3, 2)), np.ones((2, 2, 2, 1))]
     >>> cores_to_matrix(cores).shape
     (4, 6)
+    >>> float(cores_to_matrix(cores, base=np.ones((4, 6)))[0, 0])
+    3.0
     """
-    return combine_halves(*mpo_halves(cores), base=base)
+    cores = check_cores(cores)
+    if base is not None:
+        base = as_array(base, "base")
+        shape = (
+            math.prod(int(c.shape[1]) for c in cores),
+            math.prod(int(c.shape[2]) for c in cores),
+        )
+        if tuple(base.shape) != shape:
+            raise ShapeError(
+                f"`base` must have the matrix's shape {shape}; got {tuple(base.shape)}"
+            )
+        check_same_kind([base], "base", like=cores[0], like_name="cores[0]", indexed=False)
+    return _combine_halves(*_mpo_halves(cores), base=base)

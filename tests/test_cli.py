@@ -78,8 +78,8 @@ def test_cli_package_has_no_import_cycle():
 
     root = Path(tensornet.__file__).parent
     for path in root.rglob("*.py"):
-        if "cli" in path.relative_to(root).parts:
-            continue
+        if "cli" in path.relative_to(root).parts or path.name == "__main__.py":
+            continue  # the CLI itself, and `python -m tensornet`, which runs it
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module:
                 assert "cli" not in node.module.split("."), f"{path} imports {node.module}"

@@ -22,6 +22,7 @@ from tensornet import (
     RankError,
     ShapeError,
     TensorTrain,
+    ToleranceError,
     mpo_decompose,
     mpo_num_params,
     mpo_ranks,
@@ -565,9 +566,11 @@ def test_non_array_w_is_rejected():
 
 @pytest.mark.parametrize("tol", [0, 0.0, -0.1, 1, 1.0, 1.5, float("nan"), float("inf"), True])
 def test_tol_must_be_in_open_unit_interval(tol):
-    _raises(RankError, ValueError, lambda: mpo_decompose(W12, SHAPE12, tol=tol), "`tol`", repr(tol))
+    _raises(
+        ToleranceError, ValueError, lambda: mpo_decompose(W12, SHAPE12, tol=tol), "`tol`", repr(tol)
+    )
     x = np.ones((3, 4, 5))
-    _raises(RankError, ValueError, lambda: tt_decompose(x, tol=tol), "`tol`", repr(tol))
+    _raises(ToleranceError, ValueError, lambda: tt_decompose(x, tol=tol), "`tol`", repr(tol))
 
 
 def test_tol_is_keyword_only():
@@ -683,9 +686,8 @@ def _unfolding_singular_values(W, out_modes, in_modes, k):
     ],
 )
 def test_singular_values_hold_every_value_of_each_unfolding(out_modes, in_modes, rank):
-    # MPO.singular_values: "the leading singular values of the unfolding (float64,
-    # descending): all of them for unfoldings under 128 rows or columns, otherwise at
-    # least the kept ones"
+    # MPO.singular_values by default: "every value when ... the unfolding has fewer than
+    # 128 rows or columns; otherwise the leading ones, at least the kept R_k"
     W = gaussian(out_modes, in_modes, 9)
     mpo = mpo_decompose(W, (out_modes, in_modes), rank)
     assert len(mpo.singular_values) == len(out_modes) - 1
@@ -726,3 +728,143 @@ def test_unfolding_with_a_single_row_numpy_and_torch(shape, rank):
     np.testing.assert_allclose(as64(b.to_dense()), a.to_dense(), rtol=1e-9, atol=1e-12)
     if rank is None:
         assert rel_err(b.to_dense(), W) < 1e-12
+
+
+# ------------------------------------------------------------ one rank specification
+
+
+@FEW
+@given(mpo_case(max_entries=1024))
+def test_ranks_round_trip_and_the_full_form_matches_tensorly(case):
+    out_modes, in_modes, rank, seed = case
+    W = gaussian(out_modes, in_modes, seed)
+    mpo = mpo_decompose(W, (out_modes, in_modes), rank)
+    # MPO.ranks (N+1 values, boundary 1s) is a valid `rank`: the same decomposition again
+    again = mpo_decompose(W, (out_modes, in_modes), mpo.ranks)
+    assert again.ranks == mpo.ranks
+    np.testing.assert_allclose(again.to_dense(), mpo.to_dense(), rtol=1e-10, atol=1e-12)
+    # tensorly takes the same full form; the interior caps are the same request
+    ref = tensorly_mpo(W, out_modes, in_modes, list(mpo.ranks))
+    assert [tuple(c.shape) for c in ref] == [tuple(c.shape) for c in again.cores]
+    inner = mpo_decompose(W, (out_modes, in_modes), list(mpo.ranks[1:-1]))
+    assert inner.ranks == mpo.ranks
+    assert mpo_ranks(out_modes, in_modes, mpo.ranks) == mpo.ranks
+    assert mpo_num_params(out_modes, in_modes, mpo.ranks) == mpo.num_params
+
+
+def test_the_issue_rank_forms_are_accepted():
+    W = gaussian((4, 4, 8, 8, 4), (2, 2, 2, 2, 2), 0)
+    shape = ((4, 4, 8, 8, 4), (2, 2, 2, 2, 2))
+    full = mpo_decompose(W, shape, [1, 16, 16, 16, 16, 1])
+    assert full.ranks == (1, 8, 16, 16, 8, 1) == mpo_decompose(W, shape, 16).ranks
+    x = np.random.default_rng(0).standard_normal((3, 4, 5))
+    tt = tt_decompose(x, [1, 2, 3, 1])
+    ref = list(tensor_train(x, [1, 2, 3, 1]))
+    assert tt.ranks == (1, 2, 3, 1) == (1, *(int(c.shape[-1]) for c in ref))
+    assert rel_err(tt.to_dense(), x) == pytest.approx(
+        rel_err(tt_to_tensor(ref), x), rel=RTOL_ERROR_VS_TENSORLY
+    )
+
+
+@pytest.mark.parametrize(
+    ("rank", "shown"),
+    [([1, 2, 2, 2], "[1, 2, 2, 2]"), ([2, 2, 2, 2], "[2, 2, 2, 2]"), ([1, 2, 2], "[1, 2, 2]")],
+)
+def test_rank_of_the_wrong_length_names_both_forms(rank, shown):
+    shape = ((3, 2, 2), (2, 2, 2))  # N = 3: 2 caps, or 4 values starting and ending with 1
+    msg = _raises(RankError, ValueError, lambda: mpo_decompose(W12, shape, rank), "`rank`", shown)
+    assert "2 positive ints" in msg and "4 positive ints starting and ending with 1" in msg
+
+
+# ----------------------------------------------------- the order-2N tensor of tensorly
+
+
+@FAST
+@given(mpo_case())
+def test_order_2n_tensor_gives_the_matrix_mpo_and_matches_tensorly(case):
+    out_modes, in_modes, rank, seed = case
+    W = gaussian(out_modes, in_modes, seed)
+    T = W.reshape(*out_modes, *in_modes)  # tensorly's tensor_train_matrix input
+    from_matrix = mpo_decompose(W, (out_modes, in_modes), rank)
+    from_tensor = mpo_decompose(T, rank=rank)
+    assert from_tensor.ranks == from_matrix.ranks
+    for a, b in zip(from_tensor.cores, from_matrix.cores):
+        np.testing.assert_array_equal(a, b)  # the same computation on the same entries
+    assert from_tensor.relative_error == from_matrix.relative_error
+    # the shape, if given, must agree with the tensor; then the result is the same
+    same = mpo_decompose(T, (out_modes, in_modes), rank)
+    assert same.ranks == from_matrix.ranks
+    ref = list(tensor_train_matrix(T, rank))
+    assert [tuple(c.shape) for c in ref] == [tuple(c.shape) for c in from_tensor.cores]
+    ref_err = rel_err(tensorly_dense(ref, out_modes, in_modes), W)
+    assert rel_err(from_tensor.to_dense(), W) == pytest.approx(
+        ref_err, rel=RTOL_ERROR_VS_TENSORLY, abs=1e-13
+    )
+
+
+def test_order_2n_torch_tensor_and_non_contiguous_tensor():
+    out_modes, in_modes = (2, 3, 4), (3, 2, 2)
+    W = gaussian(out_modes, in_modes, 3)
+    T = torch.from_numpy(W).reshape(*out_modes, *in_modes)
+    got = mpo_decompose(T, rank=3)
+    want = mpo_decompose(torch.from_numpy(W), (out_modes, in_modes), 3)
+    assert got.ranks == want.ranks and all(type(c) is torch.Tensor for c in got.cores)
+    torch.testing.assert_close(got.to_dense(), want.to_dense())
+    # a strided view of the same entries (tensorly accepts any layout)
+    F = np.asfortranarray(W).reshape(*out_modes, *in_modes, order="C")
+    assert rel_err(mpo_decompose(F, 3, 3).to_dense(), W) == pytest.approx(
+        rel_err(want.to_dense(), W), rel=1e-9
+    )
+
+
+# -------------------------------------------------------------------- full spectra
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+@pytest.mark.parametrize(
+    ("out_modes", "in_modes", "rank"),
+    [
+        ((12, 12), (12, 12), 4),  # a 144 x 144 Gram matrix, 4 kept
+        ((4, 4, 4, 4), (4, 4, 2, 2), 8),  # the fused first two sweeps, 256 rows
+        ((4, 4, 8, 2), (4, 4, 2, 8), None),  # exact: every unfolding is one of W's
+    ],
+)
+def test_full_spectrum_holds_every_singular_value_of_each_unfolding(lib, out_modes, in_modes, rank):
+    W = gaussian(out_modes, in_modes, 9)
+    Wx = torch.from_numpy(W) if lib == "torch" else W
+    shape = (out_modes, in_modes)
+    full = mpo_decompose(Wx, shape, rank, full_spectrum=True)
+    default = mpo_decompose(Wx, shape, rank)
+    # the option changes nothing else
+    assert full.ranks == default.ranks
+    np.testing.assert_allclose(as64(full.to_dense()), as64(default.to_dense()), atol=1e-9)
+    d = [i * j for i, j in zip(out_modes, in_modes)]
+    for k, sigma in enumerate(full.singular_values):
+        rows, cols = full.ranks[k] * d[k], math.prod(d[k + 1 :])
+        assert len(sigma) == min(rows, cols)
+        # the default keeps at least the leading kept values, and they agree
+        keep = default.singular_values[k]
+        assert full.ranks[k + 1] <= len(keep) <= len(sigma)
+        np.testing.assert_allclose(keep, sigma[: len(keep)], rtol=1e-8, atol=1e-7 * sigma[0])
+    # against numpy's SVD of the unfoldings of W
+    first = _unfolding_singular_values(W, out_modes, in_modes, 0)
+    np.testing.assert_allclose(full.singular_values[0], first, rtol=1e-8, atol=1e-7 * first[0])
+    if rank is None:
+        for k, sigma in enumerate(full.singular_values):
+            ref = _unfolding_singular_values(W, out_modes, in_modes, k)
+            np.testing.assert_allclose(sigma, ref, rtol=1e-8, atol=1e-7 * ref[0])
+
+
+def test_a_rank_can_be_chosen_from_the_spectrum():
+    # W of exact MPO ranks (1, 3, 1) plus noise: the spectrum of the one unfolding shows the
+    # gap after 3 values, and the discarded mass predicts the error of each rank
+    rng = np.random.default_rng(0)
+    cores = random_mpo(rng, (12, 12), (12, 12), (1, 3, 1))
+    W = tn.cores_to_matrix(cores) + 1e-3 * rng.standard_normal((144, 144))
+    sigma = mpo_decompose(W, ((12, 12), (12, 12)), 1, full_spectrum=True).singular_values[0]
+    assert len(sigma) == 144
+    assert sigma[3] < 1e-2 * sigma[2]
+    for r in (1, 2, 3, 5):
+        mpo = mpo_decompose(W, ((12, 12), (12, 12)), r)
+        predicted = math.sqrt((sigma[r:] ** 2).sum() / (sigma**2).sum())
+        assert mpo.relative_error == pytest.approx(predicted, rel=1e-6, abs=1e-12)

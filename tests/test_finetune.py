@@ -258,7 +258,7 @@ def test_cli_finetune_and_resume_flags(model_dir, tmp_path, capsys):
         (["finetune", "--method", "nope"], "--method"),
         (["finetune", "/no/such/model", "--method", "dota"], "/no/such/model"),
         (["finetune", "MODEL", "--method", "dota", "--num-cores", "9"], "num_cores=9"),
-        (["finetune", "MODEL", "--method", "dota", "--data", "BAD"], "line 2"),
+        (["finetune", "MODEL", "--method", "dota", "--data", "BAD"], "cannot be read as JSON"),
         (["compare", "MODEL", "--methods", "dota,nope"], "nope"),
         (["decompose", "MODEL", "--num-cores", "9"], "9"),
         (["finetune", "MODEL", "--method", "lora", "--resume", "--out", "EMPTY"], "--resume"),
@@ -322,8 +322,8 @@ def test_every_method_trains_and_saves(method, tokenizer, splits, tmp_path):
 def test_method_names_match_the_adapter_registry():
     # the CLI reads names.METHODS without importing torch; the tensornet methods in it must
     # be exactly those registered as peft methods (tensornet.adapters.METHODS)
-    from tensornet.adapters import METHODS as REGISTERED
     from tensornet.adapters import LLAMA_TARGETS
+    from tensornet.adapters import METHODS as REGISTERED
     from tensornet.finetune.defaults import (
         BASELINES,
         DEFAULT_LR,

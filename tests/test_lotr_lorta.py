@@ -35,7 +35,6 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import LlamaForCausalLM
 
-from tensornet import lorta_num_params, lotr_num_params
 from tensornet.adapters import (
     DoTAConfig,
     LoRTAConfig,
@@ -44,6 +43,8 @@ from tensornet.adapters import (
     LoTRLinear,
     apply_lorta,
     apply_lotr,
+    lorta_num_params,
+    lotr_num_params,
     plan_lorta,
     plan_lotr,
     tiny_llama,

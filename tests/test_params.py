@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tensornet as tn
 from tensornet import (
+    ConfigError,
     RankError,
     ShapeError,
     compression_ratio,
@@ -19,6 +21,7 @@ from tensornet import (
     tt_num_params,
     tt_ranks,
 )
+from tensornet.params import check_rank
 
 FAST = settings(max_examples=50, deadline=None, derandomize=True, database=None)
 
@@ -179,3 +182,82 @@ def test_bad_arguments_name_the_argument(call, exc, fragments):
     assert isinstance(info.value, tn.TensornetError)
     for fragment in fragments:
         assert fragment in str(info.value)
+
+
+# ------------------------------------------------------------ one rank specification
+
+
+@FAST
+@given(modes_and_rank())
+def test_the_four_rank_forms_agree(case):
+    out_modes, in_modes, rank = case
+    n = len(out_modes)
+    exact = mpo_ranks(out_modes, in_modes)
+    capped = mpo_ranks(out_modes, in_modes, rank)
+    assert mpo_ranks(out_modes, in_modes, None) == exact
+    assert mpo_ranks(out_modes, in_modes, [rank] * (n - 1)) == capped
+    assert mpo_ranks(out_modes, in_modes, [1, *[rank] * (n - 1), 1]) == capped
+    # ranks round-trip: the returned N+1 values are a valid request for the same ranks
+    assert mpo_ranks(out_modes, in_modes, capped) == capped
+    assert mpo_ranks(out_modes, in_modes, exact) == exact
+    assert mpo_num_params(out_modes, in_modes, capped) == mpo_num_params(out_modes, in_modes, rank)
+
+
+def test_check_rank_forms_and_errors():
+    assert check_rank(None, 4) is None
+    assert check_rank(7, 4) == (7, 7, 7)
+    assert check_rank([3, 4, 5], 4) == check_rank((1, 3, 4, 5, 1), 4) == (3, 4, 5)
+    assert check_rank(np.array([1, 3, 4, 5, 1]), 4) == (3, 4, 5)
+    assert check_rank([], 1) == check_rank([1, 1], 1) == ()
+    for bad in (0, -2, 2.0, True, "16", [3, 4], [2, 3, 4, 5, 1], [1, 3, 0, 5, 1], [3, None, 5]):
+        with pytest.raises(RankError) as info:
+            check_rank(bad, 4)
+        msg = str(info.value)
+        assert "`rank`" in msg and "3 positive ints" in msg and "5 positive ints" in msg
+        assert isinstance(info.value, ConfigError) and isinstance(info.value, ValueError)
+
+
+def test_dota_config_takes_the_same_rank_specification():
+    from tensornet.adapters import DoTAConfig
+
+    full = DoTAConfig(num_cores=3, rank=[1, 8, 4, 1])
+    inner = DoTAConfig(num_cores=3, rank=[8, 4])
+    exact = DoTAConfig(num_cores=3, rank=None)
+    modes = ((4, 4, 4), (4, 4, 4))
+    assert full.layer_modes(64, 64)[2] == inner.layer_modes(64, 64)[2] == mpo_ranks(*modes, [8, 4])
+    assert exact.layer_modes(64, 64)[2] == mpo_ranks(*modes)  # exact ranks, no 1 << 30
+    for bad in (0, [8], [2, 8, 4, 1], "16"):
+        with pytest.raises(RankError) as info:  # the core's error, also a ConfigError
+            DoTAConfig(num_cores=3, rank=bad)
+        assert "`rank`" in str(info.value) and "2 positive ints" in str(info.value)
+
+
+def test_lotr_lorta_ranks_raise_rank_error():
+    from tensornet.adapters import LoRTAConfig, LoTRConfig, lorta_num_params, lotr_num_params
+
+    for call in (
+        lambda: LoTRConfig(rank=0),
+        lambda: LoRTAConfig(rank=2.5),
+        lambda: lotr_num_params({"q": (4, 4)}, 2, 0),
+        lambda: lorta_num_params(8, 2, 4, 4, 2, -1),
+    ):
+        with pytest.raises(RankError, match="`rank` must be a positive int"):
+            call()
+
+
+def test_decompose_model_exact_ranks_without_a_sentinel():
+    from tensornet.adapters import tiny_llama
+    from tensornet.finetune.analysis import decompose_model
+
+    report = decompose_model(tiny_llama(), num_cores=3, rank=None, sweep_ranks=(2,))
+    assert report.layers
+    for lay in report.layers:
+        assert lay.ranks == mpo_ranks(lay.out_modes, lay.in_modes)
+        assert lay.relative_error < 1e-5
+
+
+def test_rank_for_budget_caps_at_the_exact_rank():
+    # documented: beyond the largest exact rank a larger cap changes nothing
+    full = mpo_ranks((2, 2), (2, 2))
+    assert rank_for_budget((2, 2), (2, 2), 10**9) == max(full) == 4
+    assert mpo_num_params((2, 2), (2, 2), 4) == mpo_num_params((2, 2), (2, 2))

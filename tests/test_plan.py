@@ -303,7 +303,8 @@ def test_hand_built_mpo_object():
 
 def test_pairwise_torch_execution_matches_opt_einsum():
     # the path executor used under torch.compile computes what opt_einsum's expression does
-    from tensornet.plan import DEFAULT_PROFILE, _expression, _plan_cached, _run_path
+    from tensornet.adapters.dota.layer import _run_path
+    from tensornet.plan import DEFAULT_PROFILE, _expression, _plan_cached
 
     gen = torch.Generator().manual_seed(0)
     shapes = ((1, 4, 3, 5), (5, 2, 4, 6), (6, 3, 2, 1))
@@ -344,3 +345,117 @@ def test_dota_layer_under_torch_compile_matches_eager(strategy):
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
     for g, c in zip(got, cores):
         torch.testing.assert_close(g, c.grad, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------- a plan is what runs
+
+
+@FAST
+@given(mpo_and_batch(), st.sampled_from(["numpy64", "torch32"]))
+def test_a_plan_runs_both_strategies_like_einsum(case, kind):
+    out_modes, in_modes, ranks, lead, seed = case
+    lib = "torch" if kind == "torch32" else "numpy"
+    cores = random_cores(seed, out_modes, in_modes, ranks, lib)
+    x_np = np.random.default_rng(seed + 1).standard_normal((*lead, math.prod(in_modes)))
+    x = torch.from_numpy(x_np).float() if lib == "torch" else x_np
+    reference = einsum_apply(as64(x), cores)
+    scale = float(np.abs(reference).max(initial=0.0)) + 1.0
+    rtol, atol = (1e-12, 1e-12 * scale) if lib == "numpy" else (1e-4, 1e-5 * scale)
+    plan = plan_mpo_matmul(cores, max(math.prod(lead), 1))
+    assert plan.core_shapes == tuple(tuple(int(d) for d in c.shape) for c in cores)
+    for strategy in (None, "dense", "contract"):
+        y = plan(x, cores, strategy=strategy)
+        assert type(y) is type(x) and y.dtype == x.dtype
+        assert tuple(y.shape) == (*lead, plan.out_features)
+        np.testing.assert_allclose(as64(y), reference, rtol=rtol, atol=atol)
+    # the path is valid for any number of rows: a plan costed for one batch runs another
+    x2 = x[..., :1, :] if lead and lead[-1] else x
+    np.testing.assert_allclose(
+        as64(plan(x2, cores, strategy="contract")), einsum_apply(as64(x2), cores),
+        rtol=rtol, atol=atol,
+    )
+
+
+def test_a_plan_runs_its_own_path(monkeypatch):
+    # the plan calls opt_einsum's expression built from its own equation and path
+    import tensornet.plan as plan_module
+
+    cores = random_cores(0, (2, 3, 2), (3, 2, 2), (1, 3, 2, 1))
+    plan = plan_mpo_matmul(cores, 6)
+    seen = []
+    real = plan_module._expression
+
+    def spy(equation, path, shapes):
+        seen.append((equation, path))
+        return real(equation, path, shapes)
+
+    monkeypatch.setattr(plan_module, "_expression", spy)
+    x = np.random.default_rng(1).standard_normal((6, 12))
+    plan(x, cores, strategy="contract")
+    assert seen == [(plan.equation, plan.path)]
+
+
+def test_mpo_matmul_auto_runs_the_plan_of_the_calibrated_profile(monkeypatch):
+    cores = random_cores(3, (4, 4, 4), (4, 4, 4), (1, 8, 8, 1))
+    x = np.random.default_rng(0).standard_normal((32, 64))
+    want = plan_mpo_matmul(cores, 32, itemsize=8, profile=tn.calibrate(x))
+    ran = []
+    real_call = tn.ContractionPlan.__call__
+
+    def spy(self, xx, cc, *, strategy=None):
+        ran.append((self, strategy))
+        return real_call(self, xx, cc, strategy=strategy)
+
+    monkeypatch.setattr(tn.ContractionPlan, "__call__", spy)
+    y = mpo_matmul(x, cores)
+    assert ran == [(want, None)]  # the costed plan, its own strategy
+    np.testing.assert_allclose(y, einsum_apply(x, cores), rtol=1e-12, atol=1e-10)
+
+
+def test_residual_cost_model_lives_with_dota():
+    from tensornet.adapters.dota.layer import residual_strategy
+
+    assert not hasattr(tn.ContractionPlan, "residual_strategy")
+    shapes = [(1, 4, 4, 16), (16, 4, 4, 16), (16, 8, 8, 16), (16, 8, 8, 16), (16, 4, 4, 1)]
+    one, many = plan_mpo_matmul(shapes, 1), plan_mpo_matmul(shapes, 8192)
+    assert residual_strategy(one, training=False) == "contract"
+    assert residual_strategy(many, training=True) == "dense"
+    # by hand: a forward pass compares building W with contracting
+    assert residual_strategy(many, training=False) == (
+        "dense" if many.build_seconds < many.contract_seconds else "contract"
+    )
+
+
+@pytest.mark.parametrize("strategy", ["auto", "contract"])
+def test_dota_layer_runs_the_plan_it_costed(monkeypatch, strategy):
+    from collections import OrderedDict
+
+    from torch import nn
+
+    from tensornet.adapters import apply_dota
+
+    torch.manual_seed(0)
+    holder = nn.Sequential(OrderedDict(proj=nn.Linear(1024, 1024)))
+    model = apply_dota(holder, target_modules=["proj"], strategy=strategy, rank=4,
+                       num_cores=5, init_weights=False, seed=0)
+    layer = model.base_model.model.proj
+    ran = []
+    real_call = tn.ContractionPlan.__call__
+
+    def spy(self, xx, cc, *, strategy=None):
+        ran.append((self, strategy))
+        return real_call(self, xx, cc, strategy=strategy)
+
+    monkeypatch.setattr(tn.ContractionPlan, "__call__", spy)
+    x = torch.randn(1, 1024)  # one row: the planner contracts
+    with torch.no_grad():
+        y = model(x)
+    (choice, plan), = layer._plans.values()
+    assert choice == "contract" and plan is not None
+    assert [p for p, _ in ran] == [plan, plan]  # T and T_init, along the costed path
+    assert all(s == "contract" for _, s in ran)
+    # and the output is the adapted weight's
+    cores = list(layer.dota_cores["default"])
+    init = layer.init_cores("default")
+    w = layer.base_layer.weight + cores_to_matrix(cores) - cores_to_matrix(init)
+    torch.testing.assert_close(y, x @ w.T + layer.base_layer.bias, rtol=1e-5, atol=1e-5)

@@ -269,9 +269,9 @@ def test_cores_to_matrix_torch_matches_einsum_and_keeps_grad():
     [
         ([], "at least one core"),
         ([np.ones((1, 2, 2))], "`cores[0]`"),
-        ([np.ones((2, 2, 2, 1))], "leading rank of 1; got 2"),
+        ([np.ones((2, 2, 2, 1))], "expected leading rank 1, got shape (2, 2, 2, 1)"),
         ([np.ones((1, 2, 2, 3)), np.ones((2, 2, 2, 1))], "bond mismatch"),
-        ([np.ones((1, 2, 2, 3)), np.ones((3, 2, 2, 2))], "trailing rank of 1; got 2"),
+        ([np.ones((1, 2, 2, 3)), np.ones((3, 2, 2, 2))], "must end with rank 1; got 2"),
     ],
 )
 def test_cores_to_matrix_rejects_bad_chains(cores, fragment):
@@ -290,21 +290,31 @@ def test_factorize_type_errors_are_tensornet_errors():
 
 
 @pytest.mark.parametrize("kind", ["numpy", "torch"])
-def test_combine_halves_into_given_buffers(kind):
-    from tensornet.tensorize import combine_halves, mpo_halves
-
-    # `work` and `out` receive the product and the result; values equal the allocating call
+def test_cores_to_matrix_with_base_matches_einsum_plus_base(kind):
     rng = np.random.default_rng(0)
     cores = [rng.standard_normal(s) for s in ((1, 2, 3, 4), (4, 5, 2, 3), (3, 2, 2, 1))]
     base = rng.standard_normal((20, 12))
+    want = _einsum_reference(cores) + base
     if kind == "torch":
         cores, base = [torch.from_numpy(c) for c in cores], torch.from_numpy(base)
-    left, right = mpo_halves(cores)
-    want = combine_halves(left, right, base=base)
-    work = np.empty(240) if kind == "numpy" else torch.empty(240, dtype=torch.float64)
-    out = np.empty(240) if kind == "numpy" else torch.empty(240, dtype=torch.float64)
-    got = combine_halves(left, right, base=base, out=out, work=work)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-14, atol=1e-14)
-    assert np.shares_memory(np.asarray(got), np.asarray(out))
-    with pytest.raises(ShapeError, match="`out` needs `base`"):
-        combine_halves(left, right, out=out)
+    got = cores_to_matrix(cores, base=base)
+    assert type(got) is type(base)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-13, atol=1e-13)
+    with pytest.raises(ShapeError, match="`base` must have the matrix's shape"):
+        cores_to_matrix(cores, base=base[:4])
+
+
+def test_dota_dense_build_into_scratch_buffers_equals_cores_to_matrix():
+    # DoTA's layer writes base + MPO into reused buffers (its own helper, not the core's)
+    from tensornet.adapters.dota.layer import _SCRATCH, _build_weight
+    from tensornet.tensorize import _mpo_halves
+
+    gen = torch.Generator().manual_seed(0)
+    cores = [torch.randn(s, generator=gen, dtype=torch.float64)
+             for s in ((1, 2, 3, 4), (4, 5, 2, 3), (3, 2, 2, 1))]
+    base = torch.randn(20, 12, generator=gen, dtype=torch.float64)
+    got = _build_weight(*_mpo_halves(cores), base)
+    want = cores_to_matrix(cores, base=base)
+    torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-14)
+    buf = _SCRATCH.buffers[("weight", torch.float64)]
+    assert got.data_ptr() == buf.data_ptr()

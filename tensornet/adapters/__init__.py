@@ -13,7 +13,9 @@ see :data:`TESTED_PEFT`), after which they work as any peft method::
 
 ``apply_dota(model)``, ``apply_lotr`` and ``apply_lorta`` are one-line entry points that
 return what ``get_peft_model`` returns; ``plan_dota`` / ``plan_lotr`` / ``plan_lorta``
-count an adapter on a model built on the meta device.
+count an adapter on a model built on the meta device, and ``lotr_num_params`` /
+``lorta_num_params`` give LoTR's and LoRTA's counts in closed form (DoTA's is the core's
+:func:`tensornet.mpo_num_params`).
 """
 
 from ._registry import METHODS, TESTED_PEFT, check_peft
@@ -33,7 +35,9 @@ from .entry import (  # noqa: E402
     plan_lotr,
 )
 from .lorta import ATTENTION_TARGETS, LoRTAConfig, LoRTALinear, LoRTAModel  # noqa: E402
+from .lorta.config import lorta_num_params  # noqa: E402
 from .lotr import LoTRConfig, LoTRLinear, LoTRModel  # noqa: E402
+from .lotr.config import lotr_num_params  # noqa: E402
 from .models import DEFAULT_MODEL, load_pretrained, tiny_llama  # noqa: E402
 
 __all__ = [
@@ -58,6 +62,8 @@ __all__ = [
     "apply_lorta",
     "apply_lotr",
     "load_pretrained",
+    "lorta_num_params",
+    "lotr_num_params",
     "plan",
     "plan_dota",
     "plan_lorta",

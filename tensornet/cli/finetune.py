@@ -47,9 +47,8 @@ _OPTION_FLAGS = {"rank": "--rank", "num_cores": "--num-cores", "lora_rank": "--l
 
 
 def _main() -> bool:
-    from ..finetune.trainer import is_main_process
-
-    return is_main_process()
+    """Rank 0 or a single process (read from the environment: no torch import here)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _silence_other_ranks() -> None:

@@ -111,7 +111,7 @@ def decompose_model(
         ``num_cores`` modes.
     """
     plan = plan_dota(model, target_modules=tuple(target_modules), num_cores=num_cores,
-                     rank=rank if rank is not None else 1 << 30)
+                     rank=rank)
     report = DecomposeReport(model_name, num_cores, rank, tol)
     report.total_params = sum(p.numel() for p in model.parameters())
     first_of_kind: dict[str, tuple[str, Any]] = {}

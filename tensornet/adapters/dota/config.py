@@ -7,8 +7,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+from ..._validate import _is_int, as_int_list
 from ...errors import ConfigError, ShapeError
-from ...params import mpo_ranks
+from ...params import Rank, check_rank, mpo_ranks
 from ...tensorize import factorize
 from .._registry import peft_type
 from ..config import LLAMA_TARGETS, MODEL_PREFIX, TensornetConfig
@@ -33,8 +34,12 @@ class DoTAConfig(TensornetConfig):
         paper's q_proj, k_proj, v_proj, up_proj, down_proj.
     num_cores : int
         Number of MPO cores ``N`` (the paper: 5).
-    rank : int or sequence of int
-        Bond cap ``R`` for every bond, or ``N-1`` caps (the paper: 16).
+    rank : None, int or sequence of int
+        The core's rank specification (:mod:`tensornet.params`): a bond cap ``R`` for
+        every bond (the paper: 16), ``N-1`` caps, the ``N+1`` form with boundary 1s
+        (``MPO.ranks``), or None for the exact ranks (no truncation: cores as large as
+        the matrix, for analysis). A bad value raises
+        :class:`~tensornet.errors.RankError`, a :class:`~tensornet.errors.ConfigError`.
     modes : mapping of int to sequence of int, optional
         Modes to use for a dimension, e.g. ``{4096: (4, 4, 8, 8, 4)}``; other dimensions
         use :func:`tensornet.factorize` (the paper's Table 2 for ``N = 5``).
@@ -73,6 +78,8 @@ class DoTAConfig(TensornetConfig):
     (5, 32, ['q_proj', 'k_proj', 'v_proj', 'up_proj', 'down_proj'])
     >>> cfg.peft_type
     <PeftType.DOTA: 'DOTA'>
+    >>> DoTAConfig(num_cores=3, rank=[1, 8, 4, 1]).rank
+    [1, 8, 4, 1]
     >>> DoTAConfig(init="svd")
     Traceback (most recent call last):
     ...
@@ -80,7 +87,7 @@ class DoTAConfig(TensornetConfig):
     """
 
     num_cores: int = 5
-    rank: int | Sequence[int] = 16
+    rank: Rank = 16
     modes: Mapping[int, Sequence[int]] | None = None
     init: Literal["mpo", "random"] = "mpo"
     quantize: Literal["nf4"] | None = None
@@ -100,22 +107,11 @@ class DoTAConfig(TensornetConfig):
                 f"`num_cores` must be an int >= 2 (an MPO of one core is the matrix); got {n!r}"
             )
         self.num_cores = n = int(n)
-        r = self.rank
-        msg = f"`rank` must be a positive int or a list of {n - 1} positive ints (one per bond)"
-        if isinstance(r, bool) or isinstance(r, str):
-            raise ConfigError(f"{msg}; got {r!r}")
-        if isinstance(r, numbers.Integral):
-            if r < 1:
-                raise ConfigError(f"{msg}; got {r!r}")
-            self.rank = int(r)
-        elif isinstance(r, Sequence):
-            if len(r) != n - 1 or any(
-                isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in r
-            ):
-                raise ConfigError(f"{msg}; got {list(r)!r}")
-            self.rank = [int(v) for v in r]
-        else:
-            raise ConfigError(f"{msg}; got {r!r}")
+        caps = check_rank(self.rank, n)  # the core's one rank specification (RankError)
+        if caps is not None and not _is_int(self.rank):
+            self.rank = [int(v) for v in as_int_list(self.rank)]  # JSON-ready, as given
+        elif caps is not None:
+            self.rank = int(self.rank)
         if self.modes is not None:
             self.modes = _check_modes(self.modes, n)
         for name, value, options in (

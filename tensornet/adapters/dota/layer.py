@@ -36,12 +36,90 @@ from torch import nn
 from torch.nn import functional as F
 
 from ...errors import ConfigError
-from ...plan import DEFAULT_PROFILE, mpo_matmul, plan_mpo_matmul
-from ...tensorize import combine_halves, cores_to_matrix, mpo_halves
+from ...plan import DEFAULT_PROFILE, ContractionPlan, plan_mpo_matmul
+from ...tensorize import _mpo_halves, cores_to_matrix
 from ..base import compute_dtype, dense_weight, is_4bit
 from ..layer import shift_weight
 
-__all__ = ["DoTALayer", "DoTALinear", "chain_sum", "random_cores", "release_scratch"]
+__all__ = [
+    "DoTALayer",
+    "DoTALinear",
+    "chain_sum",
+    "random_cores",
+    "release_scratch",
+    "residual_strategy",
+]
+
+
+def residual_strategy(plan: ContractionPlan, *, training: bool) -> str:
+    """DoTA's cost model: the cheaper strategy for ``x @ (W_res + W).T``, ``W_res`` frozen.
+
+    Both strategies pay the matmul with ``W_res`` (folded into one matmul by
+    ``"dense"``), so the forward pass compares building ``W`` with contracting ``x``
+    through the cores. A training step (forward, backward to the input and to the cores,
+    with ``W`` rebuilt in the backward pass instead of stored) costs about
+    ``4 * build + 3 * matmul`` dense against ``2 * matmul + 3 * contract``.
+
+    Parameters
+    ----------
+    plan : ContractionPlan
+        The core's plan of one term's chain (:func:`tensornet.plan_mpo_matmul`).
+    training : bool
+        Cost a training step (forward and backward) rather than a forward pass.
+
+    Returns
+    -------
+    {"dense", "contract"}
+
+    Examples
+    --------
+    >>> from tensornet import plan_mpo_matmul
+    >>> shapes = [(1, 4, 4, 16), (16, 4, 4, 16), (16, 8, 8, 16), (16, 8, 8, 16), (16, 4, 4, 1)]
+    >>> residual_strategy(plan_mpo_matmul(shapes, 1), training=False)
+    'contract'
+    >>> residual_strategy(plan_mpo_matmul(shapes, 8192), training=True)
+    'dense'
+    """
+    if training:
+        dense = 4 * plan.build_seconds + 3 * plan.matmul_seconds
+        contract = 2 * plan.matmul_seconds + 3 * plan.contract_seconds
+    else:
+        dense, contract = plan.build_seconds, plan.contract_seconds
+    return "dense" if dense < contract else "contract"
+
+
+def _run_path(equation: str, path: Sequence[Sequence[int]], operands: Sequence[Any]) -> Any:
+    """Contract ``operands`` pairwise along ``path`` with ``torch.einsum``.
+
+    The contraction a :class:`~tensornet.ContractionPlan` runs (path in opt_einsum's
+    linear format), in plain torch calls that torch.compile traces; opt_einsum's own
+    dispatch does not trace.
+    """
+    inputs, out = equation.split("->")
+    terms, ops = inputs.split(","), list(operands)
+    for pair in path:
+        picked = sorted(pair, reverse=True)
+        group_ops = [ops.pop(k) for k in picked]
+        group_terms = [terms.pop(k) for k in picked]
+        keep = set("".join(terms)) | set(out)
+        joined = dict.fromkeys("".join(group_terms))
+        result = "".join(ch for ch in joined if ch in keep)
+        ops.append(torch.einsum(f"{','.join(group_terms)}->{result}", *group_ops))
+        terms.append(result)
+    return ops[0] if terms[0] == out else torch.einsum(f"{terms[0]}->{out}", ops[0])
+
+
+def _contract(
+    plan: ContractionPlan, x: torch.Tensor, cores: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """``x @ MPO(cores).T`` along ``plan``'s path (the plan the layer costed)."""
+    if not torch.compiler.is_compiling():
+        return plan(x, cores, strategy="contract")
+    in_modes = [s[2] for s in plan.core_shapes]
+    lead = x.shape[:-1]
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        y = _run_path(plan.equation, plan.path, (x.reshape(-1, *in_modes), *cores))
+    return y.reshape(*lead, plan.out_features)
 
 
 def random_cores(
@@ -148,17 +226,19 @@ def release_scratch() -> None:
 def _build_weight(left: torch.Tensor, right: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     """``base + MPO`` from the two half-chains, written into the scratch buffers.
 
-    The result (:func:`~tensornet.tensorize.combine_halves` with ``work``/``out``) is valid
-    until the next build on this thread.
+    One matrix product writes the entries into the ``"prod"`` buffer; one pass puts them
+    in ``(I, J)`` order and adds ``base`` into the ``"weight"`` buffer. The result is
+    valid until the next build on this thread (no autograd through the buffers).
     """
-    li, lj, _ = left.shape
+    li, lj, r = left.shape
     _, ri, rj = right.shape
     with torch.autocast(device_type=left.device.type, enabled=False):  # the cores' dtype
-        return combine_halves(
-            left, right, base=base,
-            work=_SCRATCH.get("prod", (li * lj, ri * rj), left),
-            out=_SCRATCH.get("weight", (li * ri, lj * rj), left),
-        )
+        prod = _SCRATCH.get("prod", (li * lj, ri * rj), left)
+        torch.matmul(left.reshape(li * lj, r), right.reshape(r, ri * rj), out=prod)
+        ordered = prod.view(li, lj, ri, rj).permute(0, 2, 1, 3)
+        target = _SCRATCH.get("weight", (li * ri, lj * rj), left).view(li, ri, lj, rj)
+        torch.add(base.reshape(li, ri, lj, rj), ordered, out=target)
+        return target.view(li * ri, lj * rj)
 
 
 def _term_halves(
@@ -172,7 +252,7 @@ def _term_halves(
     backward pass.
     """
     with torch.autocast(device_type=terms[0][0].device.type, enabled=False):
-        halves = [mpo_halves([c.to(ct) for c in t]) for t in terms]
+        halves = [_mpo_halves([c.to(ct) for c in t]) for t in terms]
         left = torch.cat([h[0] for h in halves], dim=-1)
         right = torch.cat([h[1] if s == 1 else h[1] * s for h, s in zip(halves, signs)], dim=0)
     return halves, left, right
@@ -280,7 +360,7 @@ class DoTALayer(BaseTunerLayer):
         self._nf4_base: list[nn.Module] = []
         #: QDoTA being restored: the residual is built from the loaded T_init on first use
         self._pending_residual: str | None = None
-        self._plans: dict[tuple[Any, ...], str] = {}
+        self._plans: dict[tuple[Any, ...], tuple[str, ContractionPlan | None]] = {}
 
     # -- state ---------------------------------------------------------------------
     @property
@@ -402,27 +482,29 @@ class DoTALayer(BaseTunerLayer):
         return dense_weight(self.get_base_layer(), dtype)
 
     def choose_strategy(self, chain: Sequence[torch.Tensor], batch: int, training: bool,
-                        adapter: str) -> str:
-        """Dense or contract for ``batch`` rows (the planner's choice, cached per shape).
+                        adapter: str) -> tuple[str, ContractionPlan | None]:
+        """Dense or contract for ``batch`` rows, and the plan that costed it (cached per shape).
 
+        The plan (of one term's chain) is what the contract branch then runs, so the path
+        executed is the path costed (None for ``strategy="dense"``, which needs none).
         Plans use fixed machine constants (:data:`tensornet.plan.DEFAULT_PROFILE`), not a
         per-process calibration, so a reloaded adapter picks the same path and computes the
         same bits as the model it was saved from.
         """
         fixed = self.dota_strategy.get(adapter, "auto")
-        if fixed != "auto":
-            return fixed
         c0 = chain[0]
-        shapes = tuple(tuple(c.shape) for c in chain)
-        key = (shapes, batch, training, c0.dtype, c0.device.type)
-        choice = self._plans.get(key)
-        if choice is None:
-            plan = plan_mpo_matmul(
-                [tuple(c.shape) for c in chain], max(batch, 1),
-                itemsize=c0.element_size(), profile=DEFAULT_PROFILE,
-            )
-            choice = self._plans[key] = plan.residual_strategy(training=training)
-        return choice
+        shapes = tuple(tuple(int(d) for d in c.shape) for c in chain)
+        key = (shapes, batch, training, c0.dtype, c0.device.type, fixed)
+        found = self._plans.get(key)
+        if found is None:
+            plan = None
+            if fixed != "dense":
+                plan = plan_mpo_matmul(
+                    shapes, max(batch, 1), itemsize=c0.element_size(), profile=DEFAULT_PROFILE,
+                )
+            choice = fixed if fixed != "auto" else residual_strategy(plan, training=training)
+            found = self._plans[key] = (choice, plan)
+        return found
 
 
 def dense_device(module: nn.Module) -> torch.device:
@@ -529,7 +611,13 @@ class DoTALinear(nn.Module, DoTALayer):
             choose = torch.compiler.disable(choose)
         # planned on one term's chain: contracting costs that per term, building W about
         # as much per term (one product of the summed chain's halves)
-        if choose(terms[0][1], batch, training, adapters[0]) == "contract":
+        choice, plan = choose(terms[0][1], batch, training, adapters[0])
+        if choice == "contract":
+            plans = {plan.core_shapes: plan}  # type: ignore[union-attr]
+            for _, cores in terms[1:]:  # adapters of other ranks: their own plans, alike
+                shapes = tuple(tuple(int(d) for d in c.shape) for c in cores)
+                if shapes not in plans:
+                    plans[shapes] = choose(cores, batch, training, adapters[0])[1]
             # term by term: a summed chain's middle cores are (n R)^2, n^2 times the work
             # (summed before the base output is added: at T = T_init the terms cancel
             # exactly and the layer gives the base's output bit for bit)
@@ -537,7 +625,8 @@ class DoTALinear(nn.Module, DoTALayer):
             xc = x.to(terms[0][1][0].dtype)
             delta = None
             for sign, cores in terms:
-                part = mpo_matmul(xc, cores, strategy="contract")
+                shapes = tuple(tuple(int(d) for d in c.shape) for c in cores)
+                part = _contract(plans[shapes], xc, cores)
                 part = part if sign == 1 else -part
                 delta = part if delta is None else delta + part
             return y + delta.to(y.dtype)

@@ -6,17 +6,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from ..._validate import check_positive_int, check_rank_int
 from ...errors import ConfigError
 from .._registry import peft_type
 from ..config import (
     TUNER_PREFIX,
     TensornetConfig,
-    check_positive_int,
     check_scale,
     check_seed,
 )
 
-__all__ = ["ATTENTION_TARGETS", "FACTORS", "LoRTAConfig"]
+__all__ = ["ATTENTION_TARGETS", "FACTORS", "LoRTAConfig", "lorta_num_params"]
 
 #: LoRTA's targets: the four attention projections, in the order of ``C_matrix``'s rows.
 ATTENTION_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -82,7 +82,7 @@ class LoRTAConfig(TensornetConfig):
                 f"`target_modules` must be a non-empty subset of {valid} without repeats; "
                 f"got {tm!r}"
             )
-        self.rank = check_positive_int(self.rank, "rank")
+        self.rank = check_rank_int(self.rank, "rank")
         self.scale = check_scale(self.scale)
         self.seed = check_seed(self.seed)
 
@@ -123,3 +123,73 @@ def factor_shapes(records: Sequence[dict[str, Any]], rank: int, num_matrices: in
     if not gqa:
         del shapes["C_kv_head"]
     return shapes
+
+
+def lorta_num_params(
+    d_model: int,
+    d_head: int,
+    num_heads: int,
+    num_kv_heads: int,
+    num_layers: int,
+    rank: int,
+    *,
+    num_matrices: int = 4,
+) -> int:
+    """Trainable parameters of LoRTA: ``r (d_model + d_head + H + H_kv + M + L)``.
+
+    The five CP factors ``A`` (d_model x r), ``B`` (r x d_head), ``C_head`` (H x r),
+    ``C_matrix`` (M x r, M = 4 for Q, K, V, O) and ``C_layer`` (L x r). With grouped-query
+    attention (``num_kv_heads < num_heads``) K and V have their own head factor
+    ``C_kv_head`` (H_kv x r); without it (``num_kv_heads == num_heads``) they share
+    ``C_head`` and the count is the paper's ``r (d_model + d_head + H + 4 + L)``.
+
+    Parameters
+    ----------
+    d_model, d_head : int
+        Model width and width of one attention head.
+    num_heads, num_kv_heads : int
+        Query heads ``H`` and key/value heads ``H_kv`` (``H_kv == H`` without GQA).
+    num_layers : int
+        ``L``.
+    rank : int
+        CP rank ``r``.
+    num_matrices : int, default 4
+        ``M``, how many of Q, K, V, O are adapted. Pass ``num_kv_heads=num_heads`` when
+        neither K nor V is adapted.
+
+    Returns
+    -------
+    int
+        The number of trainable parameters.
+
+    Raises
+    ------
+    RankError
+        If ``rank`` is not an int >= 1.
+    ShapeError, DTypeError
+        If another dimension is not an int >= 1.
+
+    Examples
+    --------
+    LLaMA-2-7B (no GQA) at r = 16, and SmolLM2-135M (9 heads, 3 key/value heads):
+
+    >>> lorta_num_params(4096, 128, 32, 32, 32, 16)
+    68672
+    >>> lorta_num_params(576, 64, 9, 3, 30, 16)
+    10976
+    """
+    rank = check_rank_int(rank, "rank")
+    dims = [
+        check_positive_int(v, name)
+        for v, name in (
+            (d_model, "d_model"),
+            (d_head, "d_head"),
+            (num_heads, "num_heads"),
+            (num_kv_heads, "num_kv_heads"),
+            (num_layers, "num_layers"),
+            (num_matrices, "num_matrices"),
+        )
+    ]
+    d_model, d_head, num_heads, num_kv_heads, num_layers, num_matrices = dims
+    kv = num_kv_heads if num_kv_heads != num_heads else 0
+    return int(rank * (d_model + d_head + num_heads + kv + num_matrices + num_layers))

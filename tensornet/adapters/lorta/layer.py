@@ -23,7 +23,7 @@ share ``A``, ``B``, ``C_matrix`` and ``C_layer`` (K/V head ``j`` is not tied to 
 head, as the model itself does not tie them). Trainable parameters:
 ``r (d_model + d_head + H + H_kv + M + L)``; with ``H_kv == H`` K and V use ``C_head`` and the
 count is the paper's ``r (d_model + d_head + H + 4 + L)``
-(:func:`tensornet.lorta_num_params`).
+(:func:`tensornet.adapters.lorta_num_params`).
 
 Initialization: ``B = 0`` (the model is unchanged at start); ``A`` Gaussian of variance
 ``1 / d_model``; ``C_head``, ``C_kv_head``, ``C_matrix``, ``C_layer`` standard Gaussian

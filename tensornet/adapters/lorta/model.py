@@ -9,11 +9,10 @@ import torch
 from torch import nn
 
 from ...errors import ConfigError
-from ...params import lorta_num_params
 from ..base import LayerReport
 from ..config import TensornetConfig
 from ..tuner import SharedStateTuner, Target
-from .config import FACTORS, LoRTAConfig, factor_shapes
+from .config import FACTORS, LoRTAConfig, factor_shapes, lorta_num_params
 from .layer import LoRTAIndex, LoRTALayer, LoRTALinear
 
 __all__ = ["LoRTAModel"]

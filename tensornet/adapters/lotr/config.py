@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from ...errors import ConfigError
+from ..._validate import check_modes, check_positive_int, check_rank_int
+from ...errors import ConfigError, ShapeError
 from .._registry import peft_type
 from ..config import (
     LLAMA_TARGETS,
     MODEL_PREFIX,
     TUNER_PREFIX,
     TensornetConfig,
-    check_positive_int,
     check_scale,
     check_seed,
 )
 
-__all__ = ["LoTRConfig"]
+__all__ = ["LoTRConfig", "lotr_num_params"]
 
 _INITS = ("normal", "orthogonal")
 
@@ -71,7 +72,7 @@ class LoTRConfig(TensornetConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = peft_type("LOTR")
-        self.rank = check_positive_int(self.rank, "rank")
+        self.rank = check_rank_int(self.rank, "rank")
         self.scale = check_scale(self.scale)
         if self.init not in _INITS:
             valid = ", ".join(repr(o) for o in _INITS)
@@ -105,3 +106,56 @@ class LoTRConfig(TensornetConfig):
 def kind_of(key: str) -> str:
     """The kind of layer ``key`` (its last name component: ``"q_proj"``)."""
     return key.rsplit(".", 1)[-1]
+
+
+def lotr_num_params(
+    shapes_by_kind: Mapping[str, tuple[int, int]], num_layers: int, rank: int
+) -> int:
+    """Trainable parameters of LoTR: ``sum over kinds of r (out + in) + L r^2``.
+
+    LoTR shares ``A`` (out x r) and ``B`` (r x in) among the layers of one kind of matrix
+    (every ``q_proj``, say) and gives each of the ``L`` layers its own ``G_l`` (r x r).
+
+    Parameters
+    ----------
+    shapes_by_kind : mapping of str to (int, int)
+        ``(out_features, in_features)`` of each kind of adapted matrix.
+    num_layers : int
+        ``L``, the number of layers holding each kind.
+    rank : int
+        ``r``.
+
+    Returns
+    -------
+    int
+        The number of trainable parameters.
+
+    Raises
+    ------
+    RankError
+        If ``rank`` is not an int >= 1.
+    ShapeError, DTypeError
+        On bad shapes or ``num_layers``.
+
+    Examples
+    --------
+    LLaMA-2-7B's q, k, v (4096 x 4096), up (11008 x 4096) and down (4096 x 11008) in its
+    32 layers, at r = 16:
+
+    >>> shapes = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096),
+    ...           "up_proj": (11008, 4096), "down_proj": (4096, 11008)}
+    >>> lotr_num_params(shapes, 32, 16)
+    917504
+    """
+    num_layers = check_positive_int(num_layers, "num_layers")
+    rank = check_rank_int(rank, "rank")
+    if not isinstance(shapes_by_kind, Mapping) or not shapes_by_kind:
+        raise ShapeError(
+            f"`shapes_by_kind` must be a non-empty mapping of kind -> (out, in); got "
+            f"{shapes_by_kind!r}"
+        )
+    total = 0
+    for kind, shape in shapes_by_kind.items():
+        out_f, in_f = check_modes(shape, f"shapes_by_kind[{kind!r}]")
+        total += rank * (out_f + in_f) + num_layers * rank * rank
+    return int(total)

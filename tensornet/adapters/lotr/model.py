@@ -8,10 +8,9 @@ import torch
 from torch import nn
 
 from ...errors import ConfigError
-from ...params import lotr_num_params
 from ..base import LayerReport
 from ..tuner import SharedStateTuner, Target
-from .config import LoTRConfig, kind_of
+from .config import LoTRConfig, kind_of, lotr_num_params
 from .layer import LoTRLayer, LoTRLinear
 
 __all__ = ["LoTRModel"]
