@@ -189,6 +189,7 @@ def test_bad_input_one_line(argv, needle, model_dir, tmp_path, capsys):
     no_tokenizer = tmp_path / "no_tokenizer"
     no_tokenizer.mkdir()
     tiny_llama().save_pretrained(no_tokenizer)
+    capsys.readouterr()  # the save's own progress bar is not the command's output
     subs = {"MODEL": str(model_dir), "NOTOK": str(no_tokenizer)}
     argv = [subs.get(a, a) for a in argv]
     err = _one_error_line(capsys, main([*argv, "--n-train", "8", "--n-val", "2", "--n-test",

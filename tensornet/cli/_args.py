@@ -55,26 +55,24 @@ def rank_arg(text: str) -> int | None:
     return value
 
 
-def positive_int_arg(text: str) -> int:
-    """A positive int."""
+def _int_at_least(text: str, low: int, expected: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive int; got {text!r}")
+        value = low - 1
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be {expected}; got {text!r}")
     return value
+
+
+def positive_int_arg(text: str) -> int:
+    """A positive int."""
+    return _int_at_least(text, 1, "a positive int")
 
 
 def nonnegative_int_arg(text: str) -> int:
     """An int >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an int >= 0; got {text!r}")
-    return value
+    return _int_at_least(text, 0, "an int >= 0")
 
 
 def tol_arg(text: str) -> float:
