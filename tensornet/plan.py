@@ -342,6 +342,8 @@ class ContractionPlan:
         The chosen pairwise contraction order (opt_einsum format).
     core_shapes : tuple of tuple of int
         Shapes ``(R_{k-1}, I_k, J_k, R_k)`` of the cores the plan is for.
+    itemsize : int, default 4
+        Bytes per element the costs were modelled with.
 
     Examples
     --------
@@ -372,6 +374,7 @@ class ContractionPlan:
     equation: str
     path: tuple[tuple[int, ...], ...]
     core_shapes: tuple[tuple[int, int, int, int], ...]
+    itemsize: int = 4
 
     @property
     def in_features(self) -> int:
@@ -629,6 +632,7 @@ def _plan_cached(
         equation=equation,
         path=c_path,
         core_shapes=shapes,
+        itemsize=itemsize,
     )
 
 

@@ -310,10 +310,23 @@ def check_cores(cores: Any, name: str = "cores") -> tuple[Any, ...]:
     return cores
 
 
-def _mpo_halves(cores: Sequence[Any]) -> tuple[Any, Any]:
+def _halves_split(shapes: Sequence[Sequence[int]]) -> int:
+    """The core before which :func:`_mpo_halves` cuts a chain of ``shapes``: smallest halves."""
+    sizes = [int(s[1]) * int(s[2]) for s in shapes]
+    best, split = None, 1
+    for m in range(1, len(shapes)):
+        r = int(shapes[m][0])
+        cost = math.prod(sizes[:m]) * r + r * math.prod(sizes[m:])
+        if best is None or cost < best:
+            best, split = cost, m
+    return split
+
+
+def _mpo_halves(cores: Sequence[Any], split: int | None = None) -> tuple[Any, Any]:
     """Contract (checked) MPO cores into two small halves whose product is the matrix.
 
-    The cores are split where the two half-chains are smallest. Returns ``left`` of
+    The cores are split before core ``split``, by default where the two half-chains are
+    smallest. Returns ``left`` of
     shape ``(I_left, J_left, R)`` and ``right`` of shape ``(R, I_right, J_right)``, with
     ``W[(i, i'), (j, j')] = sum_r left[i, j, r] right[r, i', j']``; differentiable for
     torch tensors. (DoTA's layer builds its dense weight from these halves as well.)
@@ -323,13 +336,8 @@ def _mpo_halves(cores: Sequence[Any]) -> tuple[Any, Any]:
         c = cores[0]
         one = c.reshape(-1)[:1] * 0 + 1  # a 1 of c's array type, dtype and device
         return c.reshape(c.shape[1], c.shape[2], 1), one.reshape(1, 1, 1)
-    sizes = [int(c.shape[1]) * int(c.shape[2]) for c in cores]
-    best, split = None, 1
-    for m in range(1, n):
-        r = int(cores[m].shape[0])
-        cost = math.prod(sizes[:m]) * r + r * math.prod(sizes[m:])
-        if best is None or cost < best:
-            best, split = cost, m
+    if split is None:
+        split = _halves_split([tuple(int(d) for d in c.shape) for c in cores])
     left = _chain(cores[:split])
     right = _chain(cores[split:])
     left = left.reshape(left.shape[1], left.shape[2], left.shape[3])

@@ -37,7 +37,7 @@ from torch.nn import functional as F
 
 from ...errors import ConfigError
 from ...plan import DEFAULT_PROFILE, ContractionPlan, plan_mpo_matmul
-from ...tensorize import _mpo_halves, cores_to_matrix
+from ...tensorize import _halves_split, _mpo_halves, cores_to_matrix
 from ..base import compute_dtype, dense_weight, is_4bit
 from ..layer import shift_weight
 
@@ -51,14 +51,30 @@ __all__ = [
 ]
 
 
-def residual_strategy(plan: ContractionPlan, *, training: bool) -> str:
-    """DoTA's cost model: the cheaper strategy for ``x @ (W_res + W).T``, ``W_res`` frozen.
+#: How much faster than the profile's copy bandwidth the dense path's W-sized passes
+#: stream (long contiguous runs, written by a matrix product or one fused add); fitted to
+#: per-layer training steps on the LLaMA-2-7B shapes, 32-2048 rows, 1 and 2 threads
+#: (``benchmarks/bench_plan.py --training``).
+STREAM_SPEEDUP = 2.0
 
-    Both strategies pay the matmul with ``W_res`` (folded into one matmul by
-    ``"dense"``), so the forward pass compares building ``W`` with contracting ``x``
-    through the cores. A training step (forward, backward to the input and to the cores,
-    with ``W`` rebuilt in the backward pass instead of stored) costs about
-    ``4 * build + 3 * matmul`` dense against ``2 * matmul + 3 * contract``.
+
+def residual_strategy(
+    plan: ContractionPlan, *, training: bool, terms: int = 1, trainable: int | None = None
+) -> str:
+    """DoTA's cost model: the cheaper strategy for ``x @ (W_base + sum_t s_t MPO(T_t)).T``.
+
+    It models what the layer runs (:class:`_DenseResidualMPO` and the term-by-term
+    contraction), on the core's plan of one term's chain. Both strategies pay the matmul
+    with the frozen base (folded into one matmul by ``"dense"``):
+
+    * forward pass: ``"dense"`` builds ``W`` once (one product of the terms' half-chains
+      side by side, bond ``terms * R``, and one fused reorder-and-add pass); ``"contract"``
+      contracts ``x`` through each term;
+    * training step (forward, backward to the input and to the trainable cores): dense is
+      three matmuls (``y``, ``dx``, ``dW``), two builds and the pull-back of ``dW``
+      through the halves of each trainable term (a reorder pass and two thin products);
+      contract is two matmuls and ``2 * terms + trainable`` contractions (each term
+      forward and back to ``x``, the trainable ones back to their cores).
 
     Parameters
     ----------
@@ -66,6 +82,10 @@ def residual_strategy(plan: ContractionPlan, *, training: bool) -> str:
         The core's plan of one term's chain (:func:`tensornet.plan_mpo_matmul`).
     training : bool
         Cost a training step (forward and backward) rather than a forward pass.
+    terms : int, default 1
+        Chains in the update (DoTA: ``T`` and ``T_init`` per adapter; QDoTA: ``T``).
+    trainable : int, optional
+        Of those, how many need core gradients (default: all of them).
 
     Returns
     -------
@@ -77,15 +97,35 @@ def residual_strategy(plan: ContractionPlan, *, training: bool) -> str:
     >>> shapes = [(1, 4, 4, 16), (16, 4, 4, 16), (16, 8, 8, 16), (16, 8, 8, 16), (16, 4, 4, 1)]
     >>> residual_strategy(plan_mpo_matmul(shapes, 1), training=False)
     'contract'
-    >>> residual_strategy(plan_mpo_matmul(shapes, 8192), training=True)
+    >>> residual_strategy(plan_mpo_matmul(shapes, 8192), training=True, terms=2, trainable=1)
     'dense'
     """
-    if training:
-        dense = 4 * plan.build_seconds + 3 * plan.matmul_seconds
-        contract = 2 * plan.matmul_seconds + 3 * plan.contract_seconds
-    else:
-        dense, contract = plan.build_seconds, plan.contract_seconds
+    dense, contract = _strategy_seconds(plan, training=training, terms=terms,
+                                        trainable=terms if trainable is None else trainable)
     return "dense" if dense < contract else "contract"
+
+
+def _strategy_seconds(
+    plan: ContractionPlan, *, training: bool, terms: int, trainable: int
+) -> tuple[float, float]:
+    """Modelled seconds of ``("dense", "contract")`` for :func:`residual_strategy`."""
+    profile = DEFAULT_PROFILE
+    entries = plan.out_features * plan.in_features
+    itemsize = plan.itemsize
+    bond = int(plan.core_shapes[_halves_split(plan.core_shapes)][0])
+    stream = profile.bytes_per_s * STREAM_SPEEDUP
+
+    def seconds(flops: float, passes: int, ops: int) -> float:
+        return (flops / profile.flops_per_s + passes * entries * itemsize / stream
+                + ops * profile.op_seconds)
+
+    build = seconds(2 * entries * bond * terms, 4, 3)
+    if not training:
+        return build, terms * plan.contract_seconds
+    pullback = seconds(4 * entries * bond * trainable, 2 + 2 * trainable, 2 + 2 * trainable)
+    dense = 3 * plan.matmul_seconds + 2 * build + pullback
+    contract = 2 * plan.matmul_seconds + (2 * terms + trainable) * plan.contract_seconds
+    return dense, contract
 
 
 def _run_path(equation: str, path: Sequence[Sequence[int]], operands: Sequence[Any]) -> Any:
@@ -227,8 +267,16 @@ def _build_weight(left: torch.Tensor, right: torch.Tensor, base: torch.Tensor) -
     """``base + MPO`` from the two half-chains, written into the scratch buffers.
 
     One matrix product writes the entries into the ``"prod"`` buffer; one pass puts them
-    in ``(I, J)`` order and adds ``base`` into the ``"weight"`` buffer. The result is
-    valid until the next build on this thread (no autograd through the buffers).
+    in ``(I, J)`` order and adds ``base`` into the ``"weight"`` buffer, casting it to the
+    halves' dtype on the way (QDoTA's residual comes from bitsandbytes in the dtype it was
+    quantized from: no separate cast copy). The result is valid until the next build on
+    this thread (no autograd through the buffers).
+
+    A 4-bit base is dequantized into fresh memory for each build (forward, and again in
+    the backward pass for ``dx``): bitsandbytes 0.50 has no CPU kernel for dequantizing
+    into a given buffer (``dequantize_4bit(out=...)`` raises NotImplementedError there),
+    and keeping the dequantized residual from forward to backward would hold a dense copy
+    of every adapted weight.
     """
     li, lj, r = left.shape
     _, ri, rj = right.shape
@@ -283,7 +331,7 @@ class _DenseResidualMPO(torch.autograd.Function):
         n = len(cores) // len(signs)
         terms = [cores[i * n:(i + 1) * n] for i in range(len(signs))]
         _, left, right = _term_halves(terms, signs, ct)
-        weight = _build_weight(left, right, layer.dense_base(ct))
+        weight = _build_weight(left, right, layer.dense_base())
         y = F.linear(x.to(ct), weight, None if bias is None else bias.to(ct))
         del weight
         ctx.layer = layer
@@ -306,7 +354,7 @@ class _DenseResidualMPO(torch.autograd.Function):
         gy2 = gy.reshape(-1, gy.shape[-1]).to(ct)
         gx = None
         if ctx.needs_input_grad[0]:
-            weight = _build_weight(left.detach(), right.detach(), layer.dense_base(ct))
+            weight = _build_weight(left.detach(), right.detach(), layer.dense_base())
             gx = (gy2 @ weight).reshape(x.shape).to(x.dtype)
             del weight
         gb = gy2.sum(0).to(gy.dtype) if ctx.has_bias and ctx.needs_input_grad[1] else None
@@ -340,6 +388,89 @@ class _DenseResidualMPO(torch.autograd.Function):
         return (gx, gb, None, None, *grads)
 
 
+def _serving_split(cores: Sequence[torch.Tensor]) -> int:
+    """Where to cut a chain for :class:`_ServingOperands`: the fewest multiply-adds per row.
+
+    Contracting one row through the halves cut before core ``m`` costs
+    ``R_m (J * I_right + I * J_left)`` multiply-adds (``x`` against the right half, then
+    the left half against that).
+    """
+    out_modes = [int(c.shape[1]) for c in cores]
+    in_modes = [int(c.shape[2]) for c in cores]
+    n_out, n_in = math.prod(out_modes), math.prod(in_modes)
+    costs = {
+        m: int(cores[m].shape[0])
+        * (n_in * math.prod(out_modes[m:]) + n_out * math.prod(in_modes[:m]))
+        for m in range(1, len(cores))
+    }
+    return min(costs, key=costs.__getitem__) if costs else 1
+
+
+class _ServingOperands:
+    """The update of a set of adapters as cached half-chains, for forward passes without grad.
+
+    Serving an unmerged adapter (generation, evaluation during training) runs a few rows
+    at a time, where the contraction's many small calls and the per-call planning cost
+    more than the arithmetic. With grad off and the cores unchanged the update is fixed,
+    so each term's chain is contracted once into its two halves (cut by
+    :func:`_serving_split`), stacked over the terms: a call is then two batched matrix
+    products and a signed sum over the terms, ``sum_t s_t L_t (R_t x)``. The terms stay
+    separate (not one summed chain) so that at ``T = T_init`` they cancel exactly and the
+    layer gives the base's output bit for bit, as the other paths do.
+
+    An entry is valid while the tensors it was built from are the layer's, unchanged:
+    same objects, same storage, same version counter (an optimizer step or a load bumps
+    it), so training between two evaluations rebuilds it.
+    """
+
+    __slots__ = ("sources", "stamps", "left", "right", "signs", "dims", "dtype", "macs", "use")
+
+    def __init__(self, sources: list[torch.Tensor], terms: list[tuple[float, list[torch.Tensor]]],
+                 dtype: torch.dtype) -> None:
+        self.sources = sources
+        self.stamps = [(t._version, t.data_ptr()) for t in sources]
+        chain = terms[0][1]
+        split = _serving_split(chain)
+        with torch.no_grad(), torch.autocast(device_type=chain[0].device.type, enabled=False):
+            halves = [_mpo_halves([c.detach().to(dtype) for c in t], split) for _, t in terms]
+        li, lj, r = halves[0][0].shape
+        _, ri, rj = halves[0][1].shape
+        self.left = torch.stack([h[0].reshape(li, lj * r) for h in halves])[:, None]
+        self.right = torch.stack([h[1].permute(2, 0, 1).reshape(rj, r * ri) for h in halves])
+        self.signs = [s for s, _ in terms]
+        self.dims = (li, lj, r, ri, rj)
+        self.dtype = dtype
+        self.macs = len(terms) * r * (lj * rj * ri + li * ri * lj)  # per row
+        self.use: dict[int, bool] = {}  # rows -> whether this path is the cheaper one
+
+    def valid(self, sources: list[torch.Tensor]) -> bool:
+        """True while ``sources`` are the tensors this entry was built from, unchanged."""
+        return len(sources) == len(self.sources) and all(
+            a is b and a._version == v and a.data_ptr() == p
+            for a, b, (v, p) in zip(sources, self.sources, self.stamps)
+        )
+
+    def seconds(self, rows: int) -> float:
+        """Modelled time of a call on ``rows`` rows (the planner's machine constants)."""
+        li, lj, r, ri, rj = self.dims
+        moved = rows * len(self.signs) * (lj * rj + 2 * lj * r * ri + li * ri)
+        size = self.left.element_size()
+        return DEFAULT_PROFILE.seconds(2 * self.macs * rows, moved * size, 3)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``sum_t s_t x MPO(term_t)^T`` for ``x`` of shape ``(..., J)`` (cores' dtype)."""
+        li, lj, r, ri, rj = self.dims
+        lead = x.shape[:-1]
+        n = x.numel() // (lj * rj)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            t = torch.matmul(x.reshape(n * lj, rj), self.right)  # (terms, n lj, r ri)
+            y = torch.matmul(self.left, t.view(-1, n, lj * r, ri))  # (terms, n, li, ri)
+        out = y[0] if self.signs[0] == 1 else -y[0]
+        for k in range(1, len(self.signs)):
+            out = out + y[k] if self.signs[k] == 1 else out - y[k]
+        return out.reshape(*lead, li * ri)
+
+
 class DoTALayer(BaseTunerLayer):
     """peft tuner-layer state of DoTA: per adapter, trained and initial cores."""
 
@@ -361,6 +492,8 @@ class DoTALayer(BaseTunerLayer):
         #: QDoTA being restored: the residual is built from the loaded T_init on first use
         self._pending_residual: str | None = None
         self._plans: dict[tuple[Any, ...], tuple[str, ContractionPlan | None]] = {}
+        #: (adapters, disabled) -> the cached operands of forward passes without grad
+        self._serving: dict[tuple[tuple[str, ...], bool], _ServingOperands] = {}
 
     # -- state ---------------------------------------------------------------------
     @property
@@ -401,6 +534,7 @@ class DoTALayer(BaseTunerLayer):
                 f"QDoTA replaces the base layer by its NF4 residual: a layer takes one QDoTA "
                 f"adapter and nothing else (adapter {adapter_name!r})"
             )
+        self._serving.clear()
         base = self.get_base_layer()
         device = dense_device(base)
         self.dota_cores[adapter_name] = nn.ParameterList(
@@ -477,9 +611,67 @@ class DoTALayer(BaseTunerLayer):
             delta = delta - cores_to_matrix([c.to(dt) for c in self.init_cores(adapter)])
         return delta.to(self.compute_dtype)
 
-    def dense_base(self, dtype: torch.dtype) -> torch.Tensor:
-        """The base weight as a dense ``(out, in)`` tensor of ``dtype``."""
-        return dense_weight(self.get_base_layer(), dtype)
+    def _serve(self, x: torch.Tensor, adapters: list[str], disabled: bool) -> torch.Tensor | None:
+        """The update for ``x`` from cached operands, or None where another path is cheaper.
+
+        Forward passes without grad only (:class:`_ServingOperands`); the entry is checked
+        against the layer's tensors on each call and rebuilt when they changed.
+        """
+        if self.quantized:
+            sources = list(self.dota_init[adapters[0]]._buffers.values() if disabled
+                           else self.dota_cores[adapters[0]]._parameters.values())
+        else:
+            sources = []
+            for a in adapters:
+                sources += self.dota_cores[a]._parameters.values()
+                sources += self.dota_init[a]._buffers.values()
+        key = (tuple(adapters), disabled)
+        entry = self._serving.get(key)
+        if entry is None or not entry.valid(sources):
+            terms = self.delta_terms(adapters, disabled=disabled)
+            if len({tuple(tuple(c.shape) for c in t) for _, t in terms}) > 1:
+                return None  # adapters of different ranks: the general path
+            # in the trained cores' dtype, as the other paths compute (QDoTA's T_init may
+            # be stored in another)
+            dtype = self.dota_cores[adapters[0]][0].dtype
+            entry = self._serving[key] = _ServingOperands(sources, terms, dtype)
+        rows = x.numel() // self.in_features
+        use = entry.use.get(rows)
+        if use is None:
+            use = False
+            if all(self.dota_strategy.get(a, "auto") == "auto" for a in adapters):
+                terms = self.delta_terms(adapters, disabled=disabled)
+                choice, plan = self.choose_strategy(terms[0][1], rows, False, adapters[0])
+                other = plan.build_seconds if choice == "dense" else (  # type: ignore[union-attr]
+                    len(terms) * plan.contract_seconds)  # type: ignore[union-attr]
+                use = entry.seconds(rows) < other
+            entry.use[rows] = use
+        return entry(x.to(entry.dtype)) if use else None
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Delete as peft's layer does, dropping the cached serving operands too."""
+        self._serving.clear()
+        super().delete_adapter(adapter_name)
+
+    def dense_base(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The base weight as a dense ``(out, in)`` tensor, of ``dtype`` if given.
+
+        Without ``dtype``: as stored (a dense weight itself, no copy; a 4-bit one as
+        bitsandbytes dequantizes it), for the dense path to cast in its fused add.
+        """
+        base = self.get_base_layer()
+        if dtype is None and not is_4bit(base):
+            return base.weight.detach()
+        return dense_weight(base, dtype)
+
+    def _term_counts(self, adapter: str) -> tuple[int, int]:
+        """Chains in the active update, and those of them trained (``T``, one per adapter).
+
+        Counted from the active adapters, not from which cores require grad, so that a
+        reloaded adapter in inference mode takes the trained model's path.
+        """
+        active = sum(a in self.dota_cores for a in self.active_adapters) or 1
+        return (1 if self.quantized else 2) * active, active
 
     def choose_strategy(self, chain: Sequence[torch.Tensor], batch: int, training: bool,
                         adapter: str) -> tuple[str, ContractionPlan | None]:
@@ -494,7 +686,8 @@ class DoTALayer(BaseTunerLayer):
         fixed = self.dota_strategy.get(adapter, "auto")
         c0 = chain[0]
         shapes = tuple(tuple(int(d) for d in c.shape) for c in chain)
-        key = (shapes, batch, training, c0.dtype, c0.device.type, fixed)
+        terms, trainable = self._term_counts(adapter)
+        key = (shapes, batch, training, c0.dtype, c0.device.type, fixed, terms)
         found = self._plans.get(key)
         if found is None:
             plan = None
@@ -502,7 +695,11 @@ class DoTALayer(BaseTunerLayer):
                 plan = plan_mpo_matmul(
                     shapes, max(batch, 1), itemsize=c0.element_size(), profile=DEFAULT_PROFILE,
                 )
-            choice = fixed if fixed != "auto" else residual_strategy(plan, training=training)
+            if fixed == "auto":
+                choice = residual_strategy(plan, training=training, terms=terms,
+                                           trainable=trainable)
+            else:
+                choice = fixed
             found = self._plans[key] = (choice, plan)
         return found
 
@@ -569,12 +766,14 @@ class DoTALinear(nn.Module, DoTALayer):
                                  check=name if safe_merge else None)
             self.merged_adapters.append(name)
         release_scratch()
+        self._serving.clear()
 
     def unmerge(self) -> None:
         """Take the merged adapters' ``Delta W`` out of the base weight again."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
+        self._serving.clear()
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             if name not in self.dota_cores:
@@ -601,6 +800,11 @@ class DoTALinear(nn.Module, DoTALayer):
             adapters, disabled = [a for a in self.active_adapters if a in self.dota_cores], False
         if not adapters:
             return self.base_layer(x, *args, **kwargs)
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            delta = self._serve(x, adapters, disabled)
+            if delta is not None:
+                y = self.base_layer(x, *args, **kwargs)
+                return y + delta.to(y.dtype)
         terms = self.delta_terms(adapters, disabled=disabled)
         batch = x.numel() // self.in_features
         # by grad mode only (not by which cores require grad), so a reloaded adapter in
