@@ -435,7 +435,7 @@ class _ServingOperands:
             halves = [_mpo_halves([c.detach().to(dtype) for c in t], split) for _, t in terms]
         li, lj, r = halves[0][0].shape
         _, ri, rj = halves[0][1].shape
-        self.left = torch.stack([h[0].reshape(li, lj * r) for h in halves])[:, None]
+        self.left = torch.stack([h[0].reshape(li, lj * r) for h in halves])
         self.right = torch.stack([h[1].permute(2, 0, 1).reshape(rj, r * ri) for h in halves])
         self.signs = [s for s, _ in terms]
         self.dims = (li, lj, r, ri, rj)
@@ -453,22 +453,31 @@ class _ServingOperands:
     def seconds(self, rows: int) -> float:
         """Modelled time of a call on ``rows`` rows (the planner's machine constants)."""
         li, lj, r, ri, rj = self.dims
-        moved = rows * len(self.signs) * (lj * rj + 2 * lj * r * ri + li * ri)
+        # x, the intermediate and y per row, and the halves themselves on every call: on
+        # large layers (LLaMA-2-7B's) they are megabytes, read from memory each time
+        moved = len(self.signs) * (rows * (lj * rj + 2 * lj * r * ri + li * ri)
+                                   + li * lj * r + r * ri * rj)
         size = self.left.element_size()
-        return DEFAULT_PROFILE.seconds(2 * self.macs * rows, moved * size, 3)
+        regroup = [(2 * len(self.signs) * rows * lj * r * ri * size, ri * size)]
+        return (DEFAULT_PROFILE.seconds(2 * self.macs * rows, moved * size, 4)
+                + DEFAULT_PROFILE.copy_seconds(regroup))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``sum_t s_t x MPO(term_t)^T`` for ``x`` of shape ``(..., J)`` (cores' dtype)."""
         li, lj, r, ri, rj = self.dims
         lead = x.shape[:-1]
         n = x.numel() // (lj * rj)
+        terms = len(self.signs)
         with torch.autocast(device_type=x.device.type, enabled=False):
             t = torch.matmul(x.reshape(n * lj, rj), self.right)  # (terms, n lj, r ri)
-            y = torch.matmul(self.left, t.view(-1, n, lj * r, ri))  # (terms, n, li, ri)
+            # rows next to ri, so that the left half multiplies all rows in one product
+            # (a broadcast over rows would copy the left half once per row)
+            t = t.view(terms, n, lj * r, ri).transpose(1, 2).reshape(terms, lj * r, n * ri)
+            y = torch.bmm(self.left, t).view(terms, li, n, ri)
         out = y[0] if self.signs[0] == 1 else -y[0]
-        for k in range(1, len(self.signs)):
+        for k in range(1, terms):
             out = out + y[k] if self.signs[k] == 1 else out - y[k]
-        return out.reshape(*lead, li * ri)
+        return out.transpose(0, 1).reshape(*lead, li * ri)
 
 
 class DoTALayer(BaseTunerLayer):
