@@ -67,12 +67,12 @@ def residual_strategy(
     contraction), on the core's plan of one term's chain. Both strategies pay the matmul
     with the frozen base (folded into one matmul by ``"dense"``):
 
-    * forward pass: ``"dense"`` builds ``W`` once (one product of the terms' half-chains
-      side by side, bond ``terms * R``, and one fused reorder-and-add pass); ``"contract"``
-      contracts ``x`` through each term;
+    * forward pass: ``"dense"`` builds ``W`` once (the terms' half-chains side by side,
+      bond ``terms * R``, multiplied block by block with the base added:
+      :func:`_build_weight`); ``"contract"`` contracts ``x`` through each term;
     * training step (forward, backward to the input and to the trainable cores): dense is
       three matmuls (``y``, ``dx``, ``dW``), two builds and the pull-back of ``dW``
-      through the halves of each trainable term (a reorder pass and two thin products);
+      through the halves of each trainable term (:func:`_pull_back`);
       contract is two matmuls and ``2 * terms + trainable`` contractions (each term
       forward and back to ``x``, the trainable ones back to their cores).
 
@@ -112,17 +112,21 @@ def _strategy_seconds(
     profile = DEFAULT_PROFILE
     entries = plan.out_features * plan.in_features
     itemsize = plan.itemsize
-    bond = int(plan.core_shapes[_halves_split(plan.core_shapes)][0])
+    split = _halves_split(plan.core_shapes)
+    bond = int(plan.core_shapes[split][0])
+    blocks = math.prod(s[1] for s in plan.core_shapes[:split])  # the block loops' length
     stream = profile.bytes_per_s * STREAM_SPEEDUP
 
     def seconds(flops: float, passes: int, ops: int) -> float:
         return (flops / profile.flops_per_s + passes * entries * itemsize / stream
                 + ops * profile.op_seconds)
 
-    build = seconds(2 * entries * bond * terms, 4, 3)
+    # the CPU layout of _build_weight and _pull_back: blockwise products that read the
+    # base and write W in one pass; dW read once per trainable term
+    build = seconds(2 * entries * bond * terms, 2, blocks)
     if not training:
         return build, terms * plan.contract_seconds
-    pullback = seconds(4 * entries * bond * trainable, 2 + 2 * trainable, 2 + 2 * trainable)
+    pullback = seconds(4 * entries * bond * trainable, trainable, 2 * blocks * trainable)
     dense = 3 * plan.matmul_seconds + 2 * build + pullback
     contract = 2 * plan.matmul_seconds + (2 * terms + trainable) * plan.contract_seconds
     return dense, contract
@@ -237,8 +241,9 @@ class _Scratch(threading.local):
 
     A training step builds ``W`` twice and forms ``dW`` once per layer; on the CPU each
     fresh W-sized tensor costs page faults on first touch (as much as the arithmetic that
-    fills it), so they are written into two buffers that grow to the largest layer and
-    are reused by every layer. GPU tensors use the caching allocator instead.
+    fills it), so they are written into one buffer that grows to the largest layer and
+    is reused by every layer (``W``, then ``dW`` in the backward pass, each used before
+    the next is written). GPU tensors use the caching allocator instead.
     """
 
     def __init__(self) -> None:
@@ -264,29 +269,74 @@ def release_scratch() -> None:
 
 
 def _build_weight(left: torch.Tensor, right: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """``base + MPO`` from the two half-chains, written into the scratch buffers.
+    """``base + MPO`` from the two half-chains, written into the ``"weight"`` scratch buffer.
 
-    One matrix product writes the entries into the ``"prod"`` buffer; one pass puts them
-    in ``(I, J)`` order and adds ``base`` into the ``"weight"`` buffer, casting it to the
-    halves' dtype on the way (QDoTA's residual comes from bitsandbytes in the dtype it was
-    quantized from: no separate cast copy). The result is valid until the next build on
-    this thread (no autograd through the buffers).
+    ``W[(a, c), (b, d)] = base + sum_r left[a, b, r] right[r, c, d]``. On the CPU, for each
+    ``a`` one batched product over ``c`` writes the block ``W[a]`` in its final
+    ``(c, b, d)`` order with ``base`` added (``baddbmm``): one pass reads ``base`` and
+    writes ``W``, where a single matrix product over all entries writes them in
+    ``(a, b, c, d)`` order and needs a second, reordering pass over ``W``. Elsewhere (a GPU,
+    where a launch per block costs more than a pass) that product and one fused
+    reorder-and-add pass. The result is valid until the next build on this thread (no
+    autograd through the buffers).
 
-    A 4-bit base is dequantized into fresh memory for each build (forward, and again in
-    the backward pass for ``dx``): bitsandbytes 0.50 has no CPU kernel for dequantizing
-    into a given buffer (``dequantize_4bit(out=...)`` raises NotImplementedError there),
-    and keeping the dequantized residual from forward to backward would hold a dense copy
+    ``base`` may come in another dtype than the halves (QDoTA's residual comes from
+    bitsandbytes in the dtype it was quantized from); it is cast on the way. A 4-bit
+    base is dequantized into fresh memory for each build (forward, and again in the
+    backward pass for ``dx``): bitsandbytes 0.50 has no CPU kernel for dequantizing into
+    a given buffer (``dequantize_4bit(out=...)`` raises NotImplementedError there), and
+    keeping the dequantized residual from forward to backward would hold a dense copy
     of every adapted weight.
     """
     li, lj, r = left.shape
     _, ri, rj = right.shape
     with torch.autocast(device_type=left.device.type, enabled=False):  # the cores' dtype
-        prod = _SCRATCH.get("prod", (li * lj, ri * rj), left)
-        torch.matmul(left.reshape(li * lj, r), right.reshape(r, ri * rj), out=prod)
-        ordered = prod.view(li, lj, ri, rj).permute(0, 2, 1, 3)
         target = _SCRATCH.get("weight", (li * ri, lj * rj), left).view(li, ri, lj, rj)
-        torch.add(base.reshape(li, ri, lj, rj), ordered, out=target)
+        base4 = base.reshape(li, ri, lj, rj)
+        if left.device.type != "cpu":
+            prod = torch.matmul(left.reshape(li * lj, r), right.reshape(r, ri * rj))
+            torch.add(base4, prod.view(li, lj, ri, rj).permute(0, 2, 1, 3), out=target)
+            return target.view(li * ri, lj * rj)
+        blocks = right.permute(1, 0, 2).contiguous()  # (c, r, d)
+        fused = base.dtype == left.dtype
+        if not fused:
+            target.copy_(base4)
+        for a in range(li):
+            rows = left[a].expand(ri, lj, r)  # (c, b, r): the same block for every c
+            if fused:
+                torch.baddbmm(base4[a], rows, blocks, out=target[a])
+            else:
+                target[a].baddbmm_(rows, blocks)
         return target.view(li * ri, lj * rj)
+
+
+def _pull_back(
+    g_weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of the halves from ``dW`` (``(I, J)``): ``dW`` pulled back through the product.
+
+    ``g_left[a, b, r] = sum_{c,d} dW[a, c, b, d] right[r, c, d]`` and ``g_right[r, c, d] =
+    sum_{a,b} left[a, b, r] dW[a, c, b, d]``. On the CPU both are taken block by block
+    over ``a`` straight from ``dW``'s ``(a, c, b, d)`` layout (the block stays in cache
+    between the two products), without reordering ``dW`` first; elsewhere ``dW`` is
+    reordered once and pulled back by two matrix products.
+    """
+    li, lj, r = left.shape
+    _, ri, rj = right.shape
+    with torch.autocast(device_type=left.device.type, enabled=False):
+        if left.device.type != "cpu":
+            g_prod = g_weight.view(li, ri, lj, rj).permute(0, 2, 1, 3).reshape(li * lj, ri * rj)
+            g_left = (g_prod @ right.reshape(r, ri * rj).T).reshape(li, lj, r)
+            return g_left, (left.reshape(li * lj, r).T @ g_prod).reshape(r, ri, rj)
+        blocks = g_weight.view(li, ri, lj, rj)  # per a: (c, b, d)
+        right_t = right.permute(1, 2, 0).contiguous()  # (c, d, r)
+        left_t = left.permute(0, 2, 1).contiguous()  # (a, r, b)
+        g_left = left.new_empty(li, lj, r)
+        acc = left.new_zeros(ri, r, rj)  # (c, r, d)
+        for a in range(li):
+            torch.sum(torch.bmm(blocks[a], right_t), 0, out=g_left[a])
+            acc.baddbmm_(left_t[a].expand(ri, r, lj), blocks[a])
+        return g_left, acc.permute(1, 0, 2)
 
 
 def _term_halves(
@@ -309,13 +359,13 @@ def _term_halves(
 class _DenseResidualMPO(torch.autograd.Function):
     """``x (W_base + sum_i s_i MPO(term_i))^T + b`` that keeps no dense matrix for backward.
 
-    Forward builds ``W`` in one product of the summed half-chains (:func:`_term_halves`),
-    with the sum with ``W_base`` fused into the reordering pass, uses it and drops it; only
-    ``x`` and the small cores are saved. Backward rebuilds ``W`` for ``dx = dy W``, forms
-    the dense ``dW = dy^T x`` in the same buffer and pulls it back by hand, through the
-    halves of only the terms that need a gradient (DoTA's ``T``, not its ``T_init``): two
-    thin matmuls per such term, then through each half by autograd. On the CPU the W-sized
-    temporaries live in reused per-thread buffers (:class:`_Scratch`).
+    Forward builds ``W`` from the summed half-chains (:func:`_term_halves`) with ``W_base``
+    added in the same pass (:func:`_build_weight`), uses it and drops it; only ``x`` and
+    the small cores are saved. Backward rebuilds ``W`` for ``dx = dy W``, forms the dense
+    ``dW = dy^T x`` in the same buffer and pulls it back by hand (:func:`_pull_back`),
+    through the halves of only the terms that need a gradient (DoTA's ``T``, not its
+    ``T_init``), then through each half by autograd. On the CPU the W-sized temporaries
+    live in a reused per-thread buffer (:class:`_Scratch`).
     """
 
     @staticmethod
@@ -366,17 +416,11 @@ class _DenseResidualMPO(torch.autograd.Function):
             g_weight = _SCRATCH.get("weight", (li * ri, lj * rj), gy2)
             with torch.autocast(device_type=gy2.device.type, enabled=False):
                 torch.mm(gy2.T, x2, out=g_weight)
-            g_prod = _SCRATCH.get("prod", (li, lj, ri, rj), gy2)
-            g_prod.copy_(g_weight.view(li, ri, lj, rj).permute(0, 2, 1, 3))
-            g_prod = g_prod.view(li * lj, ri * rj)
-            del g_weight
             for t, ((lt, rt), sign) in enumerate(zip(halves, signs)):
                 picked = [(i, leaves[i]) for i in range(t * n, (t + 1) * n) if want[i]]
                 if not picked:
                     continue  # a frozen term (T_init): no thin products for it
-                r = lt.shape[-1]
-                g_left = (g_prod @ rt.detach().reshape(r, ri * rj).T).reshape(li, lj, r)
-                g_right = (lt.detach().reshape(li * lj, r).T @ g_prod).reshape(r, ri, rj)
+                g_left, g_right = _pull_back(g_weight, lt.detach(), rt.detach())
                 if sign != 1:
                     g_left, g_right = g_left * sign, g_right * sign
                 got = torch.autograd.grad(
@@ -384,7 +428,7 @@ class _DenseResidualMPO(torch.autograd.Function):
                 )
                 for (i, leaf), g in zip(picked, got):
                     grads[i] = torch.zeros_like(leaf) if g is None else g
-            del g_prod
+            del g_weight
         return (gx, gb, None, None, *grads)
 
 
