@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import shlex
@@ -94,3 +95,12 @@ def print_environment(env: dict[str, Any], versions: Mapping[str, str] | None = 
     print(f"# torch threads     {env['torch_threads']} (interop {env['torch_interop_threads']})")
     for pool in env["thread_pools"]:
         print(f"# thread pool       {pool}")
+
+
+def write_json(path: Path | None, result: dict[str, Any]) -> None:
+    """Write ``result`` to ``path`` (if given) as indented JSON and say so."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"# wrote {path}")

@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
-from _environment import environment, print_environment
+from _environment import environment, print_environment, write_json
 from _measure import best_round_robin
 from torch import nn
 
@@ -138,10 +137,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{'PASS' if v['pass'] else 'FAIL'}")
     if args.quick:
         print("# QUICK smoke run: the numbers mean nothing")
-    if args.json:
-        args.json.write_text(json.dumps({"environment": env, "records": records,
-                                         "goals": verdicts}, indent=2))
-        print(f"# wrote {args.json}")
+    write_json(args.json, {"environment": env, "records": records, "goals": verdicts})
     return 0
 
 

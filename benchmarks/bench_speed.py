@@ -511,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _environment import environment, print_environment
+    from _environment import environment, print_environment, write_json
 
     env = environment([sys.argv[0], *argv])
     print("# tensornet adapter speed: training step vs the frozen-base floor, inference, "
@@ -540,10 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     result["pass"] = all(c["pass"] for c in checks) if checks else None
     print(f"\n# load avg at end {[round(v, 2) for v in os.getloadavg()]}")
     print(f"# goals: {'PASS' if result['pass'] else 'FAIL' if checks else 'none checked'}")
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"# wrote {args.json}")
+    write_json(args.json, result)
     return 0
 
 
