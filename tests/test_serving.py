@@ -76,12 +76,16 @@ def test_at_init_the_cached_path_gives_the_base_bit_for_bit():
     assert torch.equal(y, base)
 
 
-def test_an_optimizer_step_between_evaluations_rebuilds_the_cache():
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw-fused"])
+def test_an_optimizer_step_between_evaluations_rebuilds_the_cache(optimizer):
+    # a fused AdamW (the Trainer's default) updates parameters without bumping versions
     model, layer = one_layer()
     x = torch.randn(2, 96, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         before = model(x)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = (torch.optim.SGD(params, lr=1e-3) if optimizer == "sgd"
+           else torch.optim.AdamW(params, lr=1e-3, fused=True))
     model(torch.randn(16, 96)).pow(2).sum().backward()
     opt.step()
     with torch.no_grad():
@@ -171,3 +175,16 @@ def test_the_training_model_counts_terms_and_trainable_chains():
     assert forward[1] == pytest.approx(2 * plan.contract_seconds)
     assert residual_strategy(plan, training=True, terms=2, trainable=1) == (
         "dense" if two[0] < two[1] else "contract")
+
+
+def test_train_and_eval_drop_the_cache():
+    model, layer = one_layer()
+    with torch.no_grad():
+        model(torch.randn(1, 96))
+    assert layer._serving
+    model.eval()
+    assert not layer._serving
+    with torch.no_grad():
+        model(torch.randn(1, 96))
+    model.train()
+    assert not layer._serving

@@ -256,7 +256,10 @@ class _Scratch(threading.local):
         key = (slot, like.dtype)
         buf = self.buffers.get(key)
         if buf is None or buf.numel() < numel:
-            self.buffers[key] = buf = torch.empty(numel, dtype=like.dtype)
+            # a normal tensor even when first needed under torch.inference_mode, so that
+            # a later build outside it may write into it
+            with torch.inference_mode(False):
+                self.buffers[key] = buf = torch.empty(numel, dtype=like.dtype)
         return buf[:numel].view(shape)
 
 
@@ -450,6 +453,31 @@ def _serving_split(cores: Sequence[torch.Tensor]) -> int:
     return min(costs, key=costs.__getitem__) if costs else 1
 
 
+class _OptimizerSteps:
+    """Counts ``torch.optim`` optimizer steps in this process (a global post-step hook).
+
+    Fused optimizers (``AdamW(fused=True)``, the Trainer's default ``adamw_torch_fused``)
+    update parameters without bumping their version counters, so a serving cache checked
+    by versions alone would go stale after training. The hook is registered the first
+    time a cache entry is built; it only increments this counter.
+    """
+
+    count = 0
+    _handle: Any = None
+
+    @classmethod
+    def now(cls) -> int:
+        if cls._handle is None:
+            from torch.optim.optimizer import register_optimizer_step_post_hook
+
+            cls._handle = register_optimizer_step_post_hook(cls._bump)
+        return cls.count
+
+    @classmethod
+    def _bump(cls, *_: Any) -> None:
+        cls.count += 1
+
+
 class _ServingOperands:
     """The update of a set of adapters as cached half-chains, for forward passes without grad.
 
@@ -463,16 +491,21 @@ class _ServingOperands:
     layer gives the base's output bit for bit, as the other paths do.
 
     An entry is valid while the tensors it was built from are the layer's, unchanged:
-    same objects, same storage, same version counter (an optimizer step or a load bumps
-    it), so training between two evaluations rebuilds it.
+    same objects, same storage, same version counter (an in-place update or a load bumps
+    it), and no optimizer step anywhere in the process since it was built
+    (:class:`_OptimizerSteps`: fused optimizers bump no version counter). The layer also
+    drops its entries on ``train()``/``eval()``, on a load, a merge or an adapter change,
+    so a Trainer's evaluation between training steps always starts from fresh ones.
     """
 
-    __slots__ = ("sources", "stamps", "left", "right", "signs", "dims", "dtype", "macs", "use")
+    __slots__ = ("sources", "stamps", "steps", "left", "right", "signs", "dims", "dtype", "macs",
+                 "use")
 
     def __init__(self, sources: list[torch.Tensor], terms: list[tuple[float, list[torch.Tensor]]],
                  dtype: torch.dtype) -> None:
         self.sources = sources
         self.stamps = [(t._version, t.data_ptr()) for t in sources]
+        self.steps = _OptimizerSteps.now()
         chain = terms[0][1]
         split = _serving_split(chain)
         with torch.no_grad(), torch.autocast(device_type=chain[0].device.type, enabled=False):
@@ -489,7 +522,7 @@ class _ServingOperands:
 
     def valid(self, sources: list[torch.Tensor]) -> bool:
         """True while ``sources`` are the tensors this entry was built from, unchanged."""
-        return len(sources) == len(self.sources) and all(
+        return self.steps == _OptimizerSteps.count and len(sources) == len(self.sources) and all(
             a is b and a._version == v and a.data_ptr() == p
             for a, b, (v, p) in zip(sources, self.sources, self.stamps)
         )
@@ -784,9 +817,15 @@ class DoTALinear(nn.Module, DoTALayer):
     def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
         # QDoTA being restored: note whether this load brings T_init (the children's
         # buffers are filled after this call; the post-hook below builds the residual)
+        self._serving.clear()
         pending = self._pending_residual
         self._init_arrives = pending is not None and f"{prefix}dota_init.{pending}.0" in state_dict
         super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def train(self, mode: bool = True) -> DoTALinear:
+        """As ``nn.Module.train``; drops the cached serving operands (see _ServingOperands)."""
+        self._serving.clear()
+        return super().train(mode)
 
     # -- merge -------------------------------------------------------------------------
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
