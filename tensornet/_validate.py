@@ -43,6 +43,18 @@ def check_modes(modes: Any, name: str) -> tuple[int, ...]:
     return tuple(int(m) for m in items)
 
 
+def check_mode_pair(out_modes: Any, in_modes: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Both mode lists checked (:func:`check_modes`) and of one length (a pair per core)."""
+    out_modes = check_modes(out_modes, "out_modes")
+    in_modes = check_modes(in_modes, "in_modes")
+    if len(out_modes) != len(in_modes):
+        raise ShapeError(
+            f"`out_modes` and `in_modes` must have the same length (one pair per core); got "
+            f"{list(out_modes)} and {list(in_modes)}"
+        )
+    return out_modes, in_modes
+
+
 def check_rank_int(value: Any, name: str = "rank") -> int:
     """A single rank ``r`` (LoTR, LoRTA): an int >= 1, else :class:`RankError`."""
     if not _is_int(value):

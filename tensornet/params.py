@@ -22,8 +22,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from ._validate import _is_int, as_int_list, check_modes, check_positive_int
-from .errors import RankError, ShapeError
+from ._validate import _is_int, as_int_list, check_mode_pair, check_modes, check_positive_int
+from .errors import RankError
 
 __all__ = [
     "Rank",
@@ -162,13 +162,7 @@ def tt_num_params(shape: Sequence[int], rank: Rank = None) -> int:
 
 
 def _mode_products(out_modes: Sequence[int], in_modes: Sequence[int]) -> tuple[int, ...]:
-    out_modes = check_modes(out_modes, "out_modes")
-    in_modes = check_modes(in_modes, "in_modes")
-    if len(out_modes) != len(in_modes):
-        raise ShapeError(
-            f"`out_modes` and `in_modes` must have the same length (one pair per core); got "
-            f"{list(out_modes)} and {list(in_modes)}"
-        )
+    out_modes, in_modes = check_mode_pair(out_modes, in_modes)
     return tuple(i * j for i, j in zip(out_modes, in_modes))
 
 

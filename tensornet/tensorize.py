@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ._backend import as_array, check_same_kind, is_torch
-from ._validate import check_modes, check_positive_int
+from ._validate import check_mode_pair, check_positive_int
 from .errors import DTypeError, ShapeError
 
 __all__ = [
@@ -173,17 +173,6 @@ def _permute(x: Any, perm: Sequence[int]) -> Any:
     return x.permute(*perm) if hasattr(x, "permute") else np.transpose(x, perm)
 
 
-def _check_mode_pair(out_modes: Any, in_modes: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    out_modes = check_modes(out_modes, "out_modes")
-    in_modes = check_modes(in_modes, "in_modes")
-    if len(out_modes) != len(in_modes):
-        raise ShapeError(
-            f"`out_modes` and `in_modes` must have the same length; got {list(out_modes)} "
-            f"and {list(in_modes)}"
-        )
-    return out_modes, in_modes
-
-
 def matrix_to_tensor(matrix: Any, out_modes: Sequence[int], in_modes: Sequence[int]) -> Any:
     """View a ``(prod(out_modes), prod(in_modes))`` matrix as the order-2N tensor of the MPO.
 
@@ -212,7 +201,7 @@ def matrix_to_tensor(matrix: Any, out_modes: Sequence[int], in_modes: Sequence[i
     (2, 4, 3, 5)
     """
     matrix = as_array(matrix, "matrix")
-    out_modes, in_modes = _check_mode_pair(out_modes, in_modes)
+    out_modes, in_modes = check_mode_pair(out_modes, in_modes)
     expected = (math.prod(out_modes), math.prod(in_modes))
     if tuple(matrix.shape) != expected:
         raise ShapeError(
