@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ._device import device_kind
 from .errors import DTypeError, NonFiniteError, ShapeError
 
 
@@ -151,11 +152,14 @@ class TorchOps:
     def eigh_top(g: Any, k: int, full: bool = False) -> tuple[Any, Any]:
         import torch
 
-        if g.device.type == "cpu":
+        if device_kind(g) == "cpu":
             lam, vec = _eigh_top_beside_torch(g.numpy(), k, full)
             return torch.from_numpy(lam), torch.from_numpy(vec)
+        # the accelerator path (``torch.linalg.eigh`` on the device). The leading pairs
+        # are copied out of the ascending result: a flipped view is not contiguous, and
+        # the sweeps reshape what this returns (torch.kron then failed on every CUDA weight)
         lam, vec = torch.linalg.eigh(g)
-        return lam.flip(0), vec.flip(1)[:, :k]
+        return lam.flip(0), vec[:, vec.shape[1] - k:].flip(1).contiguous()
 
     @staticmethod
     def kron_eye(u: Any, n: int) -> Any:
