@@ -181,6 +181,11 @@ def _no_autocast(x: Any) -> Any:
 
 
 def _best_of(f: Any, reps: int = 3) -> float:
+    """The shortest of ``reps`` timed calls of ``f``, after one untimed (warm-up) call.
+
+    ``f`` must return only once its work is done (on a GPU: synchronize at its end), so
+    that each timed call starts on an idle device.
+    """
     f()
     best = math.inf
     for _ in range(reps):
@@ -190,18 +195,43 @@ def _best_of(f: Any, reps: int = 3) -> float:
     return best
 
 
+def _synchronizer(device: str) -> Any:
+    """A function that waits until torch device ``device`` has done its queued work.
+
+    The device measured, which need not be the current one (``cuda:1`` while ``cuda:0``
+    is current); on the CPU a no-op.
+    """
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return lambda: None
+    if dev.type == "cuda":
+        return functools.partial(torch.cuda.synchronize, dev)
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6: XPU, MPS, ...
+    if accelerator is not None and hasattr(accelerator, "synchronize"):
+        return functools.partial(accelerator.synchronize, dev)
+    return lambda: None
+
+
 @functools.cache
 def _calibrate_key(kind: str, device: str, dtype: str) -> MachineProfile:
+    """:func:`calibrate` for one (library, device, dtype), measured once per process.
+
+    The probe data come from generators of its own, seeded: calibrating neither reads nor
+    advances the caller's global random streams (torch's or numpy's).
+    """
     rows, inner = 2048, 1024
     if kind == "torch":
         import torch
 
         dt = getattr(torch, dtype)
+        gen = torch.Generator(device=device).manual_seed(0)
 
         def rand(*shape: int) -> Any:
-            return torch.randn(*shape, device=device).to(dt)
+            return torch.randn(*shape, generator=gen, device=device).to(dt)
 
-        sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+        sync = _synchronizer(device)
 
         def run(f: Any) -> Any:
             return lambda: (f(), sync())
@@ -280,6 +310,12 @@ def calibrate(like: Any) -> MachineProfile:
     ------
     DTypeError
         If ``like`` is not a floating numpy array or torch tensor with data.
+
+    Notes
+    -----
+    The probe data come from seeded generators of its own, on ``like``'s device: the
+    caller's global random streams (torch's, numpy's) are neither read nor advanced. On a
+    GPU each timing waits for ``like``'s device, which need not be the current one.
 
     Examples
     --------

@@ -119,18 +119,21 @@ def int_list_arg(text: str) -> list[int]:
     return values
 
 
-_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+_DEVICE = re.compile(r"auto|cpu|cuda(?::(\d+))?")
 
 
 def device_arg(text: str) -> str:
-    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (checked against the machine later)."""
-    value = text.strip().lower()
-    if not _DEVICE.match(value):
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (checked against the machine later).
+
+    Spelled exactly (as torch spells devices: ``CUDA`` is refused); ``cuda:01`` is ``cuda:1``.
+    """
+    found = _DEVICE.fullmatch(text)
+    if not found:
         raise argparse.ArgumentTypeError(
             f"unknown device {text!r}; choose auto (CUDA when present, else CPU), cpu, cuda "
-            f"or cuda:N"
+            f"(one GPU: the current one) or cuda:N (GPU N alone)"
         )
-    return value
+    return text if found.group(1) is None else f"cuda:{int(found.group(1))}"
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:

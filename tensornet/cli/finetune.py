@@ -78,12 +78,17 @@ def resolve_options(args: argparse.Namespace, methods: Sequence[str]) -> dict[st
 
 
 def resolve_device(text: str) -> str:
-    """``cpu`` or ``cuda`` for the Trainer, from ``--device``.
+    """``cpu``, ``cuda`` or ``cuda:N`` for :class:`~tensornet.finetune.trainer.TrainConfig`.
 
-    ``cuda:N`` (one process) selects GPU N through ``CUDA_VISIBLE_DEVICES``, before CUDA
-    is initialized; under torchrun each process takes the GPU of its ``LOCAL_RANK``.
+    ``auto`` is ``cuda`` when torch finds CUDA, else ``cpu``. One process trains on one GPU:
+    ``cuda:N`` on GPU N, ``cuda`` on the current one (GPU 0), never on several at once
+    (the trainer pins it: ``tensornet.finetune.trainer._one_gpu``); under torchrun /
+    accelerate launch each process takes the GPU of its ``LOCAL_RANK``, and ``cuda:N`` is
+    refused. Checked here, before anything is loaded or written.
     """
     import torch
+
+    from ..finetune.trainer import is_launched
 
     if text == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -94,18 +99,19 @@ def resolve_device(text: str) -> str:
                          f"device on this machine; use --device cpu (or auto)")
     if ":" in text:
         index = int(text.split(":", 1)[1])
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if is_launched():
             raise UsageError(f"argument --device: {text!r} under torchrun/accelerate; each "
                              f"process takes the GPU of its LOCAL_RANK, give --device cuda")
-        if index >= torch.cuda.device_count():
-            raise UsageError(f"argument --device: {text!r}, but this machine has "
-                             f"{torch.cuda.device_count()} CUDA device(s)")
-        torch.cuda.set_device(index)
+        count = torch.cuda.device_count()
+        if index >= count:
+            raise UsageError(f"argument --device: {text!r}, but this machine has {count} "
+                             f"CUDA device(s): cuda:0 to cuda:{count - 1}")
+        return f"cuda:{index}"
     return "cuda"
 
 
 def _precision(args: argparse.Namespace, device: str) -> str:
-    if args.dtype == "float16" and device != "cuda":
+    if args.dtype == "float16" and device == "cpu":
         raise UsageError("argument --dtype: float16 mixed precision needs a CUDA device (the "
                          "CPU's autocast is bfloat16); use --dtype bfloat16 or float32")
     return {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}[args.dtype]
@@ -508,8 +514,9 @@ def _add_train_args(p: argparse.ArgumentParser, *, steps: int, n_train: int, n_v
     p.add_argument("--max-new-tokens", type=positive_int_arg, default=max_new_tokens,
                    help=f"generation budget for test accuracy (default: {max_new_tokens})")
     p.add_argument("--device", type=device_arg, default="auto",
-                   help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N "
-                   "(default: auto)")
+                   help="auto (CUDA when present, else CPU), cpu, cuda (one GPU: the "
+                   "current one, GPU 0) or cuda:N (GPU N alone); for several GPUs run "
+                   "under torchrun (default: auto)")
     p.add_argument("--out", default=out, metavar="DIR", help=f"output folder (default: {out})")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an output folder that holds another run")

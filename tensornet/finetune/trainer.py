@@ -11,8 +11,14 @@ What it does not do is here, as callbacks:
   checkpoint back, which needs a checkpoint at every evaluation; a full fine-tuning
   checkpoint of SmolLM2 is 1.6 GB with its optimizer state) and persisting it into each
   checkpoint, so that a resumed run ends on the same best model;
-* the step time and peak memory of the run (:class:`MemoryMeter`);
+* the step time (measured after the GPU has finished the step's work) and peak memory of
+  the run (:class:`MemoryMeter`);
 * the events a progress display needs (:data:`Callback`).
+
+One process trains on one device: ``cuda:N`` (or ``cuda``, the current GPU) is GPU N alone,
+never ``torch.nn.DataParallel`` over every visible GPU, which is what transformers does by
+default outside ``torchrun`` (see ``_one_gpu``); several GPUs are DDP's, one process
+each, under ``torchrun`` or ``accelerate launch``.
 
 Checkpoints are what the Trainer writes under ``out_dir/checkpoints``: for a peft model the
 adapter only (``adapter_model.safetensors``) plus ``optimizer.pt``, ``scheduler.pt``,
@@ -24,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,7 +40,7 @@ from typing import Any, Literal
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, TensornetError
 from .evaluate import pad_id
 from .methods import BuiltMethod, save_trained
 from .tasks import IGNORE_INDEX, DataError, Example, collate, encode_example
@@ -45,6 +52,7 @@ __all__ = [
     "train",
     "last_checkpoint",
     "world_size",
+    "is_launched",
     "is_main_process",
     "wait_for_everyone",
     "CHECKPOINT_DIR",
@@ -61,10 +69,21 @@ Callback = Callable[[str, dict[str, Any]], None]
 
 Precision = Literal["no", "bf16", "fp16"]
 
+#: ``cpu``, ``cuda`` (the current GPU; under torchrun each process's own) or ``cuda:N``.
+_DEVICE = re.compile(r"cpu|cuda(?::(\d+))?")
+
 
 def world_size() -> int:
     """Number of training processes (``WORLD_SIZE`` set by torchrun / accelerate)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_launched() -> bool:
+    """True under ``torchrun`` / ``accelerate launch``, where each process has its own GPU.
+
+    accelerate goes distributed when ``LOCAL_RANK`` is set, even for a single process.
+    """
+    return world_size() > 1 or int(os.environ.get("LOCAL_RANK", "-1")) != -1
 
 
 def is_main_process() -> bool:
@@ -115,8 +134,11 @@ class TrainConfig:
         Seed of the data order and of torch's RNG (the Trainer's ``seed``/``data_seed``).
     eval_batch_size : int
         Batch size of the validation loss, per process.
-    device : {"cpu", "cuda"}
-        Where to train; the Trainer moves the model there.
+    device : {"cpu", "cuda"} or str
+        Where to train; the Trainer moves the model there. ``"cuda:N"`` trains on GPU N
+        alone, ``"cuda"`` on the current GPU alone (``torch.cuda.current_device()``, GPU 0
+        unless the caller chose another); under torchrun / accelerate launch each process
+        takes the GPU of its ``LOCAL_RANK`` and ``device`` must be ``"cuda"``.
     precision : {"no", "bf16", "fp16"}
         Mixed precision (autocast) of the computation; the trainable parameters stay in
         their own dtype (float32 master weights).
@@ -133,7 +155,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     seed: int = 0
     eval_batch_size: int = 8
-    device: Literal["cpu", "cuda"] = "cpu"
+    device: str = "cpu"
     precision: Precision = "no"
 
     def __post_init__(self) -> None:
@@ -149,8 +171,11 @@ class TrainConfig:
             raise ConfigError(f"`lr` must be a positive number; got {self.lr!r}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"`warmup_ratio` must be in [0, 1); got {self.warmup_ratio!r}")
-        if self.device not in ("cpu", "cuda"):
-            raise ConfigError(f"`device` must be 'cpu' or 'cuda'; got {self.device!r}")
+        if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device):
+            raise ConfigError(
+                f"`device` must be 'cpu', 'cuda' or 'cuda:N' (N a GPU index, e.g. 'cuda:1'); "
+                f"got {self.device!r}"
+            )
         if self.precision not in ("no", "bf16", "fp16"):
             raise ConfigError(
                 f"`precision` must be 'no', 'bf16' or 'fp16'; got {self.precision!r}"
@@ -194,16 +219,42 @@ class TrainResult:
         return out
 
 
+def _cuda_index(device: str) -> int | None:
+    """N of ``"cuda:N"``; None for ``"cuda"`` and ``"cpu"``."""
+    found = _DEVICE.fullmatch(device)
+    return int(found.group(1)) if found and found.group(1) is not None else None
+
+
+def _step_clock(device: str | torch.device) -> Callable[[], float]:
+    """``time.perf_counter``, read once ``device`` has finished the work queued on it.
+
+    CUDA kernels run asynchronously: without the synchronization a step's time would be the
+    time to queue its kernels, and whatever the GPU had not finished would be charged to
+    the next step or to none. On the CPU the plain clock. Chosen once, per run.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return time.perf_counter
+
+    def clock() -> float:
+        torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    return clock
+
+
 class MemoryMeter:
     """Peak memory of a run: ``torch.cuda.max_memory_allocated`` on GPU, peak RSS on CPU.
 
     On Linux the kernel's peak RSS (``VmHWM``) is reset at :meth:`start` when
     ``/proc/self/clear_refs`` allows it; otherwise the RSS is sampled at each
-    :meth:`sample` call and the maximum kept.
+    :meth:`sample` call and the maximum kept. On a GPU the counters are those of
+    ``device`` (of the current GPU for ``"cuda"`` without an index).
     """
 
-    def __init__(self, device: str) -> None:
-        self.cuda = device == "cuda"
+    def __init__(self, device: str | torch.device) -> None:
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
         self.kind = "cuda_max_allocated" if self.cuda else "rss"
         self._hwm = False
         self._max = 0
@@ -222,7 +273,7 @@ class MemoryMeter:
     def start(self) -> None:
         """Reset the peak."""
         if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.reset_peak_memory_stats(self.device)
             return
         try:
             with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
@@ -240,7 +291,7 @@ class MemoryMeter:
     def peak(self) -> int:
         """Peak bytes since :meth:`start`."""
         if self.cuda:
-            return int(torch.cuda.max_memory_allocated())
+            return int(torch.cuda.max_memory_allocated(self.device))
         if self._hwm:
             return max(self._status("VmHWM"), self._max)
         self.sample()
@@ -289,8 +340,9 @@ def _callbacks() -> Any:
     class Meter(TrainerCallback):
         """Step times and peak memory; relays the events to a progress callback."""
 
-        def __init__(self, device: str, emit: Callback) -> None:
+        def __init__(self, device: str | torch.device, emit: Callback) -> None:
             self.meter = MemoryMeter(device)
+            self.clock = _step_clock(device)
             self.emit = emit
             self.times: list[float] = []
             self.t0 = 0.0
@@ -300,10 +352,10 @@ def _callbacks() -> Any:
             self.emit("start", {"step": state.global_step, "steps": state.max_steps})
 
         def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            self.t0 = time.perf_counter()
+            self.t0 = self.clock()
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            self.times.append(time.perf_counter() - self.t0)
+            self.times.append(self.clock() - self.t0)
             self.meter.sample()
 
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None,
@@ -356,6 +408,80 @@ def last_checkpoint(out_dir: str | os.PathLike[str]) -> Path | None:
     return Path(found) if found else None
 
 
+def _gpu_index(device: str) -> int | None:
+    """The one GPU a single process trains on (None: the CPU, or torchrun's choice).
+
+    Raises
+    ------
+    ConfigError
+        For ``cuda:N`` under torchrun / accelerate launch, without CUDA, or past the last GPU.
+    """
+    if device == "cpu":
+        return None
+    index = _cuda_index(device)
+    if is_launched():
+        if index is not None:
+            raise ConfigError(
+                f"`device` = {device!r} under torchrun / accelerate launch ({world_size()} "
+                f"process(es)): each process trains on the GPU of its LOCAL_RANK; give 'cuda'"
+            )
+        return None
+    if not torch.cuda.is_available():
+        raise ConfigError(f"`device` = {device!r}, but torch finds no CUDA device; give 'cpu'")
+    count = torch.cuda.device_count()
+    if index is not None and index >= count:
+        raise ConfigError(
+            f"`device` = {device!r}, but torch sees {count} CUDA device(s): 'cuda:0' to "
+            f"'cuda:{count - 1}'"
+        )
+    # read now: building TrainingArguments makes cuda:0 the current device
+    return torch.cuda.current_device() if index is None else index
+
+
+def _one_gpu(args: Any, index: int) -> None:
+    """Make ``args`` train on GPU ``index`` alone, without ``torch.nn.DataParallel``.
+
+    Outside torchrun / accelerate launch, transformers' ``TrainingArguments`` (4.45 to 5.x,
+    in ``_setup_devices``) takes ``cuda:0`` whatever the current device, sets ``n_gpu`` to
+    every visible GPU, and the Trainer then wraps the model in ``torch.nn.DataParallel``:
+    each step would run on all of them (and DataParallel does not replicate LoTR's and
+    LoRTA's factors shared between layers). transformers has no option for one GPU of
+    several, so its decision is overwritten here, once, on private names (candidates for
+    ``tensornet._compat``): the device ``_setup_devices`` computed, cached by
+    ``functools.cached_property`` in the instance's ``__dict__``, is replaced by
+    ``cuda:index``, and ``_n_gpu`` set to 1, as the Trainer itself does for a model spread
+    over GPUs by ``device_map``. ``torch.cuda.set_device`` makes GPU ``index`` current
+    again: accelerate's device is ``"cuda"`` (the current one), and so are the CUDA RNG
+    state a checkpoint saves and the counters of :class:`MemoryMeter`.
+
+    Why not ``CUDA_VISIBLE_DEVICES=index`` set in the process: the CUDA driver reads it
+    once, when it is initialized, which has usually happened by now
+    (``torch.cuda.is_available()`` initializes it, as does any CUDA work of the caller);
+    set later, it silently does nothing. It would also renumber the GPUs (the process's
+    ``cuda:0`` being the machine's ``index``), compose badly with a ``CUDA_VISIBLE_DEVICES``
+    the user set, and be inherited by child processes.
+
+    Raises
+    ------
+    TensornetError
+        If the installed transformers no longer takes the setting (an upstream change:
+        fail rather than train on every GPU).
+    """
+    target = torch.device("cuda", index)
+    vars(args)["_setup_devices"] = target
+    args._n_gpu = 1
+    torch.cuda.set_device(target)
+    if args.device != target or args.n_gpu != 1:
+        import transformers
+
+        raise TensornetError(
+            f"transformers {transformers.__version__} ignores tensornet's one-GPU setting "
+            f"(TrainingArguments._setup_devices / _n_gpu changed): it would train on "
+            f"{args.device} with n_gpu = {args.n_gpu} instead of {target} alone; run under "
+            f"CUDA_VISIBLE_DEVICES={index} or report it"
+        )
+
+
 def _arguments(config: TrainConfig, out: Path, *, evaluate: bool, resume: bool) -> Any:
     from transformers import TrainingArguments
 
@@ -365,7 +491,8 @@ def _arguments(config: TrainConfig, out: Path, *, evaluate: bool, resume: bool) 
             f"`batch_size` = {config.batch_size} (the global batch) must be a multiple of "
             f"the {world} training processes"
         )
-    return TrainingArguments(
+    index = _gpu_index(config.device)
+    args = TrainingArguments(
         output_dir=str(out / CHECKPOINT_DIR),
         max_steps=config.steps,
         per_device_train_batch_size=config.batch_size // world,
@@ -396,6 +523,9 @@ def _arguments(config: TrainConfig, out: Path, *, evaluate: bool, resume: bool) 
         ddp_find_unused_parameters=False,
         ddp_backend="gloo" if config.device == "cpu" and world > 1 else None,
     )
+    if index is not None:
+        _one_gpu(args, index)
+    return args
 
 
 def train(
@@ -443,8 +573,9 @@ def train(
     Raises
     ------
     ConfigError
-        No training examples, no checkpoint to resume, or a global batch the processes
-        cannot share.
+        No training examples, no checkpoint to resume, a global batch the processes
+        cannot share, or a ``device`` this process cannot train on (no CUDA, ``cuda:N``
+        past the last GPU or under torchrun).
     DataError
         A ``max_length`` that leaves an example no response token.
     """
@@ -462,7 +593,7 @@ def train(
     args = _arguments(config, out, evaluate=bool(val_enc), resume=resume)
     best_cb, meter_cb = _callbacks()
     best = best_cb(built.trainable_named_parameters())
-    meter = meter_cb(config.device, emit)
+    meter = meter_cb(args.device, emit)  # the GPU it really is: cuda:N, or LOCAL_RANK's
     if checkpoint is not None:
         best.restore_from(checkpoint)
     trainer = Trainer(
