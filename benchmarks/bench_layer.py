@@ -35,7 +35,7 @@ from torch import nn
 
 from tensornet import factorize, plan_mpo_matmul
 from tensornet.adapters import apply_dota
-from tensornet.adapters.dota.layer import _strategy_seconds
+from tensornet.adapters.dota.cost import _strategy_seconds
 
 GOAL_PICK = 1.10  # time of the picked strategy / the faster one, at most
 GOAL_FLOOR = 1.6  # DoTA step / frozen-base floor at 256 and 2048 rows, at most

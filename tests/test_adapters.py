@@ -480,7 +480,7 @@ def test_dense_path_saves_no_dense_matrix():
 
 
 def test_merge_frees_the_dense_path_scratch_buffers():
-    from tensornet.adapters.dota.layer import _SCRATCH
+    from tensornet.adapters.dota.kernels import _SCRATCH
 
     holder, layer = single_layer(40, 48, strategy="dense", rank=4, num_cores=3)
     holder(torch.randn(3, 48, requires_grad=True)).sum().backward()

@@ -120,13 +120,13 @@ def test_smollm2_save_load_into_a_fresh_copy_and_a_fresh_process(smollm2, tmp_pa
     assert (logits(merged, ids) - trained).abs().max().item() <= 1e-3
 
 
-def _nf4_targets(model: nn.Module, pattern: str) -> nn.Module:
-    """QLoRA's base: the selected linears hold W0 itself in NF4 (float32 compute)."""
+def _nf4_targets(model: nn.Module, pattern: str, compute: torch.dtype) -> nn.Module:
+    """QLoRA's base: the selected linears hold W0 itself in NF4 (``compute`` dtype)."""
     for name, mod in list(model.named_modules()):
         if not re.fullmatch(pattern, name):
             continue
         layer = bnb.nn.Linear4bit(mod.in_features, mod.out_features, bias=mod.bias is not None,
-                                  compute_dtype=torch.float32, quant_type="nf4", device="meta")
+                                  compute_dtype=compute, quant_type="nf4", device="meta")
         layer.weight = bnb.nn.Params4bit(mod.weight.detach().clone(), requires_grad=False,
                                          quant_type="nf4")
         parent, _, child = name.rpartition(".")
@@ -134,14 +134,23 @@ def _nf4_targets(model: nn.Module, pattern: str) -> nn.Module:
     return model
 
 
-def test_smollm2_qdota_init_within_nf4_tolerance(smollm2):
+@pytest.mark.parametrize("compute", ["float32", "bfloat16"])
+def test_smollm2_qdota_init_within_nf4_tolerance(smollm2, compute):
+    # The paper's claim: quantizing the residual loses no more than quantizing W0 itself.
+    # Like with like: QDoTA and QLoRA computing in the same dtype. In float32 the claim
+    # holds as stated. In bfloat16 (QDoTA's default, QLoRA's usual
+    # bnb_4bit_compute_dtype) both add bf16 compute rounding, which on this model is of
+    # the order of the quantization loss itself (QDoTA's unmerged forward rounds two bf16
+    # products, QLoRA's one), so the claim is checked up to the bf16 noise of the base.
     base_model, ids, base = smollm2
     pattern = r"model\.layers\.\d+\.(self_attn|mlp)\.(" + "|".join(LLAMA_TARGETS) + ")"
-    qdota = get_peft_model(copy.deepcopy(base_model), DoTAConfig(quantize="nf4"))
+    qdota = get_peft_model(copy.deepcopy(base_model), DoTAConfig(quantize="nf4", dtype=compute))
     assert qdota.peft_config["default"].method == "qdota"
     layers = dota_layers(qdota)
     assert len(layers) == 150 and all(layer.quantized for layer in layers.values())
     out = logits(qdota, ids)
-    qlora = logits(_nf4_targets(copy.deepcopy(base_model), pattern), ids)
-    # The paper's claim: quantizing the residual loses no more than quantizing W0 itself.
-    assert (out - base).norm() <= (qlora - base).norm()
+    qlora = logits(_nf4_targets(copy.deepcopy(base_model), pattern, getattr(torch, compute)), ids)
+    noise = 0.0
+    if compute == "bfloat16":
+        noise = (logits(copy.deepcopy(base_model).to(torch.bfloat16), ids) - base).norm()
+    assert (out - base).norm() <= (qlora - base).norm() + noise

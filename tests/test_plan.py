@@ -413,7 +413,7 @@ def test_mpo_matmul_auto_runs_the_plan_of_the_calibrated_profile(monkeypatch):
 
 
 def test_residual_cost_model_lives_with_dota():
-    from tensornet.adapters.dota.layer import residual_strategy
+    from tensornet.adapters.dota.cost import residual_strategy
 
     assert not hasattr(tn.ContractionPlan, "residual_strategy")
     shapes = [(1, 4, 4, 16), (16, 4, 4, 16), (16, 8, 8, 16), (16, 8, 8, 16), (16, 4, 4, 1)]
@@ -450,7 +450,8 @@ def test_dota_layer_runs_the_plan_it_costed(monkeypatch, strategy):
     x = torch.randn(1, 1024)  # one row: the planner contracts
     # (with grad: without it, "auto" serves from cached half-chains, tests/test_serving.py)
     y = model(x).detach()
-    (choice, plan), = layer._plans.values()
+    (route,) = layer._routes.values()
+    (choice, plan), = route.choices.values()
     assert choice == "contract" and plan is not None
     assert [p for p, _ in ran] == [plan, plan]  # T and T_init, along the costed path
     assert all(s == "contract" for _, s in ran)
@@ -459,3 +460,37 @@ def test_dota_layer_runs_the_plan_it_costed(monkeypatch, strategy):
     init = layer.init_cores("default")
     w = layer.base_layer.weight + cores_to_matrix(cores) - cores_to_matrix(init)
     torch.testing.assert_close(y, x @ w.T + layer.base_layer.bias, rtol=1e-5, atol=1e-5)
+
+
+def test_calibrate_leaves_the_global_random_streams_alone(monkeypatch):
+    import tensornet.plan as plan_module
+
+    measured = []
+    real_synchronizer = plan_module._synchronizer
+
+    def spy(device):
+        measured.append(device)
+        return real_synchronizer(device)
+
+    monkeypatch.setattr(plan_module, "_synchronizer", spy)
+    plan_module._calibrate_key.cache_clear()  # cached per key: measure again
+    # numpy's legacy global stream is the one a caller's np.random.* calls draw from
+    torch_state, numpy_state = torch.random.get_rng_state(), np.random.get_state()  # noqa: NPY002
+    profile = tn.calibrate(torch.zeros(1))
+    assert profile.flops_per_s > 0 and profile.contract_factor >= 1.0
+    assert torch.equal(torch.random.get_rng_state(), torch_state)
+    after = np.random.get_state()  # noqa: NPY002
+    assert np.array_equal(after[1], numpy_state[1]) and after[2:] == numpy_state[2:]
+    assert measured == ["cpu"]  # it waits for the device it measures
+
+
+def test_calibration_waits_for_the_measured_gpu_not_the_current_one(monkeypatch):
+    from tensornet.plan import _synchronizer
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    _synchronizer("cuda:1")()
+    assert calls == [torch.device("cuda", 1)]
+    _synchronizer("cpu")()
+    assert calls == [torch.device("cuda", 1)]  # nothing to wait for on the CPU

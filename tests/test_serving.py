@@ -13,11 +13,8 @@ from torch import nn
 
 from tensornet import plan_mpo_matmul
 from tensornet.adapters import apply_dota
-from tensornet.adapters.dota.layer import (
-    _serving_split,
-    _strategy_seconds,
-    residual_strategy,
-)
+from tensornet.adapters.dota.cost import _strategy_seconds, residual_strategy
+from tensornet.adapters.dota.serving import _serving_split
 
 
 def one_layer(in_f: int = 96, out_f: int = 160, **kw):

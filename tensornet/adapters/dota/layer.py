@@ -6,15 +6,20 @@ layer follows peft's semantics (disable, several adapters, unload) exactly; the 
 ``W_res + MPO(T)`` with ``W_res = W0 - MPO(T_init)`` is the same matrix.
 
 The update is a sum of MPO terms (``+T`` and ``-T_init`` per active adapter), computed
-by the planner's strategy:
+by the strategy the cost model picks (:mod:`.cost`):
 
 * ``"contract"``: ``base(x) + sum_i s_i x MPO(term_i)^T``, contracting ``x`` through each
   term's cores (a summed chain of bond ``2R`` would cost ``(2R)^2`` in its middle cores);
-* ``"dense"``: ``W = W0 + sum_i s_i MPO(term_i)`` built in one product of the terms'
-  half-chains side by side (bond ``2R``), with the sum fused into the reordering pass, in a
-  reused buffer, used for one matmul and dropped (:class:`_DenseResidualMPO`). Backward
-  rebuilds it and pulls ``dW`` back through the halves of ``T`` only; no dense matrix is
-  kept. :func:`chain_sum` gives the sum as one MPO (bonds added) where one chain is needed.
+* ``"dense"``: ``W = W0 + sum_i s_i MPO(term_i)`` built from the terms' half-chains side
+  by side, used for one matmul and dropped (:class:`.kernels.DenseMPOLinear`, with a CPU
+  and an accelerator layout behind the device seam); no dense matrix is kept.
+* without grad, the update's cached half-chains where they are cheaper (:mod:`.serving`).
+
+What a forward pass needs beyond the tensors (the terms' split, ``T_init``'s halves in
+the compute dtype, the strategy per batch size) is prepared once per set of active
+adapters, compute dtype and device kind (:class:`_Route`) and dropped when the layer's
+state changes (an adapter added, loaded, deleted, merged; a move to another device or
+dtype; ``train()``/``eval()``), so a call runs only the kernels.
 
 QDoTA stores ``NF4(W0 - MPO(T_init))`` as the base (the paper's form, the only way the
 base can be 4-bit) and adds ``MPO(T)``; disabled, it adds ``MPO(T_init)`` back, which gives
@@ -24,7 +29,6 @@ base can be 4-bit) and adds ``MPO(T)``; disabled, it adds ``MPO(T_init)`` back, 
 from __future__ import annotations
 
 import math
-import threading
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -33,13 +37,15 @@ import torch
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
-from torch.nn import functional as F
 
 from ...errors import ConfigError
-from ...plan import DEFAULT_PROFILE, ContractionPlan, plan_mpo_matmul
+from ...plan import ContractionPlan, plan_mpo_matmul
 from ...tensorize import _halves_split, _mpo_halves, cores_to_matrix
 from ..base import compute_dtype, dense_weight, is_4bit
 from ..layer import shift_weight
+from .cost import profile_for, residual_strategy
+from .kernels import DenseMPOLinear, kernels_for, release_scratch
+from .serving import _ServingOperands
 
 __all__ = [
     "DoTALayer",
@@ -49,87 +55,6 @@ __all__ = [
     "release_scratch",
     "residual_strategy",
 ]
-
-
-#: How much faster than the profile's copy bandwidth the dense path's W-sized passes
-#: stream (long contiguous runs, written by a matrix product or one fused add); fitted to
-#: per-layer training steps on the LLaMA-2-7B shapes, 32-2048 rows, 1 and 2 threads
-#: (``benchmarks/bench_plan.py --training``).
-STREAM_SPEEDUP = 2.0
-
-
-def residual_strategy(
-    plan: ContractionPlan, *, training: bool, terms: int = 1, trainable: int | None = None
-) -> str:
-    """DoTA's cost model: the cheaper strategy for ``x @ (W_base + sum_t s_t MPO(T_t)).T``.
-
-    It models what the layer runs (:class:`_DenseResidualMPO` and the term-by-term
-    contraction), on the core's plan of one term's chain. Both strategies pay the matmul
-    with the frozen base (folded into one matmul by ``"dense"``):
-
-    * forward pass: ``"dense"`` builds ``W`` once (the terms' half-chains side by side,
-      bond ``terms * R``, multiplied block by block with the base added:
-      :func:`_build_weight`); ``"contract"`` contracts ``x`` through each term;
-    * training step (forward, backward to the input and to the trainable cores): dense is
-      three matmuls (``y``, ``dx``, ``dW``), two builds and the pull-back of ``dW``
-      through the halves of each trainable term (:func:`_pull_back`);
-      contract is two matmuls and ``2 * terms + trainable`` contractions (each term
-      forward and back to ``x``, the trainable ones back to their cores).
-
-    Parameters
-    ----------
-    plan : ContractionPlan
-        The core's plan of one term's chain (:func:`tensornet.plan_mpo_matmul`).
-    training : bool
-        Cost a training step (forward and backward) rather than a forward pass.
-    terms : int, default 1
-        Chains in the update (DoTA: ``T`` and ``T_init`` per adapter; QDoTA: ``T``).
-    trainable : int, optional
-        Of those, how many need core gradients (default: all of them).
-
-    Returns
-    -------
-    {"dense", "contract"}
-
-    Examples
-    --------
-    >>> from tensornet import plan_mpo_matmul
-    >>> shapes = [(1, 4, 4, 16), (16, 4, 4, 16), (16, 8, 8, 16), (16, 8, 8, 16), (16, 4, 4, 1)]
-    >>> residual_strategy(plan_mpo_matmul(shapes, 1), training=False)
-    'contract'
-    >>> residual_strategy(plan_mpo_matmul(shapes, 8192), training=True, terms=2, trainable=1)
-    'dense'
-    """
-    dense, contract = _strategy_seconds(plan, training=training, terms=terms,
-                                        trainable=terms if trainable is None else trainable)
-    return "dense" if dense < contract else "contract"
-
-
-def _strategy_seconds(
-    plan: ContractionPlan, *, training: bool, terms: int, trainable: int
-) -> tuple[float, float]:
-    """Modelled seconds of ``("dense", "contract")`` for :func:`residual_strategy`."""
-    profile = DEFAULT_PROFILE
-    entries = plan.out_features * plan.in_features
-    itemsize = plan.itemsize
-    split = _halves_split(plan.core_shapes)
-    bond = int(plan.core_shapes[split][0])
-    blocks = math.prod(s[1] for s in plan.core_shapes[:split])  # the block loops' length
-    stream = profile.bytes_per_s * STREAM_SPEEDUP
-
-    def seconds(flops: float, passes: int, ops: int) -> float:
-        return (flops / profile.flops_per_s + passes * entries * itemsize / stream
-                + ops * profile.op_seconds)
-
-    # the CPU layout of _build_weight and _pull_back: blockwise products that read the
-    # base and write W in one pass; dW read once per trainable term
-    build = seconds(2 * entries * bond * terms, 2, blocks)
-    if not training:
-        return build, terms * plan.contract_seconds
-    pullback = seconds(4 * entries * bond * trainable, trainable, 2 * blocks * trainable)
-    dense = 3 * plan.matmul_seconds + 2 * build + pullback
-    contract = 2 * plan.matmul_seconds + (2 * terms + trainable) * plan.contract_seconds
-    return dense, contract
 
 
 def _run_path(equation: str, path: Sequence[Sequence[int]], operands: Sequence[Any]) -> Any:
@@ -236,327 +161,6 @@ def chain_sum(chains: Sequence[tuple[float, Sequence[torch.Tensor]]]) -> list[to
     return out
 
 
-class _Scratch(threading.local):
-    """Per-thread reusable CPU buffers for the W-sized temporaries of the dense path.
-
-    A training step builds ``W`` twice and forms ``dW`` once per layer; on the CPU each
-    fresh W-sized tensor costs page faults on first touch (as much as the arithmetic that
-    fills it), so they are written into one buffer that grows to the largest layer and
-    is reused by every layer (``W``, then ``dW`` in the backward pass, each used before
-    the next is written). GPU tensors use the caching allocator instead.
-    """
-
-    def __init__(self) -> None:
-        self.buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
-
-    def get(self, slot: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        numel = math.prod(shape)
-        if like.device.type != "cpu":
-            return torch.empty(shape, dtype=like.dtype, device=like.device)
-        key = (slot, like.dtype)
-        buf = self.buffers.get(key)
-        if buf is None or buf.numel() < numel:
-            # a normal tensor even when first needed under torch.inference_mode, so that
-            # a later build outside it may write into it
-            with torch.inference_mode(False):
-                self.buffers[key] = buf = torch.empty(numel, dtype=like.dtype)
-        return buf[:numel].view(shape)
-
-
-_SCRATCH = _Scratch()
-
-
-def release_scratch() -> None:
-    """Free this thread's CPU scratch buffers of the dense DoTA path (they regrow on use)."""
-    _SCRATCH.buffers.clear()
-
-
-def _build_weight(left: torch.Tensor, right: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """``base + MPO`` from the two half-chains, written into the ``"weight"`` scratch buffer.
-
-    ``W[(a, c), (b, d)] = base + sum_r left[a, b, r] right[r, c, d]``. On the CPU, for each
-    ``a`` one batched product over ``c`` writes the block ``W[a]`` in its final
-    ``(c, b, d)`` order with ``base`` added (``baddbmm``): one pass reads ``base`` and
-    writes ``W``, where a single matrix product over all entries writes them in
-    ``(a, b, c, d)`` order and needs a second, reordering pass over ``W``. Elsewhere (a GPU,
-    where a launch per block costs more than a pass) that product and one fused
-    reorder-and-add pass. The result is valid until the next build on this thread (no
-    autograd through the buffers).
-
-    ``base`` may come in another dtype than the halves (QDoTA's residual comes from
-    bitsandbytes in the dtype it was quantized from); it is cast on the way. A 4-bit
-    base is dequantized into fresh memory for each build (forward, and again in the
-    backward pass for ``dx``): bitsandbytes 0.50 has no CPU kernel for dequantizing into
-    a given buffer (``dequantize_4bit(out=...)`` raises NotImplementedError there), and
-    keeping the dequantized residual from forward to backward would hold a dense copy
-    of every adapted weight.
-    """
-    li, lj, r = left.shape
-    _, ri, rj = right.shape
-    with torch.autocast(device_type=left.device.type, enabled=False):  # the cores' dtype
-        target = _SCRATCH.get("weight", (li * ri, lj * rj), left).view(li, ri, lj, rj)
-        base4 = base.reshape(li, ri, lj, rj)
-        if left.device.type != "cpu":
-            prod = torch.matmul(left.reshape(li * lj, r), right.reshape(r, ri * rj))
-            torch.add(base4, prod.view(li, lj, ri, rj).permute(0, 2, 1, 3), out=target)
-            return target.view(li * ri, lj * rj)
-        blocks = right.permute(1, 0, 2).contiguous()  # (c, r, d)
-        fused = base.dtype == left.dtype
-        if not fused:
-            target.copy_(base4)
-        for a in range(li):
-            rows = left[a].expand(ri, lj, r)  # (c, b, r): the same block for every c
-            if fused:
-                torch.baddbmm(base4[a], rows, blocks, out=target[a])
-            else:
-                target[a].baddbmm_(rows, blocks)
-        return target.view(li * ri, lj * rj)
-
-
-def _pull_back(
-    g_weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of the halves from ``dW`` (``(I, J)``): ``dW`` pulled back through the product.
-
-    ``g_left[a, b, r] = sum_{c,d} dW[a, c, b, d] right[r, c, d]`` and ``g_right[r, c, d] =
-    sum_{a,b} left[a, b, r] dW[a, c, b, d]``. On the CPU both are taken block by block
-    over ``a`` straight from ``dW``'s ``(a, c, b, d)`` layout (the block stays in cache
-    between the two products), without reordering ``dW`` first; elsewhere ``dW`` is
-    reordered once and pulled back by two matrix products.
-    """
-    li, lj, r = left.shape
-    _, ri, rj = right.shape
-    with torch.autocast(device_type=left.device.type, enabled=False):
-        if left.device.type != "cpu":
-            g_prod = g_weight.view(li, ri, lj, rj).permute(0, 2, 1, 3).reshape(li * lj, ri * rj)
-            g_left = (g_prod @ right.reshape(r, ri * rj).T).reshape(li, lj, r)
-            return g_left, (left.reshape(li * lj, r).T @ g_prod).reshape(r, ri, rj)
-        blocks = g_weight.view(li, ri, lj, rj)  # per a: (c, b, d)
-        right_t = right.permute(1, 2, 0).contiguous()  # (c, d, r)
-        left_t = left.permute(0, 2, 1).contiguous()  # (a, r, b)
-        g_left = left.new_empty(li, lj, r)
-        acc = left.new_zeros(ri, r, rj)  # (c, r, d)
-        for a in range(li):
-            torch.sum(torch.bmm(blocks[a], right_t), 0, out=g_left[a])
-            acc.baddbmm_(left_t[a].expand(ri, r, lj), blocks[a])
-        return g_left, acc.permute(1, 0, 2)
-
-
-def _term_halves(
-    terms: Sequence[Sequence[torch.Tensor]], signs: Sequence[float], ct: torch.dtype
-) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor]:
-    """Half-chains of each term, and of their sum: ``[L_1 .. L_n]`` and ``[s_1 R_1; ...]``.
-
-    The half-chains of a sum of MPOs with the same modes and split are the halves of the
-    terms side by side (left) and stacked with their signs (right), so one product of the
-    two builds ``sum_i s_i MPO(term_i)`` and each term keeps its own small halves for the
-    backward pass.
-    """
-    with torch.autocast(device_type=terms[0][0].device.type, enabled=False):
-        halves = [_mpo_halves([c.to(ct) for c in t]) for t in terms]
-        left = torch.cat([h[0] for h in halves], dim=-1)
-        right = torch.cat([h[1] if s == 1 else h[1] * s for h, s in zip(halves, signs)], dim=0)
-    return halves, left, right
-
-
-class _DenseResidualMPO(torch.autograd.Function):
-    """``x (W_base + sum_i s_i MPO(term_i))^T + b`` that keeps no dense matrix for backward.
-
-    Forward builds ``W`` from the summed half-chains (:func:`_term_halves`) with ``W_base``
-    added in the same pass (:func:`_build_weight`), uses it and drops it; only ``x`` and
-    the small cores are saved. Backward rebuilds ``W`` for ``dx = dy W``, forms the dense
-    ``dW = dy^T x`` in the same buffer and pulls it back by hand (:func:`_pull_back`),
-    through the halves of only the terms that need a gradient (DoTA's ``T``, not its
-    ``T_init``), then through each half by autograd. On the CPU the W-sized temporaries
-    live in a reused per-thread buffer (:class:`_Scratch`).
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        x: torch.Tensor,
-        bias: torch.Tensor | None,
-        layer: DoTALinear,
-        signs: tuple[float, ...],
-        *cores: torch.Tensor,
-    ) -> torch.Tensor:
-        ct = layer.compute_dtype
-        n = len(cores) // len(signs)
-        terms = [cores[i * n:(i + 1) * n] for i in range(len(signs))]
-        _, left, right = _term_halves(terms, signs, ct)
-        weight = _build_weight(left, right, layer.dense_base())
-        y = F.linear(x.to(ct), weight, None if bias is None else bias.to(ct))
-        del weight
-        ctx.layer = layer
-        ctx.signs = signs
-        ctx.save_for_backward(x, *cores)
-        ctx.has_bias = bias is not None
-        return y.to(x.dtype)
-
-    @staticmethod
-    def backward(ctx: Any, gy: torch.Tensor) -> tuple[Any, ...]:
-        x, *cores = ctx.saved_tensors
-        layer, signs = ctx.layer, ctx.signs
-        ct = layer.compute_dtype
-        n = len(cores) // len(signs)
-        want = [c.requires_grad for c in cores]
-        with torch.enable_grad():
-            leaves = [c.detach().requires_grad_(w) for c, w in zip(cores, want)]
-            terms = [leaves[i * n:(i + 1) * n] for i in range(len(signs))]
-            halves, left, right = _term_halves(terms, signs, ct)
-        gy2 = gy.reshape(-1, gy.shape[-1]).to(ct)
-        gx = None
-        if ctx.needs_input_grad[0]:
-            weight = _build_weight(left.detach(), right.detach(), layer.dense_base())
-            gx = (gy2 @ weight).reshape(x.shape).to(x.dtype)
-            del weight
-        gb = gy2.sum(0).to(gy.dtype) if ctx.has_bias and ctx.needs_input_grad[1] else None
-        grads: list[torch.Tensor | None] = [None] * len(cores)
-        if any(want):
-            li, lj, _ = left.shape
-            _, ri, rj = right.shape
-            x2 = x.reshape(-1, x.shape[-1]).to(ct)
-            g_weight = _SCRATCH.get("weight", (li * ri, lj * rj), gy2)
-            with torch.autocast(device_type=gy2.device.type, enabled=False):
-                torch.mm(gy2.T, x2, out=g_weight)
-            for t, ((lt, rt), sign) in enumerate(zip(halves, signs)):
-                picked = [(i, leaves[i]) for i in range(t * n, (t + 1) * n) if want[i]]
-                if not picked:
-                    continue  # a frozen term (T_init): no thin products for it
-                g_left, g_right = _pull_back(g_weight, lt.detach(), rt.detach())
-                if sign != 1:
-                    g_left, g_right = g_left * sign, g_right * sign
-                got = torch.autograd.grad(
-                    (lt, rt), [leaf for _, leaf in picked], (g_left, g_right), allow_unused=True
-                )
-                for (i, leaf), g in zip(picked, got):
-                    grads[i] = torch.zeros_like(leaf) if g is None else g
-            del g_weight
-        return (gx, gb, None, None, *grads)
-
-
-def _serving_split(cores: Sequence[torch.Tensor]) -> int:
-    """Where to cut a chain for :class:`_ServingOperands`: the fewest multiply-adds per row.
-
-    Contracting one row through the halves cut before core ``m`` costs
-    ``R_m (J * I_right + I * J_left)`` multiply-adds (``x`` against the right half, then
-    the left half against that).
-    """
-    out_modes = [int(c.shape[1]) for c in cores]
-    in_modes = [int(c.shape[2]) for c in cores]
-    n_out, n_in = math.prod(out_modes), math.prod(in_modes)
-    costs = {
-        m: int(cores[m].shape[0])
-        * (n_in * math.prod(out_modes[m:]) + n_out * math.prod(in_modes[:m]))
-        for m in range(1, len(cores))
-    }
-    return min(costs, key=costs.__getitem__) if costs else 1
-
-
-class _OptimizerSteps:
-    """Counts ``torch.optim`` optimizer steps in this process (a global post-step hook).
-
-    Fused optimizers (``AdamW(fused=True)``, the Trainer's default ``adamw_torch_fused``)
-    update parameters without bumping their version counters, so a serving cache checked
-    by versions alone would go stale after training. The hook is registered the first
-    time a cache entry is built; it only increments this counter.
-    """
-
-    count = 0
-    _handle: Any = None
-
-    @classmethod
-    def now(cls) -> int:
-        if cls._handle is None:
-            from torch.optim.optimizer import register_optimizer_step_post_hook
-
-            cls._handle = register_optimizer_step_post_hook(cls._bump)
-        return cls.count
-
-    @classmethod
-    def _bump(cls, *_: Any) -> None:
-        cls.count += 1
-
-
-class _ServingOperands:
-    """The update of a set of adapters as cached half-chains, for forward passes without grad.
-
-    Serving an unmerged adapter (generation, evaluation during training) runs a few rows
-    at a time, where the contraction's many small calls and the per-call planning cost
-    more than the arithmetic. With grad off and the cores unchanged the update is fixed,
-    so each term's chain is contracted once into its two halves (cut by
-    :func:`_serving_split`), stacked over the terms: a call is then two batched matrix
-    products and a signed sum over the terms, ``sum_t s_t L_t (R_t x)``. The terms stay
-    separate (not one summed chain) so that at ``T = T_init`` they cancel exactly and the
-    layer gives the base's output bit for bit, as the other paths do.
-
-    An entry is valid while the tensors it was built from are the layer's, unchanged:
-    same objects, same storage, same version counter (an in-place update or a load bumps
-    it), and no optimizer step anywhere in the process since it was built
-    (:class:`_OptimizerSteps`: fused optimizers bump no version counter). The layer also
-    drops its entries on ``train()``/``eval()``, on a load, a merge or an adapter change,
-    so a Trainer's evaluation between training steps always starts from fresh ones.
-    """
-
-    __slots__ = ("sources", "stamps", "steps", "left", "right", "signs", "dims", "dtype", "macs",
-                 "use")
-
-    def __init__(self, sources: list[torch.Tensor], terms: list[tuple[float, list[torch.Tensor]]],
-                 dtype: torch.dtype) -> None:
-        self.sources = sources
-        self.stamps = [(t._version, t.data_ptr()) for t in sources]
-        self.steps = _OptimizerSteps.now()
-        chain = terms[0][1]
-        split = _serving_split(chain)
-        with torch.no_grad(), torch.autocast(device_type=chain[0].device.type, enabled=False):
-            halves = [_mpo_halves([c.detach().to(dtype) for c in t], split) for _, t in terms]
-        li, lj, r = halves[0][0].shape
-        _, ri, rj = halves[0][1].shape
-        self.left = torch.stack([h[0].reshape(li, lj * r) for h in halves])
-        self.right = torch.stack([h[1].permute(2, 0, 1).reshape(rj, r * ri) for h in halves])
-        self.signs = [s for s, _ in terms]
-        self.dims = (li, lj, r, ri, rj)
-        self.dtype = dtype
-        self.macs = len(terms) * r * (lj * rj * ri + li * ri * lj)  # per row
-        self.use: dict[int, bool] = {}  # rows -> whether this path is the cheaper one
-
-    def valid(self, sources: list[torch.Tensor]) -> bool:
-        """True while ``sources`` are the tensors this entry was built from, unchanged."""
-        return self.steps == _OptimizerSteps.count and len(sources) == len(self.sources) and all(
-            a is b and a._version == v and a.data_ptr() == p
-            for a, b, (v, p) in zip(sources, self.sources, self.stamps)
-        )
-
-    def seconds(self, rows: int) -> float:
-        """Modelled time of a call on ``rows`` rows (the planner's machine constants)."""
-        li, lj, r, ri, rj = self.dims
-        # x, the intermediate and y per row, and the halves themselves on every call: on
-        # large layers (LLaMA-2-7B's) they are megabytes, read from memory each time
-        moved = len(self.signs) * (rows * (lj * rj + 2 * lj * r * ri + li * ri)
-                                   + li * lj * r + r * ri * rj)
-        size = self.left.element_size()
-        regroup = [(2 * len(self.signs) * rows * lj * r * ri * size, ri * size)]
-        return (DEFAULT_PROFILE.seconds(2 * self.macs * rows, moved * size, 4)
-                + DEFAULT_PROFILE.copy_seconds(regroup))
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """``sum_t s_t x MPO(term_t)^T`` for ``x`` of shape ``(..., J)`` (cores' dtype)."""
-        li, lj, r, ri, rj = self.dims
-        lead = x.shape[:-1]
-        n = x.numel() // (lj * rj)
-        terms = len(self.signs)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            t = torch.matmul(x.reshape(n * lj, rj), self.right)  # (terms, n lj, r ri)
-            # rows next to ri, so that the left half multiplies all rows in one product
-            # (a broadcast over rows would copy the left half once per row)
-            t = t.view(terms, n, lj * r, ri).transpose(1, 2).reshape(terms, lj * r, n * ri)
-            y = torch.bmm(self.left, t).view(terms, li, n, ri)
-        out = y[0] if self.signs[0] == 1 else -y[0]
-        for k in range(1, terms):
-            out = out + y[k] if self.signs[k] == 1 else out - y[k]
-        return out.transpose(0, 1).reshape(*lead, li * ri)
-
-
 class DoTALayer(BaseTunerLayer):
     """peft tuner-layer state of DoTA: per adapter, trained and initial cores."""
 
@@ -577,9 +181,16 @@ class DoTALayer(BaseTunerLayer):
         self._nf4_base: list[nn.Module] = []
         #: QDoTA being restored: the residual is built from the loaded T_init on first use
         self._pending_residual: str | None = None
-        self._plans: dict[tuple[Any, ...], tuple[str, ContractionPlan | None]] = {}
-        #: (adapters, disabled) -> the cached operands of forward passes without grad
-        self._serving: dict[tuple[tuple[str, ...], bool], _ServingOperands] = {}
+        #: (adapters, disabled, compute dtype, device, kind) -> what a forward pass needs
+        self._routes: dict[tuple[Any, ...], _Route] = {}
+        #: (adapters, disabled, compute dtype, kind) -> the cached operands of forward
+        #: passes without grad
+        self._serving: dict[tuple[Any, ...], _ServingOperands] = {}
+
+    def _forget(self) -> None:
+        """Drop what was prepared from the layer's state (routes, serving operands)."""
+        self._routes.clear()
+        self._serving.clear()
 
     # -- state ---------------------------------------------------------------------
     @property
@@ -593,6 +204,17 @@ class DoTALayer(BaseTunerLayer):
     def compute_dtype(self) -> torch.dtype:
         """Dtype of the dense computations: the base weight's (a 4-bit base's compute dtype)."""
         return compute_dtype(self.get_base_layer())
+
+    def compute_dtype_for(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype the update computes in for ``x``.
+
+        Autocast's where it is on for ``x``'s device (as ``nn.Linear`` computes under
+        autocast), else :attr:`compute_dtype`.
+        """
+        kind = x.device.type
+        if torch.is_autocast_enabled(kind):
+            return torch.get_autocast_dtype(kind)
+        return self.compute_dtype
 
     def cores(self, adapter: str) -> list[nn.Parameter]:
         """The trainable cores ``T`` of ``adapter``."""
@@ -620,7 +242,7 @@ class DoTALayer(BaseTunerLayer):
                 f"QDoTA replaces the base layer by its NF4 residual: a layer takes one QDoTA "
                 f"adapter and nothing else (adapter {adapter_name!r})"
             )
-        self._serving.clear()
+        self._forget()
         base = self.get_base_layer()
         device = dense_device(base)
         self.dota_cores[adapter_name] = nn.ParameterList(
@@ -654,6 +276,7 @@ class DoTALayer(BaseTunerLayer):
             self.base_layer = nf4_linear(residual, base.bias, compute)
         self.register_buffer("_merge_dtype", dense, persistent=False)
         self._pending_residual = None
+        self._forget()
 
     def _ensure_residual(self) -> None:
         if self._pending_residual is not None:
@@ -697,11 +320,13 @@ class DoTALayer(BaseTunerLayer):
             delta = delta - cores_to_matrix([c.to(dt) for c in self.init_cores(adapter)])
         return delta.to(self.compute_dtype)
 
-    def _serve(self, x: torch.Tensor, adapters: list[str], disabled: bool) -> torch.Tensor | None:
+    def _serve(self, x: torch.Tensor, adapters: tuple[str, ...], disabled: bool,
+               ct: torch.dtype, kind: str) -> torch.Tensor | None:
         """The update for ``x`` from cached operands, or None where another path is cheaper.
 
-        Forward passes without grad only (:class:`_ServingOperands`); the entry is checked
-        against the layer's tensors on each call and rebuilt when they changed.
+        Forward passes without grad only (:class:`.serving._ServingOperands`), in the
+        compute dtype ``ct``; the entry is checked against the layer's tensors on each
+        call and rebuilt when they changed.
         """
         if self.quantized:
             sources = list(self.dota_init[adapters[0]]._buffers.values() if disabled
@@ -711,32 +336,30 @@ class DoTALayer(BaseTunerLayer):
             for a in adapters:
                 sources += self.dota_cores[a]._parameters.values()
                 sources += self.dota_init[a]._buffers.values()
-        key = (tuple(adapters), disabled)
+        key = (adapters, disabled, ct, kind)
         entry = self._serving.get(key)
         if entry is None or not entry.valid(sources):
             terms = self.delta_terms(adapters, disabled=disabled)
             if len({tuple(tuple(c.shape) for c in t) for _, t in terms}) > 1:
                 return None  # adapters of different ranks: the general path
-            # in the trained cores' dtype, as the other paths compute (QDoTA's T_init may
-            # be stored in another)
-            dtype = self.dota_cores[adapters[0]][0].dtype
-            entry = self._serving[key] = _ServingOperands(sources, terms, dtype)
+            entry = self._serving[key] = _ServingOperands(sources, terms, ct)
         rows = x.numel() // self.in_features
         use = entry.use.get(rows)
         if use is None:
             use = False
             if all(self.dota_strategy.get(a, "auto") == "auto" for a in adapters):
                 terms = self.delta_terms(adapters, disabled=disabled)
-                choice, plan = self.choose_strategy(terms[0][1], rows, False, adapters[0])
+                choice, plan = self.choose_strategy(terms[0][1], rows, False, adapters[0],
+                                                    kind=kind, dtype=ct)
                 other = plan.build_seconds if choice == "dense" else (  # type: ignore[union-attr]
                     len(terms) * plan.contract_seconds)  # type: ignore[union-attr]
-                use = entry.seconds(rows) < other
+                use = entry.seconds(rows, profile_for(kind)) < other
             entry.use[rows] = use
-        return entry(x.to(entry.dtype)) if use else None
+        return entry(x.to(ct)) if use else None
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Delete as peft's layer does, dropping the cached serving operands too."""
-        self._serving.clear()
+        """Delete as peft's layer does, dropping what was prepared for the adapters too."""
+        self._forget()
         super().delete_adapter(adapter_name)
 
     def dense_base(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -746,9 +369,13 @@ class DoTALayer(BaseTunerLayer):
         bitsandbytes dequantizes it), for the dense path to cast in its fused add.
         """
         base = self.get_base_layer()
-        if dtype is None and not is_4bit(base):
-            return base.weight.detach()
-        return dense_weight(base, dtype)
+        if dtype is not None:
+            return dense_weight(base, dtype)
+        if is_4bit(base):  # in its quant state's dtype (the compute dtype: nf4_linear)
+            return dense_weight(base, base.weight.quant_state.dtype)
+        # (read by the dense path's autograd Function, where no graph is recorded: no
+        # detach needed)
+        return base.weight
 
     def _term_counts(self, adapter: str) -> tuple[int, int]:
         """Chains in the active update, and those of them trained (``T``, one per adapter).
@@ -760,34 +387,103 @@ class DoTALayer(BaseTunerLayer):
         return (1 if self.quantized else 2) * active, active
 
     def choose_strategy(self, chain: Sequence[torch.Tensor], batch: int, training: bool,
-                        adapter: str) -> tuple[str, ContractionPlan | None]:
-        """Dense or contract for ``batch`` rows, and the plan that costed it (cached per shape).
+                        adapter: str, *, kind: str = "cpu", dtype: torch.dtype | None = None,
+                        ) -> tuple[str, ContractionPlan | None]:
+        """Dense or contract for ``batch`` rows, and the plan that costed it.
 
-        The plan (of one term's chain) is what the contract branch then runs, so the path
-        executed is the path costed (None for ``strategy="dense"``, which needs none).
-        Plans use fixed machine constants (:data:`tensornet.plan.DEFAULT_PROFILE`), not a
-        per-process calibration, so a reloaded adapter picks the same path and computes the
-        same bits as the model it was saved from.
+        The plan (of one term's chain, in ``dtype``'s item size, with the constants of the
+        device ``kind``: :func:`.cost.profile_for`) is what the contract branch then runs,
+        so the path executed is the path costed (None for ``strategy="dense"``, which needs
+        none). Plans use fixed constants per device kind, not a per-process calibration,
+        so a reloaded adapter picks the same path and computes the same bits as the model
+        it was saved from.
         """
         fixed = self.dota_strategy.get(adapter, "auto")
-        c0 = chain[0]
         shapes = tuple(tuple(int(d) for d in c.shape) for c in chain)
+        itemsize = (chain[0].dtype if dtype is None else dtype).itemsize
         terms, trainable = self._term_counts(adapter)
-        key = (shapes, batch, training, c0.dtype, c0.device.type, fixed, terms)
-        found = self._plans.get(key)
+        plan = None
+        if fixed != "dense":
+            plan = plan_mpo_matmul(shapes, max(batch, 1), itemsize=itemsize,
+                                   profile=profile_for(kind))
+        if fixed != "auto":
+            return fixed, plan
+        return residual_strategy(plan, training=training, terms=terms, trainable=trainable,
+                                 kind=kind), plan
+
+    def _route(self, adapters: tuple[str, ...], disabled: bool, ct: torch.dtype,
+               x: torch.Tensor, kind: str) -> _Route:
+        """The prepared :class:`_Route` for these adapters, dtype and device (made once)."""
+        key = (adapters, disabled, ct, x.device, kind)
+        route = self._routes.get(key)
+        if route is None:
+            route = self._routes[key] = _Route(self, adapters, disabled, ct, kind)
+        return route
+
+
+class _Route:
+    """What a forward pass of a set of active adapters needs, prepared once.
+
+    The terms' common split (so that their halves concatenate along the bond), the
+    trainable terms' cores, the constant terms' halves (DoTA's ``-T_init``, or QDoTA's
+    ``+T_init`` when disabled) contracted once, signs folded in, in the compute dtype,
+    and per ``(rows, grad mode)`` the strategy and plan the cost model picks. The layer
+    drops its routes whenever its state changes (:meth:`DoTALayer._forget`).
+    """
+
+    __slots__ = ("layer", "adapters", "ct", "kind", "split", "trainable", "const", "terms",
+                 "choices")
+
+    def __init__(self, layer: DoTALayer, adapters: tuple[str, ...], disabled: bool,
+                 ct: torch.dtype, kind: str) -> None:
+        self.layer, self.adapters, self.ct, self.kind = layer, adapters, ct, kind
+        self.terms = layer.delta_terms(adapters, disabled=disabled)
+        first = self.terms[0][1]
+        self.split = _halves_split([tuple(int(d) for d in c.shape) for c in first])
+        # a term is trainable where it is the adapter's own T (a Parameter), constant
+        # where it is a stored T_init buffer
+        self.trainable = [cores for _, cores in self.terms
+                          if isinstance(cores[0], nn.Parameter)]
+        const = [(sign, cores) for sign, cores in self.terms
+                 if not isinstance(cores[0], nn.Parameter)]
+        self.const = None
+        if const:
+            with torch.no_grad(), torch.autocast(device_type=first[0].device.type,
+                                                 enabled=False):
+                halves = [_mpo_halves([c.detach().to(_wide(c.dtype)) for c in cores],
+                                      self.split) for _, cores in const]
+                left = torch.cat([h[0] for h in halves], 2).to(ct)
+                right = torch.cat([h[1] if s == 1 else h[1] * s
+                                   for (s, _), h in zip(const, halves)], 0).to(ct)
+            self.const = (left.contiguous(), right.contiguous())
+        self.choices: dict[tuple[int, bool], tuple[str, ContractionPlan | None]] = {}
+
+    def choose(self, rows: int, training: bool) -> tuple[str, ContractionPlan | None]:
+        """The strategy and plan for ``rows`` rows (costed once per size and grad mode)."""
+        found = self.choices.get((rows, training))
         if found is None:
-            plan = None
-            if fixed != "dense":
-                plan = plan_mpo_matmul(
-                    shapes, max(batch, 1), itemsize=c0.element_size(), profile=DEFAULT_PROFILE,
-                )
-            if fixed == "auto":
-                choice = residual_strategy(plan, training=training, terms=terms,
-                                           trainable=trainable)
-            else:
-                choice = fixed
-            found = self._plans[key] = (choice, plan)
+            found = self.choices[(rows, training)] = self.layer.choose_strategy(
+                self.terms[0][1], rows, training, self.adapters[0], kind=self.kind, dtype=self.ct
+            )
         return found
+
+    def halves(self, device_type: str) -> list[torch.Tensor]:
+        """The trainable terms' halves ``L_1, R_1, ...`` in the compute dtype (autograd).
+
+        Contracted in the cores' dtype (autocast off: it would round the small products
+        to its dtype), then rounded once to the compute dtype.
+        """
+        out = []
+        with torch.autocast(device_type=device_type, enabled=False):
+            for cores in self.trainable:
+                left, right = _mpo_halves(list(cores), self.split)
+                out += (left.to(self.ct), right.to(self.ct))
+        return out
+
+
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """At least float32: the precision the halves are contracted in before rounding."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def dense_device(module: nn.Module) -> torch.device:
@@ -817,15 +513,21 @@ class DoTALinear(nn.Module, DoTALayer):
     def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
         # QDoTA being restored: note whether this load brings T_init (the children's
         # buffers are filled after this call; the post-hook below builds the residual)
-        self._serving.clear()
+        self._forget()
         pending = self._pending_residual
         self._init_arrives = pending is not None and f"{prefix}dota_init.{pending}.0" in state_dict
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def train(self, mode: bool = True) -> DoTALinear:
-        """As ``nn.Module.train``; drops the cached serving operands (see _ServingOperands)."""
-        self._serving.clear()
+        """As ``nn.Module.train``; drops what was prepared (see :class:`_Route`)."""
+        self._forget()
         return super().train(mode)
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> DoTALinear:
+        # a move to another device or dtype (``.to``, ``.cuda()``, ``.half()``): the
+        # prepared halves were of the old tensors
+        self._forget()
+        return super()._apply(fn, *args, **kwargs)
 
     # -- merge -------------------------------------------------------------------------
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
@@ -858,14 +560,14 @@ class DoTALinear(nn.Module, DoTALayer):
                                  check=name if safe_merge else None)
             self.merged_adapters.append(name)
         release_scratch()
-        self._serving.clear()
+        self._forget()
 
     def unmerge(self) -> None:
         """Take the merged adapters' ``Delta W`` out of the base weight again."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
-        self._serving.clear()
+        self._forget()
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             if name not in self.dota_cores:
@@ -885,53 +587,62 @@ class DoTALinear(nn.Module, DoTALayer):
                 self.unmerge()
             if not self.quantized:
                 return self.base_layer(x, *args, **kwargs)
-            adapters, disabled = [a for a in self.dota_cores], True
+            adapters, disabled = tuple(self.dota_cores), True
         elif self.merged:
             return self.base_layer(x, *args, **kwargs)
         else:
-            adapters, disabled = [a for a in self.active_adapters if a in self.dota_cores], False
+            adapters = tuple(a for a in self.active_adapters if a in self.dota_cores)
+            disabled = False
         if not adapters:
             return self.base_layer(x, *args, **kwargs)
-        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            delta = self._serve(x, adapters, disabled)
+        kernels = kernels_for(x)
+        ct = self.compute_dtype_for(x)
+        compiling = torch.compiler.is_compiling()
+        if not torch.is_grad_enabled() and not compiling:
+            delta = self._serve(x, adapters, disabled, ct, kernels.kind)
             if delta is not None:
                 y = self.base_layer(x, *args, **kwargs)
                 return y + delta.to(y.dtype)
-        terms = self.delta_terms(adapters, disabled=disabled)
-        batch = x.numel() // self.in_features
         # by grad mode only (not by which cores require grad), so a reloaded adapter in
         # inference mode takes the same path as the trained one and gives the same bits
         training = torch.is_grad_enabled()
-        choose = self.choose_strategy
-        if torch.compiler.is_compiling():  # plan outside the traced graph, on concrete sizes
-            choose = torch.compiler.disable(choose)
-        # planned on one term's chain: contracting costs that per term, building W about
-        # as much per term (one product of the summed chain's halves)
-        choice, plan = choose(terms[0][1], batch, training, adapters[0])
+        prepare = torch.compiler.disable(self._prepare) if compiling else self._prepare
+        route, choice, plans = prepare(adapters, disabled, ct, x, kernels.kind, training)
         if choice == "contract":
-            plans = {plan.core_shapes: plan}  # type: ignore[union-attr]
-            for _, cores in terms[1:]:  # adapters of other ranks: their own plans, alike
-                shapes = tuple(tuple(int(d) for d in c.shape) for c in cores)
-                if shapes not in plans:
-                    plans[shapes] = choose(cores, batch, training, adapters[0])[1]
             # term by term: a summed chain's middle cores are (n R)^2, n^2 times the work
             # (summed before the base output is added: at T = T_init the terms cancel
             # exactly and the layer gives the base's output bit for bit)
             y = self.base_layer(x, *args, **kwargs)
-            xc = x.to(terms[0][1][0].dtype)
+            xc = x.to(route.terms[0][1][0].dtype)
             delta = None
-            for sign, cores in terms:
-                shapes = tuple(tuple(int(d) for d in c.shape) for c in cores)
-                part = _contract(plans[shapes], xc, cores)
+            for (sign, cores), plan in zip(route.terms, plans):
+                part = _contract(plan, xc, cores)
                 part = part if sign == 1 else -part
                 delta = part if delta is None else delta + part
             return y + delta.to(y.dtype)
-        signs = tuple(sign for sign, _ in terms)
-        if len({tuple(tuple(c.shape) for c in t) for _, t in terms}) > 1:
-            # adapters of different ranks may split at different cores: one summed chain
-            signs, terms = (1.0,), [(1.0, chain_sum(terms))]
-        flat = [c for _, t in terms for c in t]
-        return _DenseResidualMPO.apply(x, self.get_base_layer().bias, self, signs, *flat)
+        y = DenseMPOLinear.apply(x, self.get_base_layer().bias, self, ct, kernels, route.const,
+                                 *route.halves(x.device.type))
+        # the compute dtype under autocast, as nn.Linear gives; else the input's
+        return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
+
+    def _prepare(self, adapters: tuple[str, ...], disabled: bool, ct: torch.dtype,
+                 x: torch.Tensor, kind: str, training: bool,
+                 ) -> tuple[_Route, str, list[ContractionPlan]]:
+        """The route, the strategy for ``x``'s rows, and for contract each term's plan."""
+        route = self._route(adapters, disabled, ct, x, kind)
+        rows = x.numel() // self.in_features
+        choice, plan = route.choose(rows, training)
+        plans: list[ContractionPlan] = []
+        if choice == "contract":
+            # the costed plan (one term's chain); adapters of other ranks: their own, alike
+            found = {plan.core_shapes: plan}  # type: ignore[union-attr]
+            for _, cores in route.terms:
+                shapes = tuple(tuple(int(d) for d in c.shape) for c in cores)
+                if shapes not in found:
+                    found[shapes] = self.choose_strategy(
+                        cores, rows, training, adapters[0], kind=kind, dtype=ct)[1]
+                plans.append(found[shapes])
+        return route, choice, plans
 
     def __repr__(self) -> str:
         return "dota." + super().__repr__()
@@ -952,7 +663,13 @@ class DoTALinear(nn.Module, DoTALayer):
 def nf4_linear(
     weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype
 ) -> nn.Module:
-    """A frozen bitsandbytes NF4 ``Linear4bit`` holding ``weight`` (quantized on creation)."""
+    """A frozen bitsandbytes NF4 ``Linear4bit`` holding ``weight`` (quantized on creation).
+
+    Quantized from ``weight`` rounded to ``compute_dtype``, on ``weight``'s device: the
+    quant state then dequantizes to ``compute_dtype`` (a float32 state would make every
+    dequantization, twice per training step, a float32 W-sized temporary), and a CUDA
+    weight never makes a host copy.
+    """
     import bitsandbytes as bnb
 
     out_f, in_f = weight.shape
@@ -962,13 +679,13 @@ def nf4_linear(
         quant_type="nf4", device="meta",
     )
     layer.weight = bnb.nn.Params4bit(
-        weight.to(torch.float32).cpu(), requires_grad=False, quant_type="nf4",
+        weight.detach().to(compute_dtype).contiguous(), requires_grad=False, quant_type="nf4",
         compress_statistics=True,
     )
     if bias is not None:
-        layer.bias = nn.Parameter(bias.detach().to(compute_dtype).cpu(), requires_grad=False)
+        layer.bias = nn.Parameter(bias.detach().to(compute_dtype), requires_grad=False)
     # bitsandbytes would repack the weight for another CPU kernel on the first inference
     # forward, whose results differ from the training path's; one kernel keeps the
     # layer's outputs the same in train and eval mode and after a reload
     layer.support_avx512bf16_for_cpu = False
-    return layer.to(device)
+    return layer.to(device)  # quantizes there (Params4bit.to)
