@@ -16,7 +16,13 @@ strategy over the faster of the two; goal <= 1.10 at every batch size) and
 ``dense / floor`` (the issue-14 goal: DoTA's step within 1.6x of the frozen-base floor at
 256 and 2048 rows).
 
+On a GPU (``--device cuda``, bfloat16 weights by default there: ``--dtype``) the same
+table checks the accelerator's cost model (:data:`tensornet.adapters.dota.cost.CUDA_PROFILE`,
+estimated without a GPU) against both pinned strategies; each step ends in a
+synchronization.
+
     python benchmarks/bench_layer.py --threads 1 --json benchmarks/results/layer.json
+    python benchmarks/bench_layer.py --device cuda --json benchmarks/results/layer-gpu.json
     python benchmarks/bench_layer.py --quick     # smoke test: small shapes, one round
 """
 
@@ -35,7 +41,7 @@ from torch import nn
 
 from tensornet import factorize, plan_mpo_matmul
 from tensornet.adapters import apply_dota
-from tensornet.adapters.dota.cost import _strategy_seconds
+from tensornet.adapters.dota.cost import _strategy_seconds, profile_for
 
 GOAL_PICK = 1.10  # time of the picked strategy / the faster one, at most
 GOAL_FLOOR = 1.6  # DoTA step / frozen-base floor at 256 and 2048 rows, at most
@@ -45,10 +51,12 @@ FULL_ROWS = [32, 64, 128, 256, 512, 1024, 2048]
 QUICK_ROWS = [4, 64]
 
 
-def layer_models(in_f: int, out_f: int) -> tuple[dict[str, nn.Module], nn.Module]:
+def layer_models(in_f: int, out_f: int, device: str, dtype: torch.dtype,
+                 ) -> tuple[dict[str, nn.Module], nn.Module]:
     """The frozen base and DoTA copies of it: pinned dense, pinned contract, auto."""
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(in_f, out_f, bias=False)).requires_grad_(False)
+    base = base.to(device, dtype)
     models: dict[str, nn.Module] = {"floor": base}
     for name, strategy in (("dense", "dense"), ("contract", "contract"), ("auto", "auto")):
         models[name] = apply_dota(copy.deepcopy(base), target_modules=["0"], rank=16,
@@ -57,34 +65,40 @@ def layer_models(in_f: int, out_f: int) -> tuple[dict[str, nn.Module], nn.Module
     return models, layer
 
 
-def modelled(in_f: int, out_f: int, rows: int) -> tuple[float, float]:
+def modelled(in_f: int, out_f: int, rows: int, kind: str, itemsize: int) -> tuple[float, float]:
     """The layer model's (dense, contract) training-step seconds for one DoTA adapter."""
     out_modes, in_modes = factorize(out_f, 5), factorize(in_f, 5)
     ranks = [1, 16, 16, 16, 16, 1]
     shapes = [(ranks[k], out_modes[k], in_modes[k], ranks[k + 1]) for k in range(5)]
-    return _strategy_seconds(plan_mpo_matmul(shapes, rows), training=True, terms=2, trainable=1)
+    plan = plan_mpo_matmul(shapes, rows, itemsize=itemsize, profile=profile_for(kind))
+    return _strategy_seconds(plan, training=True, terms=2, trainable=1, kind=kind)
 
 
 def run_shape(name: str, in_f: int, out_f: int, rows_list: list[int],
               args: argparse.Namespace) -> list[dict[str, Any]]:
-    models, layer = layer_models(in_f, out_f)
+    dtype = getattr(torch, args.dtype)
+    models, layer = layer_models(in_f, out_f, args.device, dtype)
+    kind = "cpu" if args.device == "cpu" else "cuda"
+    sync = torch.cuda.synchronize if kind == "cuda" else (lambda: None)
     out = []
     for rows in rows_list:
         gen = torch.Generator().manual_seed(rows)
-        x = torch.randn(rows, in_f, generator=gen)
-        g = torch.randn(rows, out_f, generator=gen)
+        x = torch.randn(rows, in_f, generator=gen).to(args.device, dtype)
+        g = torch.randn(rows, out_f, generator=gen).to(args.device, dtype)
 
         def step(model: nn.Module, x: torch.Tensor = x, g: torch.Tensor = g) -> None:
             xx = x.clone().requires_grad_(True)
             (model(xx) * g).sum().backward()
             for p in model.parameters():
                 p.grad = None
+            sync()
 
         fns = {k: (lambda m=m: step(m)) for k, m in models.items()}
         t, rounds = best_round_robin(fns, args.target_seconds, args.min_rounds, args.max_rounds)
         chain = layer.delta_terms(["default"])[0][1]
-        picked = layer.choose_strategy(chain, rows, True, "default")[0]
-        model_dense, model_contract = modelled(in_f, out_f, rows)
+        picked = layer.choose_strategy(chain, rows, True, "default", kind=kind,
+                                       dtype=dtype)[0]
+        model_dense, model_contract = modelled(in_f, out_f, rows, kind, dtype.itemsize)
         rec = {
             "shape": name, "rows": rows, "rounds": rounds, "picked": picked,
             **{f"{k}_s": v for k, v in t.items()},
@@ -110,8 +124,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="work per strategy aimed at by the round count (default 2)")
     p.add_argument("--min-rounds", type=int, default=3, help="default 3")
     p.add_argument("--max-rounds", type=int, default=20, help="default 20")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="weights and inputs (default: float32 on the CPU, bfloat16 on CUDA)")
     p.add_argument("--json", type=Path, default=None, help="also write all numbers here")
     args = p.parse_args(argv)
+    if args.device != "cpu" and not torch.cuda.is_available():
+        print(f"bench_layer.py: --device {args.device}, but torch finds no CUDA device",
+              file=sys.stderr)
+        return 2
+    args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
@@ -119,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
     rows = args.rows or (QUICK_ROWS if args.quick else FULL_ROWS)
     env = environment(sys.argv if argv is None else ["bench_layer.py", *argv])
-    print("# DoTA layer: training step per strategy, measured and modelled (float32, CPU)")
+    print(f"# DoTA layer: training step per strategy, measured and modelled ({args.dtype}, "
+          f"{args.device})")
     print_environment(env)
     print("\n## step seconds x 1e3 (modelled in parentheses), best of round-robin")
     records = [r for name, i, o in shapes for r in run_shape(name, i, o, rows, args)]

@@ -26,3 +26,14 @@ def test_quick_run_records_every_strategy(tmp_path):
         assert rec["picked_over_min"] >= 1.0
     assert [g["goal"] for g in result["goals"]] == ["picked / min"]
     assert "QUICK smoke run" in proc.stdout
+
+
+def test_device_cuda_without_cuda_is_a_one_line_refusal():
+    import torch
+
+    if torch.cuda.is_available():  # a GPU machine runs the real thing instead
+        return
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--device", "cuda"],
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 2
+    assert "finds no CUDA device" in proc.stderr

@@ -28,8 +28,10 @@ STREAM_SPEEDUP = 2.0
 #: throughput well below the peak, as for the thin products here; HBM bandwidth; the
 #: host-side cost of one small operator dispatched from Python, which bounds the
 #: contraction's many small steps: the issue-19 profile saw ~77 ms of host time for
-#: ~750 operators). Estimates, not a fit: no GPU was lent to the work that set them;
-#: ``benchmarks/bench_gpu.py`` measures the layer's pick against both strategies.
+#: ~750 operators). Estimates, not a fit: no GPU was lent to the work that set them. With
+#: them the training step always builds ``W`` (a launch costs more than the ``W``-sized
+#: passes at the LLaMA shapes); ``benchmarks/bench_layer.py`` run on a GPU would check the
+#: pick against both pinned strategies.
 CUDA_PROFILE = MachineProfile(
     flops_per_s=3e14,
     bytes_per_s=2.5e12,

@@ -416,7 +416,7 @@ class DoTALayer(BaseTunerLayer):
         """The prepared :class:`_Route` for these adapters, dtype and device (made once)."""
         key = (adapters, disabled, ct, x.device, kind)
         route = self._routes.get(key)
-        if route is None:
+        if route is None or not route.fresh():
             route = self._routes[key] = _Route(self, adapters, disabled, ct, kind)
         return route
 
@@ -432,7 +432,7 @@ class _Route:
     """
 
     __slots__ = ("layer", "adapters", "ct", "kind", "split", "trainable", "const", "terms",
-                 "choices")
+                 "choices", "stamps")
 
     def __init__(self, layer: DoTALayer, adapters: tuple[str, ...], disabled: bool,
                  ct: torch.dtype, kind: str) -> None:
@@ -456,7 +456,16 @@ class _Route:
                 right = torch.cat([h[1] if s == 1 else h[1] * s
                                    for (s, _), h in zip(const, halves)], 0).to(ct)
             self.const = (left.contiguous(), right.contiguous())
+        # the stored T_init the constant halves came from, with their version counters: a
+        # write into them outside the module's own paths (``copy_`` under no_grad) is
+        # seen on the next call (the layer's loads and moves drop the route anyway)
+        self.stamps = tuple((t, t._version) for a in adapters for t in layer.init_cores(a)) \
+            if const else ()
         self.choices: dict[tuple[int, bool], tuple[str, ContractionPlan | None]] = {}
+
+    def fresh(self) -> bool:
+        """True while the stored ``T_init`` the constant halves came from is unchanged."""
+        return all(t._version == v for t, v in self.stamps)
 
     def choose(self, rows: int, training: bool) -> tuple[str, ContractionPlan | None]:
         """The strategy and plan for ``rows`` rows (costed once per size and grad mode)."""
