@@ -35,7 +35,13 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from ..errors import AdapterMismatchError, ConfigError
-from .base import compute_dtype, dense_weight, fingerprint
+from .base import (
+    FINGERPRINT_VERSION,
+    _legacy_fingerprint,
+    compute_dtype,
+    dense_weight,
+    fingerprint,
+)
 from .config import TensornetConfig
 
 __all__ = ["SharedStateTuner", "Target", "TensornetTuner"]
@@ -198,8 +204,19 @@ class TensornetTuner(BaseTuner):
                     )
             if t.module.weight.device.type == "meta":
                 continue  # nothing to compare; from_pretrained with low_cpu_mem_usage
-            fp = fingerprint(dense_weight(t.module))
-            if fp != rec.get("fingerprint"):
+            weight = dense_weight(t.module)
+            fp = fingerprint(weight)
+            saved_fp = str(rec.get("fingerprint"))
+            version = saved_fp.partition(":")[0] if ":" in saved_fp else None
+            if version not in (None, FINGERPRINT_VERSION):
+                raise AdapterMismatchError(
+                    f"layer {t.key!r}: the adapter's base fingerprint has format "
+                    f"{version!r}, which this tensornet does not know (it writes "
+                    f"{FINGERPRINT_VERSION!r}); upgrade tensornet to load this adapter"
+                )
+            # an adapter saved before v2 holds the legacy digest (no prefix): checked as such
+            same = saved_fp == (fp if version else _legacy_fingerprint(weight))
+            if not same:
                 raise AdapterMismatchError(
                     f"layer {t.key!r} of this model has other weights than the base the "
                     f"adapter was trained on (fingerprint mismatch): load it into the same base "
