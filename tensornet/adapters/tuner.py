@@ -34,7 +34,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
-from ..errors import AdapterMismatchError, ConfigError
+from ..errors import AdapterMismatchError, ConfigError, NonFiniteError
 from .base import (
     FINGERPRINT_VERSION,
     _legacy_fingerprint,
@@ -151,6 +151,14 @@ class TensornetTuner(BaseTuner):
                     f"target {key!r} has merged adapters {module.merged_adapters}; call "
                     f"unmerge_adapter() before adding another adapter"
                 )
+            shared = _sharers(model, key, base)
+            if shared:
+                raise ConfigError(
+                    f"target {key!r} shares its weight with {shared[0]!r} (tied weights, "
+                    f"e.g. tie_word_embeddings): merging an adapter into it would change "
+                    f"{shared[0]!r} too; leave {key!r} out of `target_modules`, or untie the "
+                    f"weights first (give the layer a copy of its own)"
+                )
             record = {
                 "shape": [int(base.out_features), int(base.in_features)],
                 "dtype": _dtype_name(compute_dtype(base)),
@@ -243,6 +251,16 @@ class TensornetTuner(BaseTuner):
         # caller may pass it to get_peft_model again for another model: the base records
         # are kept per adapter on the tuner and written into the config when it is saved
         config = self.peft_config[adapter_name]
+        holders = [k for k, m in model.named_modules()
+                   if isinstance(m, BaseTunerLayer) and adapter_name in _adapters_of(m)]
+        if holders:
+            raise ConfigError(
+                f"the model already carries an adapter named {adapter_name!r} (in "
+                f"{holders[0]!r}, ...): a second get_peft_model would re-initialise it in "
+                f"place, losing its training; add another one with "
+                f"peft_model.add_adapter(name, config) under a new name, or load one with "
+                f"load_adapter"
+            )
         restoring = bool(getattr(config, "_restoring", False) and config.base_layers)
         targets = self.validate(model, config, restoring=restoring)
         self._targets = {t.key: t for t in targets}
@@ -263,6 +281,54 @@ class TensornetTuner(BaseTuner):
         if self._placeholders:  # the weights must come from a file before the model runs
             self._awaiting_weights().add(adapter_name)
         del self._targets, self._placeholders
+
+    # -- merges: all or nothing ------------------------------------------------------------
+    def merge_adapter(self, adapter_names: list[str] | None = None,
+                      safe_merge: bool = False) -> None:
+        """As peft's; with ``safe_merge`` every layer is checked before any is merged."""
+        if safe_merge:
+            self._check_merges(adapter_names)
+        super().merge_adapter(adapter_names, safe_merge=safe_merge)
+
+    def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False,
+                                     safe_merge: bool = False,
+                                     adapter_names: list[str] | None = None) -> Any:
+        # (peft's private name: merge_and_unload() and unload() come here)
+        if merge and safe_merge:
+            self._check_merges(adapter_names)
+        return super()._unload_and_optionally_merge(
+            merge=merge, progressbar=progressbar, safe_merge=safe_merge,
+            adapter_names=adapter_names,
+        )
+
+    def _check_merges(self, adapter_names: list[str] | None) -> None:
+        """Raise NonFiniteError if merging would give any layer NaN/Inf weights.
+
+        peft's ``safe_merge`` checks each layer as it merges it, so a broken last layer
+        leaves the earlier ones merged; this runs first, over every layer (one layer's
+        merged weight at a time, in the dtype it would be stored in), and nothing is
+        merged if one fails.
+        """
+        with torch.no_grad():
+            for key, module in self.model.named_modules():
+                if not isinstance(module, BaseTunerLayer) or not hasattr(
+                        module, "get_delta_weight"):
+                    continue
+                names = module.active_adapters if adapter_names is None else adapter_names
+                names = [n for n in names
+                         if n in _adapters_of(module) and n not in module.merged_adapters]
+                if not names:
+                    continue
+                base = module.get_base_layer()
+                weight = dense_weight(base, torch.float32)
+                for name in names:
+                    weight = weight + module.get_delta_weight(name).float()
+                    if not torch.isfinite(weight.to(compute_dtype(base))).all():
+                        raise NonFiniteError(
+                            f"NaNs detected in the merged weights. The adapter {name} seems "
+                            f"to be broken (layer {key!r}); nothing was merged: safe_merge "
+                            f"checks every layer before merging any"
+                        )
 
     @classmethod
     def _get_adapter_state_dict(
@@ -497,3 +563,19 @@ class _undo_on_error:
             self.tuner._drop_shared(self.adapter_name)
             for p, flag in self.flags:
                 p.requires_grad_(flag)
+
+
+def _adapters_of(layer: BaseTunerLayer) -> Any:
+    """The adapter names a tuner layer holds (its first per-adapter container's keys)."""
+    names = getattr(layer, "adapter_layer_names", ())
+    return getattr(layer, names[0], {}) if names else {}
+
+
+def _sharers(model: nn.Module, key: str, base: nn.Module) -> list[str]:
+    """Qualified names of the other parameters that are ``base``'s weight (tied weights)."""
+    weight = getattr(base, "weight", None)
+    if weight is None:
+        return []
+    prefix = key + "."
+    return [name for name, p in model.named_parameters(remove_duplicate=False)
+            if p is weight and not name.startswith(prefix)]

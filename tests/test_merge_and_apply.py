@@ -1,0 +1,95 @@
+"""Issue 20, points 4 and 5: merges are all-or-nothing, tied targets and applying twice refused.
+
+Every tensornet method (DoTA, QDoTA, LoTR, LoRTA): ``safe_merge=True`` with NaN in the
+last layer's adapter raises before any layer is merged; ``lm_head`` tied to the input
+embedding is refused at ``get_peft_model`` (merging it would rewrite the embedding too);
+``get_peft_model`` on a model that already carries the adapter name refuses instead of
+re-initialising the trained adapter in place.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from dota_helpers import IDS, assert_untouched, snapshot
+from peft import get_peft_model
+
+from tensornet.adapters import DoTAConfig, LoRTAConfig, LoTRConfig, tiny_llama
+from tensornet.errors import ConfigError, NonFiniteError
+
+CONFIGS = {
+    "dota": DoTAConfig(),
+    "qdota": DoTAConfig(quantize="nf4"),
+    "lotr": LoTRConfig(rank=4),
+    "lorta": LoRTAConfig(rank=4),
+}
+
+
+def _poison_last_layer(model):
+    """NaN into one trainable tensor of the last adapted layer (not a shared factor)."""
+    last = [m for m in model.modules() if hasattr(m, "get_delta_weight")][-1]
+    own = [p for n, p in last.named_parameters() if p.requires_grad and "base_layer" not in n]
+    with torch.no_grad():
+        own[0].fill_(float("nan"))
+    return last
+
+
+@pytest.mark.parametrize("how", ["merge_adapter", "merge_and_unload"])
+@pytest.mark.parametrize("method", ["dota", "qdota", "lotr"])
+def test_safe_merge_with_a_broken_layer_merges_nothing(method, how):
+    model = get_peft_model(tiny_llama(), CONFIGS[method])
+    _poison_last_layer(model)
+    modules = list(model.named_modules())
+    values = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    with pytest.raises(NonFiniteError, match="NaNs detected in the merged weights") as err:
+        getattr(model, how)(safe_merge=True)
+    assert isinstance(err.value, ValueError)  # what peft's safe_merge raises
+    assert all(m is m0 for (_, m), (_, m0) in zip(model.named_modules(), modules))
+    after = model.state_dict()
+    assert after.keys() == values.keys()
+    for name, value in values.items():  # (the poisoned tensor holds NaN: equal_nan)
+        if value.is_floating_point():
+            assert torch.allclose(after[name], value, rtol=0, atol=0, equal_nan=True), name
+        else:
+            assert torch.equal(after[name], value), name
+    assert not any(getattr(m, "merged_adapters", []) for m in model.modules())
+
+
+def test_safe_merge_of_a_healthy_adapter_still_merges():
+    model = get_peft_model(tiny_llama(), CONFIGS["dota"])
+    with torch.no_grad():
+        want = model(input_ids=IDS).logits
+    merged = model.merge_and_unload(safe_merge=True)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=IDS).logits, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["dota", "qdota", "lotr"])  # (LoRTA adapts attention only)
+def test_a_tied_lm_head_target_is_refused(method):
+    base = tiny_llama()
+    assert base.lm_head.weight is base.model.embed_tokens.weight
+    before = snapshot(base)
+    config = CONFIGS[method].replace(target_modules=["lm_head"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # peft: "tie_word_embeddings=True"
+        with pytest.raises(ConfigError, match="lm_head.*shares its weight.*embed_tokens"):
+            get_peft_model(base, config)
+    assert_untouched(base, before)
+
+
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_get_peft_model_twice_refuses_instead_of_reinitialising(method):
+    model = get_peft_model(tiny_llama(), CONFIGS[method])
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.01)
+    inner = model.get_base_model()
+    before = snapshot(inner)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # peft: "modify a model ... second time"
+        with pytest.raises(ConfigError, match="already carries.*'default'.*add_adapter"):
+            get_peft_model(inner, CONFIGS[method])
+    assert_untouched(inner, before)
