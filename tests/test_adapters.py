@@ -556,6 +556,10 @@ BAD_CONFIGS = {
     "seed-str": ({"init": "random", "seed": "0"}, ["`seed`", "'0'"]),
     "num_cores-too-many": ({"num_cores": 9}, ["num_cores=9", "model.layers.0.", "modes"]),
     "config-not-a-config": ({"config": {"rank": 8}}, ["`config`", "dict"]),
+    # bitsandbytes' NF4 kernels compute in float32/bfloat16/float16: a float64 QDoTA gave
+    # nondeterministic garbage
+    "qdota-float64": ({"quantize": "nf4", "dtype": "float64"},
+                      ["`dtype`", "'float64'", "quantize='nf4'", "'bfloat16'"]),
 }
 #: the cases the config itself cannot refuse (they need a model, or are not fields)
 NEED_A_MODEL = ("targets-missing", "num_cores-too-many", "config-not-a-config",

@@ -34,6 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from tensornet._device import DEVICE_KINDS, device_path
 from tensornet.adapters import DoTAConfig, tiny_llama
 from tensornet.adapters.dota.kernels import CPUKernels, CUDAKernels, kernels_for
+from tensornet.errors import DTypeError
 from tensornet.tensorize import cores_to_matrix
 
 KINDS = list(DEVICE_KINDS)
@@ -285,3 +286,13 @@ def test_a_write_into_t_init_is_seen_by_the_next_call(kind):
     y = model(x)
     y_ref, _, _ = reference(layer, x)
     torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+@pytest.mark.parametrize("grad", [True, False])
+def test_integer_input_is_refused_with_and_without_grad(kind, quantize, grad):
+    # QDoTA cast integer input silently and returned int64 garbage
+    model, _ = one_layer(quantize=quantize)
+    x = torch.randint(0, 5, (2, 64))
+    with torch.set_grad_enabled(grad), pytest.raises(DTypeError, match="floating.*int64"):
+        model(x)

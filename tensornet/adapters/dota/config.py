@@ -123,6 +123,12 @@ class DoTAConfig(TensornetConfig):
             if value not in options:
                 valid = ", ".join(repr(o) for o in options if o is not None)
                 raise ConfigError(f"`{name}` must be one of {valid}; got {value!r}")
+        if self.quantize == "nf4" and self.dtype == "float64":
+            raise ConfigError(
+                "`dtype` = 'float64' cannot go with quantize='nf4': bitsandbytes' NF4 kernels "
+                "compute in 'float32', 'bfloat16' or 'float16' (QDoTA's residual computes in "
+                "`dtype`); choose one of those"
+            )
         if self.seed is not None and (
             isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)
         ):

@@ -38,7 +38,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from ...errors import ConfigError
+from ...errors import ConfigError, DTypeError
 from ...plan import ContractionPlan, plan_mpo_matmul
 from ...tensorize import _halves_split, _mpo_halves, cores_to_matrix
 from ..base import compute_dtype, dense_weight, is_4bit
@@ -590,6 +590,11 @@ class DoTALinear(nn.Module, DoTALayer):
     # -- forward -----------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """``base(x)`` plus the active adapters' update, by the planner's strategy."""
+        if not x.is_floating_point():  # (QDoTA's 4-bit base would cast it silently)
+            raise DTypeError(
+                f"a DoTA layer takes floating input (float32/bfloat16/float16/float64), as "
+                f"nn.Linear does; got {str(x.dtype).removeprefix('torch.')}"
+            )
         self._ensure_residual()
         if self.disable_adapters:
             if self.merged:
