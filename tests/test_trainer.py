@@ -314,3 +314,21 @@ def test_load_best_model_at_end_loads_the_best_adapter(tmp_path):
     assert any(not torch.equal(now[k], v) for k, v in last.items())
     # and the model evaluates as the best checkpoint did
     assert trainer.evaluate()["eval_loss"] == pytest.approx(evals[0], rel=1e-6)
+
+
+def test_resume_skips_a_checkpoint_whose_save_was_interrupted(tmp_path):
+    # a run killed while the Trainer writes checkpoint-K leaves checkpoint-K without its
+    # state: --resume picked it and failed on the missing tensornet_best.pt
+    from tensornet.finetune.trainer import BEST_FILE, CHECKPOINT_DIR, last_checkpoint
+
+    root = tmp_path / CHECKPOINT_DIR
+    assert last_checkpoint(tmp_path) is None
+    for step, files in ((3, ("trainer_state.json", BEST_FILE)), (10, ("trainer_state.json",)),
+                        (12, ()), (6, ("trainer_state.json", BEST_FILE, "optimizer.pt"))):
+        (root / f"checkpoint-{step}").mkdir(parents=True)
+        for name in files:
+            (root / f"checkpoint-{step}" / name).write_text("{}")
+    (root / "checkpoint-x").mkdir()
+    assert last_checkpoint(tmp_path) == root / "checkpoint-6"
+    (root / "checkpoint-10" / BEST_FILE).write_text("{}")  # its save completed
+    assert last_checkpoint(tmp_path) == root / "checkpoint-10"

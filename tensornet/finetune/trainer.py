@@ -321,8 +321,12 @@ def _callbacks() -> Any:
             if not state.is_world_process_zero:
                 return
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            # the last file of a checkpoint, and atomic: its presence marks the checkpoint
+            # complete (last_checkpoint)
+            part = folder / (BEST_FILE + ".part")
             torch.save({"best": self.best, "best_step": self.best_step, "state": self.state},
-                       folder / BEST_FILE)
+                       part)
+            os.replace(part, folder / BEST_FILE)
 
         def restore_from(self, checkpoint: Path) -> None:
             saved = torch.load(checkpoint / BEST_FILE, map_location="cpu", weights_only=True)
@@ -398,14 +402,23 @@ def encode_all(
 
 
 def last_checkpoint(out_dir: str | os.PathLike[str]) -> Path | None:
-    """The newest Trainer checkpoint of the run in ``out_dir``, or None."""
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest complete Trainer checkpoint of the run in ``out_dir``, or None.
 
+    A checkpoint is complete once the Trainer has written its state
+    (``trainer_state.json``) and :class:`_BestModel` its :data:`BEST_FILE`, the last file of
+    a save, written atomically. A save interrupted half-way (a killed run) leaves a folder
+    without them; it is skipped, so ``--resume`` takes the last complete one (transformers'
+    ``get_last_checkpoint`` picks the newest folder whatever it holds).
+    """
     folder = Path(out_dir) / CHECKPOINT_DIR
     if not folder.is_dir():
         return None
-    found = get_last_checkpoint(str(folder))
-    return Path(found) if found else None
+    found = []
+    for path in folder.iterdir():
+        step = re.fullmatch(r"checkpoint-(\d+)", path.name)
+        if step and (path / "trainer_state.json").is_file() and (path / BEST_FILE).is_file():
+            found.append((int(step.group(1)), path))
+    return max(found)[1] if found else None
 
 
 def _gpu_index(device: str) -> int | None:
