@@ -231,3 +231,15 @@ def test_trainer_fsdp_on_cpu_matches_one_process(tmp_path):
     for k in a:
         assert a[k].shape == b[k].shape
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [["--num-cores", "7"], ["--targets", "embed_tokens"],
+                                 ["--targets", "no_such_layer"]])
+def test_a_late_refusal_writes_nothing_and_the_same_command_can_run_again(
+        bad, model_dir, tmp_path, capsys):
+    # the method is built (and refused) before --out is written: the refusal used to
+    # come after tensornet-run.json, which then blocked the corrected command
+    out = tmp_path / "run"
+    argv = ["finetune", str(model_dir), *RUN, *bad, "--out", str(out)]
+    _one_error_line(capsys, main(argv))
+    assert not out.exists() or not any(out.iterdir())

@@ -312,13 +312,15 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         _check_resume(out, key)
     model, tokenizer = load(args.model, _load_dtype(args.method, args.dtype))
     _check_max_length(tokenizer, splits, args.max_length)
-    wait_for_everyone(device)  # every process has checked --out before rank 0 writes it
-    if _main():
-        _prepare_out(out, overwrite=args.overwrite, key=key, resume=args.resume)
     t0 = time.perf_counter()
     from ..finetune.methods import build_method
 
+    # built before --out is written: a method refused for this model (targets, modes)
+    # leaves no run marker behind that would block the corrected command
     built = build_method(model, args.method, _method_options(opts, args.seed))
+    wait_for_everyone(device)  # every process has checked --out before rank 0 writes it
+    if _main():
+        _prepare_out(out, overwrite=args.overwrite, key=key, resume=args.resume)
     print(f"{args.method} on {model_name(args.model)}: {built.trainable_params:,} trainable "
           f"parameters ({100 * built.trainable_share:.3f}% of {built.total_params:,}); "
           f"lr {lr:g}, {args.steps} steps of {args.batch_size} on {device} "
