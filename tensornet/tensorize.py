@@ -68,6 +68,11 @@ def _partitions(n: int, k: int, smallest: int) -> Iterator[tuple[int, ...]]:
         d += 1
 
 
+#: The largest dimension :func:`factorize` takes: beyond any tensor's (2**40 float32
+#: entries are 4 TB), and its trial division stays below a million steps.
+_MAX_DIMENSION = 2**40
+
+
 def factorize(n: int, num_factors: int) -> tuple[int, ...]:
     """Factor a dimension into ``num_factors`` modes, small at the ends, large in the middle.
 
@@ -92,8 +97,8 @@ def factorize(n: int, num_factors: int) -> tuple[int, ...]:
     ------
     ShapeError
         If ``n`` has fewer than ``num_factors`` prime factors (counted with multiplicity),
-        so no factorization into modes >= 2 exists; the message gives the largest
-        feasible ``num_factors``.
+        so no factorization into modes >= 2 exists (the message gives the largest
+        feasible ``num_factors``), or if ``n`` exceeds ``2**40``.
 
     Examples
     --------
@@ -108,6 +113,11 @@ def factorize(n: int, num_factors: int) -> tuple[int, ...]:
     """
     n = check_positive_int(n, "n")
     num_factors = check_positive_int(num_factors, "num_factors")
+    if n > _MAX_DIMENSION:
+        raise ShapeError(
+            f"`n` must be at most 2**40 (a tensor dimension; factoring is trial division up "
+            f"to sqrt(n)); got {n}"
+        )
     if num_factors == 5 and n in PAPER_SHAPES:
         return PAPER_SHAPES[n]
     if num_factors == 1:

@@ -318,3 +318,10 @@ def test_dota_dense_build_into_scratch_buffers_equals_cores_to_matrix():
     torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-14)
     buf = _SCRATCH.buffers[("weight", torch.float64)]
     assert got.data_ptr() == buf.data_ptr()
+
+
+def test_factorize_refuses_a_dimension_beyond_any_tensor_at_once():
+    # trial division of 2**61 - 1 (a prime) ran for minutes; it is refused up front
+    with pytest.raises(ShapeError, match=r"`n`.*2\*\*40"):
+        factorize(2**61 - 1, 2)
+    assert factorize(2**40, 2) == (2**20, 2**20)
