@@ -93,3 +93,12 @@ def test_get_peft_model_twice_refuses_instead_of_reinitialising(method):
         with pytest.raises(ConfigError, match="already carries.*'default'.*add_adapter"):
             get_peft_model(inner, CONFIGS[method])
     assert_untouched(inner, before)
+
+
+def test_a_lotr_rank_beyond_the_layers_is_refused_before_any_allocation():
+    # LoTRConfig(rank=100000) tried to allocate rank x rank cores per layer (40 GB)
+    base = tiny_llama()
+    before = snapshot(base)
+    with pytest.raises(ConfigError, match=r"`rank` must be <= min\(out_features, in_features\)"):
+        get_peft_model(base, LoTRConfig(rank=100000))
+    assert_untouched(base, before)

@@ -52,11 +52,14 @@ class LoTRModel(SharedStateTuner):
                     f"factors); got {sorted(str(k) for k in found)}"
                 )
             out_f, in_f = shapes.pop()
-            if config.init == "orthogonal" and config.rank > min(out_f, in_f):
+            if config.rank > min(out_f, in_f):
+                # (and init='orthogonal' needs it): the update A G B has rank at most
+                # min(out, in); a higher rank only adds parameters (G is rank x rank per
+                # layer: rank 100000 asked for 40 GB)
                 raise ConfigError(
                     f"`rank` must be <= min(out_features, in_features) = {min(out_f, in_f)} "
-                    f"for init='orthogonal' (the {kind!r} layers are {out_f}x{in_f}); got "
-                    f"{config.rank}"
+                    f"(the {kind!r} layers are {out_f}x{in_f}; a higher rank adds parameters, "
+                    f"not expressiveness); got {config.rank}"
                 )
 
     @classmethod
