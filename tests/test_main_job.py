@@ -183,6 +183,11 @@ def test_n_test_zero_reports_no_accuracy(model_dir, tmp_path, capsys):
         (["compare", "MODEL", "--methods", "dota,lora,dota"], "more than once"),
         (["compare", "MODEL", "--methods", "dota", "--seeds", "0,1,0"], "more than once"),
         (["finetune", "MODEL", "--method", "dota", "--batch-size", "0"], "--batch-size"),
+        # (numpy's seeding raised a traceback from inside the Trainer)
+        (["compare", "MODEL", "--methods", "dota", "--seeds", "-1"], "--seeds"),
+        (["finetune", "MODEL", "--method", "dota", "--seed", "-1"], "--seed"),
+        (["finetune", "MODEL", "--method", "dota", "--data-seed", str(2**32)], "--data-seed"),
+        (["finetune", "MODEL", "--method", "lotr", "--rank", "99999"], "rank"),
     ],
 )
 def test_bad_input_one_line(argv, needle, model_dir, tmp_path, capsys):

@@ -19,6 +19,7 @@ __all__ = [
     "ParseError",
     "device_arg",
     "int_list_arg",
+    "seed_arg",
     "nonnegative_int_arg",
     "positive_int_arg",
     "print_table",
@@ -103,14 +104,29 @@ def rank_list_arg(text: str) -> tuple[int, ...]:
     return values
 
 
+#: Seeds numpy's legacy seeding takes (the Trainer's ``set_seed`` seeds numpy too).
+_SEED_RANGE = "an int from 0 to 2**32 - 1"
+
+
+def seed_arg(text: str) -> int:
+    """A random seed: an int from 0 to ``2**32 - 1`` (what numpy's seeding accepts)."""
+    value = _int_at_least(text, 0, _SEED_RANGE)
+    if value >= 2**32:
+        raise argparse.ArgumentTypeError(f"must be {_SEED_RANGE}; got {text!r}")
+    return value
+
+
 def int_list_arg(text: str) -> list[int]:
-    """Comma-separated ints, each once."""
+    """Comma-separated seeds (:func:`seed_arg`), each once."""
     try:
         values = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
         values = []
     if not values:
         raise argparse.ArgumentTypeError(f"must be a comma-separated list of ints; got {text!r}")
+    bad = [v for v in values if not 0 <= v < 2**32]
+    if bad:
+        raise argparse.ArgumentTypeError(f"each seed must be {_SEED_RANGE}; got {bad[0]}")
     dup = sorted({v for v in values if values.count(v) > 1})
     if dup:
         raise argparse.ArgumentTypeError(

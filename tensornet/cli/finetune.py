@@ -21,7 +21,7 @@ from typing import Any
 
 from ..errors import UsageError
 from ..finetune.defaults import DEFAULT_LR, DEFAULT_OPTIONS, METHOD_OPTIONS, METHODS
-from ._args import device_arg, int_list_arg, nonnegative_int_arg, positive_int_arg
+from ._args import device_arg, int_list_arg, nonnegative_int_arg, positive_int_arg, seed_arg
 from .decompose import add_decompose_args, add_model_args, decompose, load, model_name, setup
 
 __all__ = ["add_commands", "RUN_MARKER"]
@@ -490,7 +490,7 @@ def _add_train_args(p: argparse.ArgumentParser, *, steps: int, n_train: int, n_v
     p.add_argument("--n-test", type=nonnegative_int_arg, default=n_test, metavar="K",
                    help=f"test examples for the accuracy; 0 for none, e.g. for non-numeric "
                    f"answers (default: {n_test})")
-    p.add_argument("--data-seed", type=int, default=0, help="seed of the data (default: 0)")
+    p.add_argument("--data-seed", type=seed_arg, default=0, help="seed of the data (default: 0)")
     p.add_argument("--max-reasoning-steps", type=int, choices=[2, 3, 4], default=max_steps,
                    help=f"most steps per built-in problem (default: {max_steps})")
     if with_rank:
@@ -538,7 +538,7 @@ def add_commands(sub: Any) -> None:
     ft.add_argument("--method", required=True, choices=METHODS, metavar="METHOD",
                     help=f"one of {', '.join(METHODS)}")
     _add_train_args(ft, steps=100, n_train=800, n_val=64, n_test=50, out="runs/finetune")
-    ft.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
+    ft.add_argument("--seed", type=seed_arg, default=0, help="training seed (default: 0)")
     ft.add_argument("--checkpoint-every", type=nonnegative_int_arg, default=0, metavar="K",
                     help="write a resumable checkpoint (adapter, optimizer and scheduler "
                     "state) every K steps (default: 0, never)")
@@ -570,7 +570,7 @@ def add_commands(sub: Any) -> None:
     demo.set_defaults(sweep_ranks=(4, 8, 16, 32), func=_cmd_demo)
     demo.add_argument("--methods", type=_methods_arg, default=["dota", "dota-random", "lora"],
                       metavar="A,B,...", help="methods (default: dota,dota-random,lora)")
-    demo.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
+    demo.add_argument("--seed", type=seed_arg, default=0, help="training seed (default: 0)")
     demo.add_argument("--rank", type=positive_int_arg, default=None, metavar="R",
                       help=f"DoTA's rank R (default: {DEFAULT_OPTIONS['rank']})")
     _add_train_args(demo, steps=20, n_train=400, n_val=8, n_test=10, out=DEMO_OUT,
