@@ -107,6 +107,15 @@ class NumpyOps:
         return np.linalg.svd(a, full_matrices=False)
 
     @staticmethod
+    def svd_unfolding(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        # LAPACK's gesdd reduces a very wide or tall matrix by QR itself first
+        return np.linalg.svd(a, full_matrices=False)
+
+    @staticmethod
+    def eps(x: np.ndarray) -> float:
+        return float(np.finfo(x.dtype).eps)
+
+    @staticmethod
     def numpy(x: np.ndarray) -> np.ndarray:
         return np.asarray(x, dtype=np.float64)
 
@@ -184,6 +193,31 @@ class TorchOps:
         import torch
 
         return torch.linalg.svd(a, full_matrices=False)
+
+    @staticmethod
+    def svd_unfolding(a: Any) -> tuple[Any, Any, Any]:
+        """Thin SVD ``(u, s, vt)`` of an unfolding, typically very wide (or tall)."""
+        import torch
+
+        if device_kind(a) == "cpu":
+            # LAPACK's gesdd reduces a very wide or tall matrix by QR itself first
+            return torch.linalg.svd(a, full_matrices=False)
+        # the accelerator path: QR of the long side, then an SVD of the small R factor (a
+        # device SVD of a 16 x 10^6 unfolding is far slower than this QR)
+        m, n = a.shape
+        if m >= n:
+            q, r = torch.linalg.qr(a)
+            u, s, vt = torch.linalg.svd(r)
+            return q @ u, s, vt
+        q, r = torch.linalg.qr(a.T)
+        w, s, ut = torch.linalg.svd(r)
+        return ut.T, s, (q @ w).T
+
+    @staticmethod
+    def eps(x: Any) -> float:
+        import torch
+
+        return float(torch.finfo(x.dtype).eps)
 
     @staticmethod
     def numpy(x: Any) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 from typing import Any
@@ -72,3 +73,39 @@ def check_tol(tol: Any) -> float | None:
             f"got {tol!r}"
         )
     return float(tol)
+
+
+# The smallest ``tol`` a decomposition accepts, in ulps of its result dtype times sqrt(N).
+# A float64 result: the sweep itself computes in float64 and rounds about an ulp per
+# core and step, so a smaller tolerance could not be told from rounding. A narrower
+# result (float32, bfloat16, float16) is computed in float64 and only rounded once per
+# core to its dtype (half an ulp each): two ulps leave that rounding room (float32 cores
+# reach about 1e-7; 10 ulps refused ``tol=1e-6`` for float32 input).
+TOL_FLOOR_ULPS = {"float64": 10.0, "narrower": 2.0}
+
+
+def tol_floor(eps: float, num_cores: int) -> float:
+    """The smallest reachable relative error for a result of machine epsilon ``eps``."""
+    wide = eps <= float(np.finfo(np.float64).eps)
+    return TOL_FLOOR_ULPS["float64" if wide else "narrower"] * eps * math.sqrt(num_cores)
+
+
+def check_tol_reachable(tol: float, eps: float, num_cores: int, dtype: Any, name: str) -> float:
+    """Return the smallest reachable ``tol``; :class:`ToleranceError` if ``tol`` is below.
+
+    ``eps`` is the machine epsilon of the result dtype ``dtype`` (at most float64's),
+    ``name`` the decomposed argument (``x`` or ``W``), named in the remedy.
+    """
+    floor = tol_floor(eps, num_cores)
+    if tol < floor:
+        wider = eps > float(np.finfo(np.float64).eps)
+        remedy = "pass a larger `tol`" + (
+            f", or a float64 copy of `{name}` for a smaller one" if wider else ""
+        )
+        cores = "core" if num_cores == 1 else "cores"
+        raise ToleranceError(
+            f"`tol` must be at least {floor:.2g} for {num_cores} {cores} in {dtype} (the "
+            f"smallest relative error reachable: {floor / (eps * math.sqrt(num_cores)):g} * "
+            f"eps * sqrt(N), eps = {eps:.3g}); got {tol!r}; {remedy}"
+        )
+    return floor

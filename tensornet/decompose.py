@@ -5,6 +5,16 @@ The unfoldings of a TT-SVD sweep are very wide (``16 x 10^6`` for the first swee
 unfolding on its small side (one BLAS-3 product and a small symmetric eigensolve, in
 float64) rather than from a dense SVD. The kept singular vectors span the same optimal
 subspace, so the truncation error is the same as with a dense SVD.
+
+A Gram matrix holds the squared singular values only to an absolute precision of a few
+ulps of ``||X||^2``: with a tolerance, a rank read off it is certain only where the
+per-bond error budget and the eigenvalues around the cut stand clear of that noise.
+Where they do not (a small ``tol``, or a spectrum that falls off to noise right at the
+cut), that bond is redone from a thin SVD of the unfolding itself, whose small singular
+values are accurate to ulps of the largest one rather than of its square; a float32
+computation is redone in float64 first. So ``tol`` is met, with minimal ranks, down to
+the limit of the result's dtype; a smaller ``tol`` is refused
+(``_validate.check_tol_reachable``).
 """
 
 from __future__ import annotations
@@ -17,7 +27,13 @@ from typing import Any
 import numpy as np
 
 from ._backend import check_float_array, ops_for
-from ._validate import as_int_list, check_modes, check_positive_int, check_tol
+from ._validate import (
+    as_int_list,
+    check_modes,
+    check_positive_int,
+    check_tol,
+    check_tol_reachable,
+)
 from .errors import DTypeError, NonFiniteError, ShapeError
 from .formats import MPO, TensorTrain
 from .params import Rank, check_rank, tt_ranks
@@ -35,6 +51,13 @@ _IDENTITY_MIN_ULPS = 1e4
 # when it has at most this many rows (and the first bond is not truncated).
 _FUSED_MAX_ROWS = 1024
 
+# The tail mass ``trace(G) - sum(kept eigenvalues)`` of a Gram matrix ``G`` is taken to be
+# uncertain by this many ulps of ``trace(G)`` times ``sqrt(G.shape[0])`` (measured: up to
+# 8 ulps for a 512 x 512 Gram, 4 for a 16 x 10^6 unfolding, whatever its spectrum).
+_GRAM_NOISE_ULPS = 4.0
+
+_EPS64 = float(np.finfo(np.float64).eps)
+
 
 def _choose_rank(lam: np.ndarray, total: float, cap: int, budget: float) -> int:
     """Smallest rank <= cap whose discarded mass ``total - sum(lam[:r])`` is <= budget."""
@@ -47,21 +70,61 @@ def _choose_rank(lam: np.ndarray, total: float, cap: int, budget: float) -> int:
     return cap
 
 
+class _Unresolved(Exception):
+    """A Gram matrix cannot tell which rank meets the budget: its noise is at the cut."""
+
+
+def _certain(lam: np.ndarray, total: float, r: int, budget: float, noise: float) -> bool:
+    """Whether rank ``r`` certainly meets ``budget`` and ``r - 1`` certainly does not.
+
+    ``total - sum(lam[:q])`` (the tail mass at rank ``q``) is known to within ``noise``.
+    """
+    tail = total - float(lam[:r].sum())
+    if tail > budget + noise:  # only for r == cap: the cap wins whatever the noise
+        return True
+    if budget <= noise or tail > budget - noise:
+        return False
+    return r == 1 or tail + float(lam[r - 1]) > budget + noise
+
+
 def _top_from_gram(
     g: Any, cap: int, budget: float, ops: Any, full: bool
 ) -> tuple[Any, int, float, np.ndarray]:
     """Leading eigenvectors of a Gram matrix: ``(vectors[:, :r], r, discarded, sigma)``.
 
     ``sigma`` holds every singular value with ``full``, else at least the leading ``cap``.
+    Raises :class:`_Unresolved` where a positive ``budget`` cannot be resolved (see
+    :func:`_certain`).
     """
     total = ops.trace(g)
     if not math.isfinite(total):
         raise _Overflow
-    lam, vec = ops.eigh_top(g, min(cap, g.shape[0]), full)
+    m = g.shape[0]
+    lam, vec = ops.eigh_top(g, min(cap, m), full)
     lam_np = np.clip(ops.numpy(lam), 0.0, None)
-    r = _choose_rank(lam_np, total, min(cap, g.shape[0]), budget)
+    r = _choose_rank(lam_np, total, min(cap, m), budget)
+    if budget > 0.0:
+        noise = _GRAM_NOISE_ULPS * ops.eps(g) * total * math.sqrt(m)
+        if not _certain(lam_np, total, r, budget, noise):
+            raise _Unresolved
     discarded = max(total - float(lam_np[:r].sum()), 0.0)
     return vec[:, :r], r, discarded, np.sqrt(lam_np)
+
+
+def _svd_cut(a: Any, cap: int, budget: float, ops: Any) -> tuple[Any, Any, float, np.ndarray]:
+    """:func:`_truncated_svd` from a thin SVD of ``a``: the tail masses summed directly.
+
+    A singular value is accurate to ulps of the largest one, so a tail mass
+    ``sum(sigma[r:]^2)`` is accurate far below the ulps of ``||a||^2`` a Gram matrix has.
+    """
+    u, s, vt = ops.svd_unfolding(a)
+    sigma = ops.numpy(s)
+    lam = sigma * sigma
+    tails = np.append(np.cumsum(lam[::-1])[::-1], 0.0)  # tails[q] = sum(lam[q:])
+    c = min(cap, len(lam))
+    r = next((q for q in range(1, c + 1) if tails[q] <= budget), c)
+    u = u[:, :r]
+    return u, u.T @ a, float(tails[r]), sigma
 
 
 def _truncated_svd(
@@ -72,12 +135,19 @@ def _truncated_svd(
     Returns ``(u, s_vt, discarded, sigma)``: ``u`` has orthonormal columns (the left
     singular vectors), ``s_vt = u^T a``, ``discarded`` is the sum of the discarded
     squared singular values and ``sigma`` the leading (``full``: all) singular values.
+    Where the Gram matrix cannot resolve ``budget``, the SVD of ``a`` itself is used in
+    float64; in a narrower dtype :class:`_Unresolved` is raised (redo in float64).
     """
     m, n = a.shape
-    if m <= n:
-        u, _, discarded, sigma = _top_from_gram(a @ a.T, cap, budget, ops, full)
-        return u, u.T @ a, discarded, sigma
-    v, _, discarded, sigma = _top_from_gram(a.T @ a, cap, budget, ops, full)
+    try:
+        if m <= n:
+            u, _, discarded, sigma = _top_from_gram(a @ a.T, cap, budget, ops, full)
+            return u, u.T @ a, discarded, sigma
+        v, _, discarded, sigma = _top_from_gram(a.T @ a, cap, budget, ops, full)
+    except _Unresolved:
+        if ops.eps(a) > _EPS64:
+            raise
+        return _svd_cut(a, cap, budget, ops)
     # a v = u s w^T exactly: a small thin SVD orthonormalizes the m x r block.
     u, s, wt = ops.svd(a @ v)
     return u, (s[:, None] * wt) @ v.T, discarded, sigma
@@ -237,6 +307,12 @@ def _run(
     relative error and the spectra.
     """
     ops = ops_for(like)
+    if tol is not None:
+        # rounding the N cores (and, in float64, the sweep itself) moves the result by
+        # about an ulp each: half the smallest tol accepted is set aside for it, so that
+        # the measured error of the returned cores is <= tol
+        eps = max(ops.eps(like), _EPS64)
+        tol -= check_tol_reachable(tol, eps, len(dims), like.dtype, name) / 2
     f64 = ops.to64(like.reshape(-1)[:1]).dtype
     cdtype = ops.compute_dtype(like)
     if tol is not None and tol < _FLOAT32_MIN_TOL:
@@ -257,6 +333,9 @@ def _run(
             if scale != 1.0:  # pragma: no cover - max-abs scaling bounds every entry by 1
                 raise
             cdtype, scale = f64, ops.max_abs(like)
+            continue
+        except _Unresolved:  # a float32 Gram cannot resolve the tol: float64 can
+            cdtype = f64
             continue
         rel2 = (norm2 - kept2) / norm2 if norm2 else 0.0
         low_res = cdtype != f64 and rel2 < _IDENTITY_MIN_ULPS * float(np.finfo(np.float32).eps)
@@ -308,8 +387,12 @@ def tt_decompose(
         caps, or the ``N+1`` form with boundary 1s (``tt.ranks``, tensorly's form).
     tol : float, optional
         Relative Frobenius error target in (0, 1): each sweep keeps the smallest rank
-        whose discarded mass is at most ``tol^2 ||x||^2 / (N-1)``, so that the total
-        relative error is at most ``tol``. Combined with ``rank``, the cap wins.
+        whose discarded mass is at most ``tol^2 ||x||^2 / (N-1)``, so that the relative
+        error of the returned cores, as measured, is at most ``tol`` (the ranks are those
+        of a TT-SVD by dense SVDs, up to ties within rounding). Combined with ``rank``,
+        the cap wins. It must be at least ``10 * eps * sqrt(N)`` (``eps`` of ``x``'s
+        dtype, at most float64's), the smallest error the cores can be trusted to reach
+        in that dtype; see :func:`mpo_decompose` for how it is met.
     full_spectrum : bool, default False
         Keep every singular value of every unfolding in ``singular_values`` (costs a
         full eigendecomposition of each large Gram matrix), as for
@@ -324,8 +407,11 @@ def tt_decompose(
 
     Raises
     ------
-    ShapeError, RankError, ToleranceError, DTypeError, NonFiniteError
+    ShapeError, RankError, DTypeError, NonFiniteError
         On a bad argument (each message names it and the value received).
+    ToleranceError
+        ``tol`` is outside (0, 1), or below ``10 * eps * sqrt(N)`` (the message gives
+        that smallest reachable value).
 
     Examples
     --------
@@ -486,7 +572,13 @@ def mpo_decompose(
         eq. (1), a cap ``R`` for every bond, ``N-1`` caps, or the ``N+1`` form with
         boundary 1s (``mpo.ranks``, tensorly's form).
     tol : float, optional
-        Relative Frobenius error target in (0, 1), instead of or on top of ``rank``.
+        Relative Frobenius error target in (0, 1), instead of or on top of ``rank``
+        (then the cap wins): each sweep keeps the smallest rank whose discarded mass is
+        at most ``tol^2 ||W||^2 / (N-1)``, so that ``relative_error``, the measured error
+        of the returned cores, is at most ``tol``, with the ranks of a TT-SVD by dense
+        SVDs up to ties within rounding. It must be at least ``10 * eps * sqrt(N)``
+        (``eps`` of ``W``'s dtype, at most float64's: 4.4e-15 for 4 cores in float64,
+        2.4e-6 in float32); a smaller one is refused (see Notes).
     full_spectrum : bool, default False
         Keep every singular value of every unfolding in ``singular_values``, to choose a
         rank from. By default an unfolding with at least 128 rows and columns keeps only
@@ -516,6 +608,18 @@ def mpo_decompose(
     Gram matrix of the unfolding on its small side, the method in [1]_ (Algorithm 1)
     computed as in [2]_.
 
+    With ``tol``, a rank read off a Gram matrix is used only where it is certain: the
+    eigenvalues carry an error of a few ulps of ``||W||^2``, so a sweep whose error budget
+    ``tol^2 ||W||^2 / (N-1)``, or whose eigenvalues at the cut, are within that noise (in
+    float64, typically a ``tol`` below ~1e-7, or a spectrum that falls to noise level
+    right at the cut) takes its spectrum from a thin SVD of the unfolding instead, whose
+    small singular values are accurate to ulps of ``||W||`` rather than of its square (a
+    float32 computation is redone in float64 first). The common cases (a rank cap, a
+    ``tol`` of 1e-6 or more on data without noise-level structure) never need it. Half
+    of the smallest accepted ``tol`` is set aside for the rounding of the cores to the
+    output dtype: so ``relative_error <= tol`` holds for every ``tol`` accepted, and the
+    ranks are those of the dense-SVD TT-SVD at a ``tol`` smaller by at most that half.
+
     Raises
     ------
     ShapeError
@@ -524,7 +628,9 @@ def mpo_decompose(
     RankError
         ``rank`` is not a rank specification for ``N`` cores.
     ToleranceError
-        ``tol`` is outside (0, 1).
+        ``tol`` is outside (0, 1), or below ``10 * eps * sqrt(N)``, which ``W``'s dtype
+        cannot deliver (the message gives that smallest reachable value; pass a float64
+        copy of ``W`` for a smaller one).
     DTypeError
         ``W`` is not a real floating array with data (a meta tensor has none).
     NonFiniteError

@@ -45,7 +45,7 @@ class RankError(ConfigError):
 
 
 class ToleranceError(ConfigError):
-    """An error tolerance ``tol`` is not a number in the open interval (0, 1)."""
+    """An error tolerance ``tol`` is not a number in (0, 1), or below what the dtype reaches."""
 
 
 class DTypeError(TensornetError, TypeError):
