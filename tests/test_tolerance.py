@@ -17,7 +17,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import tensornet.decompose as dec
+import tensornet._truncate as dec
 from tensornet import ToleranceError, mpo_decompose, tt_decompose
 from tensornet._backend import NumpyOps, TorchOps
 from tensornet._device import DEVICE_KINDS, device_path
