@@ -99,6 +99,6 @@ def test_a_lotr_rank_beyond_the_layers_is_refused_before_any_allocation():
     # LoTRConfig(rank=100000) tried to allocate rank x rank cores per layer (40 GB)
     base = tiny_llama()
     before = snapshot(base)
-    with pytest.raises(ConfigError, match=r"`rank` must be <= min\(out_features, in_features\)"):
+    with pytest.raises(ConfigError, match=r"`rank` must be <= \d+ .*larger than the layer"):
         get_peft_model(base, LoTRConfig(rank=100000))
     assert_untouched(base, before)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -52,14 +53,21 @@ class LoTRModel(SharedStateTuner):
                     f"factors); got {sorted(str(k) for k in found)}"
                 )
             out_f, in_f = shapes.pop()
-            if config.rank > min(out_f, in_f):
-                # (and init='orthogonal' needs it): the update A G B has rank at most
-                # min(out, in); a higher rank only adds parameters (G is rank x rank per
-                # layer: rank 100000 asked for 40 GB)
+            if config.init == "orthogonal" and config.rank > min(out_f, in_f):
                 raise ConfigError(
                     f"`rank` must be <= min(out_features, in_features) = {min(out_f, in_f)} "
-                    f"(the {kind!r} layers are {out_f}x{in_f}; a higher rank adds parameters, "
-                    f"not expressiveness); got {config.rank}"
+                    f"for init='orthogonal' (the {kind!r} layers are {out_f}x{in_f}); got "
+                    f"{config.rank}"
+                )
+            if config.rank * config.rank > out_f * in_f:
+                # each layer's G (rank x rank) would outgrow the layer it adapts, whose
+                # update A G B has rank at most min(out, in) anyway (rank 100000 asked
+                # for 40 GB before anything was checked)
+                raise ConfigError(
+                    f"`rank` must be <= {math.isqrt(out_f * in_f)} for the {kind!r} layers "
+                    f"({out_f}x{in_f}): each layer's rank x rank core would be larger than "
+                    f"the layer itself (min(out_features, in_features) = {min(out_f, in_f)} "
+                    f"is the most any rank can express); got {config.rank}"
                 )
 
     @classmethod
