@@ -27,6 +27,7 @@ import warnings
 import pytest
 import torch
 from dota_helpers import (
+    IDS,
     METHOD_NAMES,
     METHODS,
     TINY_TARGETS,
@@ -45,7 +46,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from tensornet.adapters import DoTAConfig, DoTALinear, tiny_llama
+from tensornet.adapters import DoTAConfig, DoTALinear, LoRTAConfig, LoTRConfig, tiny_llama
 from tensornet.adapters.dota import model as dota_model
 from tensornet.errors import AdapterFileError, AdapterMismatchError, ConfigError, TensornetError
 
@@ -281,7 +282,9 @@ OTHER_BASES = {
     "other-weights": (lambda: tiny_llama(seed=1), ["model.layers.0.self_attn.q_proj",
                                                      "fingerprint"]),
     "last-layer-differs": (_last_layer_differs, ["model.layers.1.mlp.down_proj", "fingerprint"]),
-    "other-dtype": (lambda: tiny_llama(dtype=torch.bfloat16), ["bfloat16", "float32"]),
+    # a float16 copy of the float32 base: its own rounding makes other bfloat16 words
+    "float16-copy": (lambda: tiny_llama(dtype=torch.float16),
+                     ["fingerprint", "float16", "float32"]),
     "other-shapes": (lambda: tiny_llama(hidden_size=128, intermediate_size=256),
                      ["model.layers.0.self_attn.q_proj", "128x128", "another base model"]),
     "other-layers": (lambda: tiny_llama(num_hidden_layers=3), ["model.layers.2."]),
@@ -480,3 +483,25 @@ def test_the_table_configs_are_never_changed_by_use():
         for m in METHODS:
             adapted(m)
     assert {m: c.to_dict() for m, c in METHODS.items()} == data
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("method", ["dota", "qdota", "lotr", "lorta"])
+def test_an_adapter_trained_on_float32_loads_onto_the_base_in_another_dtype(
+        method, dtype, tmp_path):
+    """peft users load float32-trained adapters onto bfloat16 bases: the fingerprint is
+    the same for float32, bfloat16 and float64 copies of one base (issue 22, point 4)."""
+    if method == "qdota" and dtype == torch.float64:
+        pytest.skip("QDoTA computes in float32/bfloat16/float16 only (bitsandbytes)")
+    config = {"dota": DoTAConfig(), "qdota": DoTAConfig(quantize="nf4"),
+              "lotr": LoTRConfig(rank=4), "lorta": LoRTAConfig(rank=4)}[method]
+    model = get_peft_model(tiny_llama(), config)
+    train(model, steps=1)
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        want = model(input_ids=IDS).logits.float()
+    other = PeftModel.from_pretrained(tiny_llama(dtype=dtype), tmp_path)
+    with torch.no_grad():
+        got = other(input_ids=IDS).logits.float()
+    tol = 1e-6 if dtype == torch.float64 else dtype_tolerance(torch.bfloat16)
+    assert (got - want).abs().max().item() <= max(tol, 2e-2 if method == "qdota" else 0)

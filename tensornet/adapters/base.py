@@ -217,12 +217,16 @@ def _fold(x: torch.Tensor, shifts: tuple[int, ...], out: torch.Tensor,
 
 
 def fingerprint(weight: torch.Tensor) -> str:
-    r"""Identity of a weight's values, computed where the weight lives.
+    r"""Identity of a weight's values, the same in every floating dtype, computed where it lives.
 
-    The values are read as float32 (float64 weights as float64): a bfloat16 or float16
-    weight has the fingerprint of its exact float32 upcast, so a bfloat16 checkpoint
-    loaded as float32 matches the bfloat16 original. The result is bit-identical on the
-    CPU and on CUDA, whatever the weight's memory layout.
+    The values are read rounded to bfloat16 (through float32): a float32 base, its
+    bfloat16 copy and a float64 original have one fingerprint, so an adapter trained on
+    one loads onto the others (peft users load float32-trained adapters onto bfloat16
+    bases), while another checkpoint does not match. Weights that differ only below
+    bfloat16's precision (8 significant bits) are taken to be the same base. A float16
+    copy does not in general match: its own rounding (11 bits) makes ties that bfloat16
+    then rounds the other way. The result is bit-identical on the CPU and on CUDA,
+    whatever the weight's memory layout.
 
     Parameters
     ----------
@@ -232,17 +236,15 @@ def fingerprint(weight: torch.Tensor) -> str:
     Returns
     -------
     str
-        ``"v2:<dtype>:<shape>:<hex>"``, e.g. ``"v2:float32:4096x11008:"`` followed by 16
-        hex digits (one 64-bit sum).
+        ``"v2:bfloat16:<shape>:<hex>"``, e.g. ``"v2:bfloat16:4096x11008:"`` followed by
+        16 hex digits (one 64-bit sum).
 
     Notes
     -----
-    Let ``x_i`` be the bits of the ``i``-th value (row-major order) as a signed integer
-    (int32 for float32, int64 for float64), folded onto themselves:
-    ``y_i = x_i ^ (x_i >>> 16)`` (float64: first ``^ (x >>> 32)``), a bijection that
-    brings changes of the high bits (sign, exponent, the only bits a bfloat16 weight
-    upcast to float32 has) into the low ones. Split the flat index as ``i = P r + j``
-    (``P = 2**16``); the fingerprint is
+    Let ``x_i`` be the bits of the ``i``-th value (row-major order) rounded to bfloat16,
+    as a signed 16-bit integer, folded onto themselves: ``y_i = x_i ^ (x_i >>> 8)``, a
+    bijection that brings changes of the high byte (sign, exponent) into the low one.
+    Split the flat index as ``i = P r + j`` (``P = 2**16``); the fingerprint is
 
     .. math:: h = \sum_i b(r)\, a(j)\, y_i \bmod 2^{64}
 
@@ -252,34 +254,33 @@ def fingerprint(weight: torch.Tensor) -> str:
     the same bits (floating sums would not). It runs on the weight's device in blocks (no
     host copy; temporaries of a few MB) and reads back one int64: one host
     synchronisation. One sum, not several: on the CPU the int64 products are most of the
-    cost, and a second sum took DoTA's creation on LLaMA-2-7B-shaped layers from 1.11x to
-    1.19x its decompositions (one thread; the goal is 1.2x, ``benchmarks/bench_create.py``).
+    cost (a second sum took DoTA's creation on LLaMA-2-7B-shaped layers from 1.11x to
+    1.19x its decompositions, ``benchmarks/bench_create.py``).
 
     What it proves, treating the multipliers as independent uniformly random odd
-    numbers (so, for changes made without looking at them): two weights whose values
-    differ get the same ``h`` with probability at most ``64 * 2**(v - 63)``, where ``v``
-    is the lowest bit position in which some ``y_i`` differs (``2**v`` divides every
-    difference ``y_i - y'_i``). ``v`` is 0 for half of the changes of a value's low
-    bits, and at most 15 unless a value changes by the same bits in both its halves
-    (a sign flip alone: 15). A change of a single value is always detected (an odd
-    multiple of a nonzero difference below ``2**64`` is not 0 modulo ``2**64``). So a
-    different checkpoint, one value off by one ulp, two values swapped or a transposed
-    matrix give another fingerprint except with probability about ``2**-57`` (``2**-42``
-    for sign flips only). What it does not prove: it is not a cryptographic hash. Its
-    multipliers are public, and a weight forged to have a given fingerprint is easy to
-    construct: it identifies a base against accidents (the wrong checkpoint), it does
-    not authenticate one.
+    numbers (so, for changes made without looking at them): two weights whose bfloat16
+    values differ get the same ``h`` with probability at most ``64 * 2**(v - 63)``, where
+    ``v`` is the lowest bit position in which some ``y_i`` differs (``2**v`` divides every
+    difference ``y_i - y'_i``; ``v`` is at most 15, and 0 for half of the changes of a
+    value's low bits). A change of a single value is always detected (an odd multiple of
+    a nonzero difference below ``2**16`` is not 0 modulo ``2**64``). So a different
+    checkpoint, one value off by one bfloat16 ulp, two values swapped or a transposed
+    matrix give another fingerprint except with probability about ``2**-57`` (at worst
+    ``2**-42``). What it does not prove: it is not a cryptographic hash. Its multipliers
+    are public, and a weight forged to have a given fingerprint is easy to construct: it
+    identifies a base against accidents (the wrong checkpoint), it does not authenticate
+    one.
 
     Examples
     --------
-    >>> w = torch.arange(6.0).reshape(2, 3)
+    >>> w = torch.arange(6.0).reshape(2, 3) / 3
     >>> fp = fingerprint(w)
     >>> fp.split(":")[:3]
-    ['v2', 'float32', '2x3']
-    >>> fingerprint(w.bfloat16()) == fp, fingerprint(w.T.contiguous().T) == fp
+    ['v2', 'bfloat16', '2x3']
+    >>> fingerprint(w.bfloat16()) == fp, fingerprint(w.double()) == fp
     (True, True)
-    >>> fingerprint(w.reshape(3, 2)) == fp
-    False
+    >>> fingerprint(w.T.contiguous().T) == fp, fingerprint(w.reshape(3, 2)) == fp
+    (True, False)
     """
     return _fingerprint(weight, block=_BLOCK[device_kind(weight)])
 
@@ -287,10 +288,7 @@ def fingerprint(weight: torch.Tensor) -> str:
 def _fingerprint(weight: torch.Tensor, *, block: int) -> str:
     """:func:`fingerprint` in passes of about ``block`` elements (the result is the same)."""
     w = weight.detach()
-    if w.dtype == torch.float64:
-        value_dtype, bits_dtype, shifts = torch.float64, torch.int64, (32, 16)
-    else:
-        value_dtype, bits_dtype, shifts = torch.float32, torch.int32, (16,)
+    shifts = (8,)  # the bfloat16 word's high byte (sign, exponent) folded onto its low one
     flat = w.reshape(-1)  # row-major order: a strided view reads as its contiguous copy
     n, dev = flat.numel(), flat.device
     full, tail = divmod(n, _PERIOD)
@@ -300,22 +298,31 @@ def _fingerprint(weight: torch.Tensor, *, block: int) -> str:
     a = _odd_multipliers(torch.arange(width, device=dev)[None, :], keys_a[:, None])
     sums = torch.empty((full + (tail > 0), _SUMS), dtype=torch.int64, device=dev)
     rows = max(min(block // _PERIOD, full + (tail > 0)), 1)  # rows of P values per pass
-    bits = torch.empty((2, rows, 1, width), dtype=bits_dtype, device=dev)  # y, scratch
+    bits = torch.empty((2, rows, 1, width), dtype=torch.int16, device=dev)  # y, scratch
     product = torch.empty((rows, _SUMS, width), dtype=torch.int64, device=dev)
     for r0 in range(0, full, rows):
         r1 = min(r0 + rows, full)
-        x = flat[r0 * _PERIOD : r1 * _PERIOD].to(value_dtype).view(bits_dtype)
+        x = _bfloat16_bits(flat[r0 * _PERIOD : r1 * _PERIOD])
         y = _fold(x.view(r1 - r0, 1, _PERIOD), shifts, bits[0, : r1 - r0], bits[1, : r1 - r0])
         torch.sum(torch.mul(y, a, out=product[: r1 - r0]), dim=2, out=sums[r0:r1])
     if tail:
-        x = flat[full * _PERIOD :].to(value_dtype).view(bits_dtype)
+        x = _bfloat16_bits(flat[full * _PERIOD :])
         y = _fold(x, shifts, bits[0, 0, 0, :tail], bits[1, 0, 0, :tail])
         torch.sum(torch.mul(y, a[:, :tail], out=product[0, :, :tail]), dim=1, out=sums[full])
     b = _odd_multipliers(torch.arange(len(sums), device=dev)[:, None], keys_b[None, :])
     h = (b * sums).sum(dim=0).tolist()  # the one host synchronisation (one int per sum)
     shape = "x".join(str(d) for d in w.shape)
     digits = "".join(f"{v & _MASK64:016x}" for v in h)
-    return f"{FINGERPRINT_VERSION}:{str(value_dtype).removeprefix('torch.')}:{shape}:{digits}"
+    return f"{FINGERPRINT_VERSION}:bfloat16:{shape}:{digits}"
+
+
+def _bfloat16_bits(values: torch.Tensor) -> torch.Tensor:
+    """The bits of ``values`` rounded to bfloat16 (through float32), as int16.
+
+    Rounding through float32 gives a float64 weight and its float32 copy the same words
+    (rounding float64 straight to bfloat16 could round a tie the other way).
+    """
+    return values.to(torch.float32).to(torch.bfloat16).view(torch.int16)
 
 
 def _legacy_fingerprint(weight: torch.Tensor) -> str:

@@ -198,7 +198,12 @@ class TensornetTuner(BaseTuner):
                     f"layer {t.key!r} is {t.record['shape'][0]}x{t.record['shape'][1]} in this "
                     f"model but {rec.get('shape')} in the adapter: another base model"
                 )
-            if rec.get("dtype") != t.record["dtype"]:
+            saved_fp = str(rec.get("fingerprint"))
+            version = saved_fp.partition(":")[0] if ":" in saved_fp else None
+            other_dtype = rec.get("dtype") != t.record["dtype"]
+            if other_dtype and version is None:
+                # the legacy digest is of the values in the saved dtype; a v2 fingerprint
+                # is the same for float32, bfloat16 and float64 copies of one base
                 raise AdapterMismatchError(
                     f"layer {t.key!r} is {t.record['dtype']} in this model but the adapter was "
                     f"trained on a {rec.get('dtype')} base: load the base model in "
@@ -214,8 +219,6 @@ class TensornetTuner(BaseTuner):
                 continue  # nothing to compare; from_pretrained with low_cpu_mem_usage
             weight = dense_weight(t.module)
             fp = fingerprint(weight)
-            saved_fp = str(rec.get("fingerprint"))
-            version = saved_fp.partition(":")[0] if ":" in saved_fp else None
             if version not in (None, FINGERPRINT_VERSION):
                 raise AdapterMismatchError(
                     f"layer {t.key!r}: the adapter's base fingerprint has format "
@@ -225,10 +228,13 @@ class TensornetTuner(BaseTuner):
             # an adapter saved before v2 holds the legacy digest (no prefix): checked as such
             same = saved_fp == (fp if version else _legacy_fingerprint(weight))
             if not same:
+                hint = (f"; this model's layer is {t.record['dtype']}, the adapter's base was "
+                        f"{rec.get('dtype')}: float32, bfloat16 and float64 copies of a base "
+                        f"match, a float16 copy does not" if other_dtype else "")
                 raise AdapterMismatchError(
                     f"layer {t.key!r} of this model has other weights than the base the "
                     f"adapter was trained on (fingerprint mismatch): load it into the same base "
-                    f"model"
+                    f"model{hint}"
                 )
             t.record["fingerprint"] = fp
 
