@@ -1,15 +1,23 @@
-"""Result objects: :class:`MPO` (tensor-train matrix) and :class:`TensorTrain`."""
+"""Result objects: :class:`MPO` (tensor-train matrix) and :class:`TensorTrain`.
+
+Both also compute in the format (rounding, canonical forms, sums, inner products and
+norms, never the dense matrix): the methods are defined once below, shared by the two
+classes, over the kernels of :mod:`tensornet.ttops`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
+from . import ttops
 from ._backend import check_same_kind, is_torch
+from ._validate import check_positive_int, check_tol
 from .errors import DTypeError, ShapeError
+from .params import Rank, check_rank
 from .tensorize import _combine_halves, _mpo_halves
 
 __all__ = ["MPO", "TensorTrain"]
@@ -59,6 +67,224 @@ def _cores_of(obj: Any, name: str) -> tuple[Any, ...]:
     return tuple(obj)
 
 
+# ---------------------------------------------------------------------------------------
+# Operations in the format (tensornet.ttops), shared by MPO and TensorTrain: each function
+# below is assigned in both class bodies, so that it is documented on both pages. An MPO
+# works on its cores reshaped to (R_{k-1}, I_k J_k, R_k).
+
+_Train = TypeVar("_Train", "MPO", "TensorTrain")
+
+
+def _check_operand(self: _Train, other: Any, op: str) -> None:
+    """``other`` is a train of ``self``'s class, modes and array kind, else raise."""
+    kind = type(self).__name__
+    if type(other) is not type(self):
+        raise DTypeError(
+            f"`{op}` of {kind} takes another {kind} (of the same modes); got "
+            f"{type(other).__name__}"
+        )
+    if self._modes() != other._modes():
+        raise ShapeError(
+            f"`{op}` of {kind} needs equal modes: the left operand has "
+            f"{self._describe_modes()}, the right {other._describe_modes()}"
+        )
+    check_same_kind([other.cores[0]], "other", like=self.cores[0], like_name="self", indexed=False)
+
+
+def _round(self: _Train, *, rank: Rank = None, tol: float | None = None) -> _Train:
+    """Recompress to smaller ranks without forming the dense matrix (TT-rounding).
+
+    A right-to-left QR sweep makes the cores right-orthogonal, then a left-to-right
+    sweep truncates the SVD of each core at its bond (Oseledets' TT-rounding, see
+    :mod:`tensornet.ttops`): the result is the TT-SVD of the represented matrix or
+    tensor, at ``O(N R^3 d)`` cost (``d = I_k J_k`` for an MPO).
+
+    Parameters
+    ----------
+    rank : None, int or sequence of int
+        A rank specification (:mod:`tensornet.params`), as for
+        :func:`tensornet.mpo_decompose`: None truncates nothing (a bond falls only to
+        what the cores' shapes allow, ``min(R_{k-1} d_k, d_{k+1} R_{k+1})``), an int caps
+        every bond, ``N-1`` ints cap each, or the ``N+1`` form of :attr:`ranks`.
+    tol : float, optional
+        Relative Frobenius change allowed, in (0, 1): each of the ``N-1`` bonds keeps the
+        smallest rank whose discarded mass is at most ``tol^2 ||A||^2 / (N-1)``.
+        Combined with ``rank``, the cap wins. It must be at least twice the rounding
+        allowance ``(4 eps + 32 eps_64) sqrt(N)`` (``eps`` of the cores' dtype, ``eps_64``
+        float64's), which is set aside for the rounding of the result, so that the
+        change, as measured, is at most ``tol``.
+
+    Returns
+    -------
+    MPO or TensorTrain
+        A new result of this class, the cores' array type, dtype and device, with
+        ``relative_error`` the change ``||A - round(A)||_F / ||A||_F`` relative to this
+        train ``A`` (not to a matrix it was decomposed from): exactly ``sqrt(sum of
+        discarded sigma^2) / ||A||_F``, the sweep being orthogonal; ``error_bound``
+        adds the rounding allowance (float64 sweep, cast to the cores' dtype), so that
+        the measured change is within it; ``singular_values`` holds the spectrum of each
+        bond in the sweep (float64, descending, every value).
+
+    Raises
+    ------
+    RankError, ToleranceError
+        On a bad ``rank`` or ``tol`` (a ``tol`` below the dtype's limit included).
+    NonFiniteError
+        If the cores hold NaN or Inf, or the result overflows their dtype even with its
+        norm spread evenly over the cores (the sweep leaves it in the last core; a
+        float16 train is balanced where that core would overflow).
+
+    Examples
+    --------
+    A sum doubles the ranks; rounding at the original ranks gives the train back:
+
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> a = MPO([rng.standard_normal(s) for s in [(1, 2, 3, 4), (4, 3, 2, 4), (4, 2, 2, 1)]])
+    >>> b = (a + a).round(rank=a.ranks)
+    >>> (a + a).ranks, b.ranks
+    ((1, 8, 8, 1), (1, 4, 4, 1))
+    >>> bool(np.allclose(b.to_dense(), 2 * a.to_dense())), b.relative_error < 1e-12
+    (True, True)
+    >>> c = a.round(rank=2)
+    >>> c.ranks, c.relative_error <= c.error_bound
+    ((1, 2, 2, 1), True)
+    """
+    cores = self._tt_cores()
+    caps = check_rank(rank, len(cores))
+    tol = check_tol(tol)
+    out, rel, bound, spectra = ttops.round_cores(cores, caps, tol)
+    return self._from_tt_cores(out, error_bound=bound, relative_error=rel, singular_values=spectra)
+
+
+def _canonicalize(self: _Train, center: int) -> _Train:
+    """The same operator with its cores in a canonical (mixed-orthogonal) form.
+
+    Cores before ``center`` are left-orthogonal (each reshaped to ``(R_{k-1} d_k, R_k)``
+    has orthonormal columns; ``d_k = I_k J_k`` for an MPO), cores after it
+    right-orthogonal (each reshaped to ``(R_{k-1}, d_k R_k)`` has orthonormal rows); the
+    ``center`` core carries the norm. A bond may shrink to what the cores' shapes allow
+    (``R_k <= R_{k-1} d_k`` and ``R_{k-1} <= d_k R_k``); nothing else is truncated.
+
+    Parameters
+    ----------
+    center : int
+        The orthogonality center, ``0 <= center < N``.
+
+    Returns
+    -------
+    MPO or TensorTrain
+        A new result of this class (array type, dtype and device kept, factorized in
+        float64), without error fields: it is a new set of cores for the same operator.
+
+    Raises
+    ------
+    ShapeError, DTypeError
+        If ``center`` is not an int in ``[0, N)``.
+    NonFiniteError
+        If the cores hold NaN or Inf, or the center core, which holds the whole norm,
+        overflows their dtype (float16: cast to float32 first).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> tt = TensorTrain([rng.standard_normal(s) for s in [(1, 3, 2), (2, 4, 2), (2, 5, 1)]])
+    >>> c = tt.canonicalize(2)
+    >>> q = c.cores[0].reshape(3, 2)
+    >>> bool(np.allclose(q.T @ q, np.eye(2))), bool(np.allclose(c.to_dense(), tt.to_dense()))
+    (True, True)
+    >>> bool(np.isclose(np.linalg.norm(c.cores[2]), tt.norm()))
+    True
+    """
+    n = len(self.cores)
+    center = check_positive_int(center, "center", minimum=0)
+    if center >= n:
+        raise ShapeError(
+            f"`center` must be a core index in [0, {n}) for {n} "
+            f"{'core' if n == 1 else 'cores'}; got {center}"
+        )
+    return self._from_tt_cores(ttops.canonical_cores(self._tt_cores(), center))
+
+
+def _inner(self: _Train, other: _Train) -> float:
+    """Frobenius inner product ``sum(A * B)`` with a train of the same modes.
+
+    Contracts the two trains core by core in float64, carrying an ``R_a x R_b`` matrix
+    along the chain: ``O(N R^3 d)``, never the dense operands.
+
+    Parameters
+    ----------
+    other : MPO or TensorTrain
+        A train of this class, of the same modes, array type, dtype and device.
+
+    Returns
+    -------
+    float
+        The inner product.
+
+    Raises
+    ------
+    ShapeError
+        If the modes differ.
+    DTypeError
+        If ``other`` is not of this class, or its array type, dtype or device differs.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> a = MPO([rng.standard_normal((1, 2, 3, 2)), rng.standard_normal((2, 2, 2, 1))])
+    >>> b = MPO([rng.standard_normal((1, 2, 3, 3)), rng.standard_normal((3, 2, 2, 1))])
+    >>> bool(np.isclose(a.inner(b), np.vdot(a.to_dense(), b.to_dense())))
+    True
+    """
+    _check_operand(self, other, "inner")
+    return ttops.inner_cores(self._tt_cores(), other._tt_cores())
+
+
+def _norm(self: _Train) -> float:
+    """Frobenius norm ``sqrt(A.inner(A))``, contracted core by core in float64.
+
+    Returns
+    -------
+    float
+        ``||A||_F``.
+
+    Raises
+    ------
+    NonFiniteError
+        If the cores hold NaN or Inf.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> tt = TensorTrain([np.ones((1, 3, 2)), np.ones((2, 4, 1))])
+    >>> round(tt.norm(), 6), round(float(np.linalg.norm(tt.to_dense())), 6)
+    (6.928203, 6.928203)
+    """
+    return ttops.norm_cores(self._tt_cores())
+
+
+def _add(self: _Train, other: Any) -> _Train:
+    _check_operand(self, other, "+")
+    return self._from_tt_cores(ttops.add_cores(self._tt_cores(), other._tt_cores()))
+
+
+def _sub(self: _Train, other: Any) -> _Train:
+    _check_operand(self, other, "-")
+    return _add(self, -other)
+
+
+def _neg(self: _Train) -> _Train:
+    return self._from_tt_cores(ttops.scale_cores(self._tt_cores(), -1.0))
+
+
+def _mul(self: _Train, c: Any) -> _Train:
+    c = ttops.check_scalar(c, "*", type(self).__name__)
+    return self._from_tt_cores(ttops.scale_cores(self._tt_cores(), c))
+
+
 @dataclass(frozen=True, eq=False)
 class MPO:
     """A matrix product operator (tensor-train matrix) approximating a weight matrix.
@@ -97,6 +323,16 @@ class MPO:
     ShapeError, DTypeError
         If the cores are not a chain of 4-D arrays of one kind with matching bonds.
 
+    Notes
+    -----
+    Operations in the format, none of which forms the dense matrix
+    (:mod:`tensornet.ttops`): :meth:`round` recompresses to smaller ranks,
+    :meth:`canonicalize` gives a mixed-orthogonal form, :meth:`inner` and :meth:`norm`
+    the Frobenius inner product and norm; ``a + b`` and ``a - b`` (equal modes, array
+    type, dtype and device) add the bonds, ``R_k(a + b) = R_k(a) + R_k(b)``, and
+    ``c * a``, ``a * c``, ``-a`` scale by a real number. Results of arithmetic carry no
+    error fields (None).
+
     Examples
     --------
     >>> import numpy as np
@@ -106,6 +342,8 @@ class MPO:
     ((10, 18), (1, 4, 1), 144)
     >>> float(m.to_dense()[0, 0])
     4.0
+    >>> (m + m).ranks, float((m - 0.5 * m).to_dense()[0, 0]), (m + m).round(tol=1e-9).ranks
+    ((1, 8, 1), 2.0, (1, 1, 1))
     """
 
     cores: tuple[Any, ...]
@@ -164,6 +402,36 @@ class MPO:
 
         return TTMatrix(list(self.cores))
 
+    # operations in the format (module-level functions above, shared with TensorTrain)
+    __array_ufunc__ = None  # numpy defers ``np.float64(2) * x`` to __rmul__
+    round = _round
+    canonicalize = _canonicalize
+    inner = _inner
+    norm = _norm
+    __add__ = _add
+    __sub__ = _sub
+    __neg__ = _neg
+    __mul__ = _mul
+    __rmul__ = _mul
+
+    def _tt_cores(self) -> tuple[Any, ...]:
+        return tuple(c.reshape(c.shape[0], -1, c.shape[3]) for c in self.cores)
+
+    def _from_tt_cores(self, cores: tuple[Any, ...], **fields: Any) -> MPO:
+        return MPO(
+            tuple(
+                c.reshape(c.shape[0], i, j, c.shape[2])
+                for c, i, j in zip(cores, self.out_modes, self.in_modes)
+            ),
+            **fields,
+        )
+
+    def _modes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return self.out_modes, self.in_modes
+
+    def _describe_modes(self) -> str:
+        return f"out_modes {list(self.out_modes)} and in_modes {list(self.in_modes)}"
+
     @classmethod
     def from_tensorly(cls, tt_matrix: Any) -> MPO:
         """Build an :class:`MPO` from a tensorly ``TTMatrix`` (or its list of cores)."""
@@ -201,6 +469,11 @@ class TensorTrain:
     ------
     ShapeError, DTypeError
         If the cores are not a chain of 3-D arrays of one kind with matching bonds.
+
+    Notes
+    -----
+    The operations of :class:`MPO` (:meth:`round`, :meth:`canonicalize`, :meth:`inner`,
+    :meth:`norm`, ``+``, ``-``, scalar ``*``) work on tensor trains of equal shape.
 
     Examples
     --------
@@ -244,6 +517,30 @@ class TensorTrain:
         from tensorly.tt_tensor import TTTensor
 
         return TTTensor(list(self.cores))
+
+    # operations in the format (module-level functions above, shared with MPO)
+    __array_ufunc__ = None  # numpy defers ``np.float64(2) * x`` to __rmul__
+    round = _round
+    canonicalize = _canonicalize
+    inner = _inner
+    norm = _norm
+    __add__ = _add
+    __sub__ = _sub
+    __neg__ = _neg
+    __mul__ = _mul
+    __rmul__ = _mul
+
+    def _tt_cores(self) -> tuple[Any, ...]:
+        return self.cores
+
+    def _from_tt_cores(self, cores: tuple[Any, ...], **fields: Any) -> TensorTrain:
+        return TensorTrain(tuple(cores), **fields)
+
+    def _modes(self) -> tuple[int, ...]:
+        return self.shape
+
+    def _describe_modes(self) -> str:
+        return f"shape {list(self.shape)}"
 
     @classmethod
     def from_tensorly(cls, tt_tensor: Any) -> TensorTrain:
