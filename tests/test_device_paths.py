@@ -296,3 +296,20 @@ def test_integer_input_is_refused_with_and_without_grad(kind, quantize, grad):
     x = torch.randint(0, 5, (2, 64))
     with torch.set_grad_enabled(grad), pytest.raises(DTypeError, match="floating.*int64"):
         model(x)
+
+
+def test_chain_sum_is_the_cores_arithmetic_and_differentiable():
+    from tensornet.adapters.dota.layer import chain_sum, random_cores
+
+    gen = torch.Generator().manual_seed(3)
+    a = [c.requires_grad_(True) for c in random_cores((2, 3), (2, 2), (1, 3, 1),
+                                                      zero_last=False, generator=gen)]
+    b = [c.requires_grad_(True) for c in random_cores((2, 3), (2, 2), (1, 2, 1),
+                                                      zero_last=False, generator=gen)]
+    summed = chain_sum([(1.0, a), (-1.0, b)])
+    cores_to_matrix(summed).square().sum().backward()
+    ra = [c.detach().double().requires_grad_(True) for c in a]
+    rb = [c.detach().double().requires_grad_(True) for c in b]
+    (cores_to_matrix(ra) - cores_to_matrix(rb)).square().sum().backward()
+    for got, want in zip(a + b, ra + rb):
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-5, atol=1e-6)

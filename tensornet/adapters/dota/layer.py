@@ -39,6 +39,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from ...errors import ConfigError, DTypeError
+from ...formats import MPO
 from ...plan import ContractionPlan, plan_mpo_matmul
 from ...tensorize import _halves_split, _mpo_halves, cores_to_matrix
 from ..base import compute_dtype, dense_weight, is_4bit
@@ -127,7 +128,8 @@ def random_cores(
 def chain_sum(chains: Sequence[tuple[float, Sequence[torch.Tensor]]]) -> list[torch.Tensor]:
     """Cores of one MPO equal to ``sum_i sign_i * MPO(chain_i)`` (bonds add up).
 
-    Differentiable: gradients flow back to every chain's cores.
+    The core's arithmetic in the format (:class:`tensornet.MPO`'s ``+`` and scalar ``*``),
+    which keeps the autograd graph: gradients flow back to every chain's cores.
 
     Examples
     --------
@@ -141,24 +143,12 @@ def chain_sum(chains: Sequence[tuple[float, Sequence[torch.Tensor]]]) -> list[to
     """
     if len(chains) == 1 and chains[0][0] == 1:
         return list(chains[0][1])
-    n = len(chains[0][1])
-    out = []
-    for k in range(n):
-        parts = [c[k] for _, c in chains]
-        if k == n - 1:
-            out.append(torch.cat([p if s == 1 else p * s for (s, _), p in zip(chains, parts)], 0))
-        elif k == 0:
-            out.append(torch.cat(parts, 3))
-        else:  # block diagonal
-            right = sum(int(p.shape[3]) for p in parts)
-            rows, off = [], 0
-            for p in parts:
-                a, i, j, b = p.shape
-                pieces = [p.new_zeros(a, i, j, off), p, p.new_zeros(a, i, j, right - off - b)]
-                rows.append(torch.cat(pieces, 3))
-                off += b
-            out.append(torch.cat(rows, 0))
-    return out
+    total = None
+    for sign, cores in chains:
+        term = MPO(tuple(cores))
+        term = term if sign == 1 else sign * term
+        total = term if total is None else total + term
+    return list(total.cores)  # type: ignore[union-attr]
 
 
 class DoTALayer(BaseTunerLayer):
