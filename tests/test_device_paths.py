@@ -251,8 +251,8 @@ def test_cuda_path_step_dispatches_few_ops(autocast):
         dota = step_ops(DoTAConfig(rank=16, num_cores=5, target_modules=["q_proj"],
                                    strategy="auto"), autocast)
     assert dota[0] <= STEP_OPS[autocast][0] and dota[1] <= STEP_OPS[autocast][1], (dota, lora)
-    assert dota[1] <= 2.0 * lora[1] or autocast is False, (dota, lora)
-    assert dota[1] <= 2.2 * lora[1], (dota, lora)
+    # launched kernels: within 2x LoRA's under autocast (1.8x), 2.2x in float32
+    assert dota[1] <= (2.0 if autocast else 2.2) * lora[1], (dota, lora)
 
 
 def test_serving_equals_the_training_forward_under_autocast(kind):
