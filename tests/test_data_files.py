@@ -216,3 +216,18 @@ def test_unparsable_file(name, content, tmp_path):
     path = tmp_path / name
     path.write_text(content)
     _one_line_error(path, name, "cannot be read as")
+
+
+def test_csv_rows_with_more_cells_than_the_header_are_refused(tmp_path):
+    # pandas took the extra first cell of every row as an index: the columns were read
+    # shifted (the prompt as the response) and trained on
+    path = tmp_path / "data.csv"
+    path.write_text("prompt,response\nx,What is 1+1?,2\ny,What is 2+2?,4\n")
+    with pytest.raises(DataError, match=r"row 1.*3 cells.*header.*2"):
+        load_data_file(path)
+
+
+def test_the_same_field_for_prompt_and_response_is_refused(tmp_path):
+    path = _csv(tmp_path / "data.csv", ROWS)
+    with pytest.raises(DataError, match="`prompt_field` and `response_field`.*'prompt'"):
+        load_data_file(path, prompt_field="prompt", response_field="prompt")

@@ -302,8 +302,15 @@ def load_data_file(
             f"the data file {name!r} has the suffix {file.suffix!r}; expected one of "
             f"{', '.join(DATA_SUFFIXES)}"
         )
+    if prompt_field == response_field:
+        raise DataError(
+            f"`prompt_field` and `response_field` name the same column {prompt_field!r}: the "
+            f"model would learn to repeat its prompt; name two columns"
+        )
     if _is_blank(file):
         raise DataError(f"the data file {name!r} holds no examples (it is empty)")
+    if builder == "csv":
+        _check_csv_rows(file)
     columns = _read_columns(file, builder, (prompt_field, response_field))
     if columns is None or not columns[prompt_field]:
         raise DataError(f"the data file {name!r} holds no examples")
@@ -321,6 +328,29 @@ def load_data_file(
                 )
         out.append(Example(prompt, response, extract_answer(response)))
     return out
+
+
+def _check_csv_rows(file: Path) -> None:
+    """Refuse a CSV row with another number of cells than its header.
+
+    pandas (behind ``datasets``' CSV reader) takes a first column more than the header
+    names as the index, so a file whose rows all carry an extra cell is read shifted,
+    every field one column off, without an error.
+    """
+    import csv
+
+    with open(file, newline="", encoding="utf-8", errors="replace") as fh:
+        rows = csv.reader(fh)
+        header = next(rows, None)
+        if header is None:
+            return
+        for number, row in enumerate(rows, start=1):
+            if row and len(row) != len(header):
+                raise DataError(
+                    f"{os.fspath(file)}, row {number}: {len(row)} cells where the header "
+                    f"names {len(header)} ({', '.join(map(repr, header))}); quote cells "
+                    f"that hold commas"
+                )
 
 
 def _is_blank(file: Path) -> bool:
