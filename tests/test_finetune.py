@@ -337,3 +337,17 @@ def test_method_names_match_the_adapter_registry():
     assert set(DEFAULT_LR) == set(METHODS) == set(METHOD_OPTIONS)
     assert DEFAULT_TARGETS == LLAMA_TARGETS
     assert {o for opts in METHOD_OPTIONS.values() for o in opts} == set(DEFAULT_OPTIONS)
+
+
+def test_accuracy_is_not_a_number_when_the_answers_are_not_numbers(tokenizer):
+    # free-text responses have no final number to compare: "n/a", not "0.000"
+    from tensornet.finetune.evaluate import evaluate_accuracy
+    from tensornet.finetune.tasks import Example
+
+    model = tiny_llama()
+    texts = [Example("Name a colour.", "blue", None), Example("Say hi.", "hello", None)]
+    acc, preds = evaluate_accuracy(model, tokenizer, texts, max_new_tokens=2)
+    assert math.isnan(acc) and len(preds) == 2
+    mixed = [*texts, Example("What is 1 + 1?", "2", 2.0)]
+    acc, _ = evaluate_accuracy(model, tokenizer, mixed, max_new_tokens=2)
+    assert acc in (0.0, 1.0)  # scored on the one example with a number

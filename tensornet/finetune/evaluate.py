@@ -37,9 +37,10 @@ def evaluate_accuracy(
     Returns
     -------
     accuracy : float
-        Share of ``examples`` whose generated final number (:func:`extract_answer`)
-        equals the expected one (``example.answer``, or the number of the reference
-        response).
+        Share of the ``examples`` that have an expected number (``example.answer``, or
+        the number of the reference response) whose generated final number
+        (:func:`extract_answer`) equals it; NaN when none has one (free-text answers,
+        reported as "n/a").
     predictions : list of dict
         ``prompt``, ``generated``, ``predicted`` and ``expected`` per example.
     """
@@ -83,5 +84,9 @@ def evaluate_accuracy(
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
-    correct = sum(p["predicted"] is not None and p["predicted"] == p["expected"] for p in preds)
-    return correct / len(preds), preds
+    # only answers that are numbers are scored (free-text data has none: NaN, "n/a")
+    scored = [p for p in preds if p["expected"] is not None]
+    if not scored:
+        return math.nan, preds
+    correct = sum(p["predicted"] is not None and p["predicted"] == p["expected"] for p in scored)
+    return correct / len(scored), preds
