@@ -356,7 +356,7 @@ def _finish_finetune(args: argparse.Namespace, built: Any, tokenizer: Any, split
     acc, preds = evaluate_accuracy(built.model, tokenizer, splits.test,
                                    max_new_tokens=args.max_new_tokens)
     record = {**result.to_dict(), "lr": lr, "seed": args.seed,
-              "test_accuracy": acc if splits.test else None,
+              "test_accuracy": acc if acc == acc else None,  # NaN: none scored
               "test_predictions": preds, "adapter": str(out / "adapter"),
               "model": model_name(args.model), "device": args.device,
               "world_size": int(os.environ.get("WORLD_SIZE", "1")),

@@ -139,7 +139,7 @@ def run_compare(
                 **result.to_dict(),
                 "seed": seed,
                 "lr": run_cfg.lr,
-                "test_accuracy": acc if splits.test else None,  # JSON has no NaN
+                "test_accuracy": acc if acc == acc else None,  # NaN: none scored
                 "test_predictions": preds,
                 "adapter": str(folder / "adapter"),
                 "wall_s": time.perf_counter() - t0,
