@@ -102,3 +102,21 @@ def test_a_lotr_rank_beyond_the_layers_is_refused_before_any_allocation():
     with pytest.raises(ConfigError, match=r"`rank` must be <= \d+ .*larger than the layer"):
         get_peft_model(base, LoTRConfig(rank=100000))
     assert_untouched(base, before)
+
+
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_mixed_adapter_batches_are_refused_not_ignored(method):
+    # peft's adapter_names= (one adapter per row) was dropped silently: every row ran
+    # the active adapter
+    model = get_peft_model(tiny_llama(), CONFIGS[method]).eval()
+    with pytest.raises(ConfigError, match="adapter_names.*set_adapter"):
+        model(input_ids=IDS, adapter_names=["default"] * len(IDS))
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=IDS).logits).all()  # the plain call still runs
+
+
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_add_weighted_adapter_is_a_clear_refusal(method):
+    model = get_peft_model(tiny_llama(), CONFIGS[method])
+    with pytest.raises(ConfigError, match="add_weighted_adapter.*not"):
+        model.add_weighted_adapter(["default"], [1.0], "combined")

@@ -26,7 +26,8 @@ does not do and every tensornet method needs:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -287,6 +288,26 @@ class TensornetTuner(BaseTuner):
         if self._placeholders:  # the weights must come from a file before the model runs
             self._awaiting_weights().add(adapter_name)
         del self._targets, self._placeholders
+
+    # -- what tensornet's methods do not do (yet): refused, never ignored -----------------
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        # (peft's hook for per-call arguments, entered by PeftModel.forward / generate)
+        if kwargs.get("adapter_names") is not None:
+            raise ConfigError(
+                f"`adapter_names` (peft's mixed-adapter batches) is not supported by "
+                f"{type(self).__name__}: every row would run the active adapter; run one "
+                f"batch per adapter with set_adapter(name)"
+            )
+        yield
+
+    def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
+        """Refused: combining adapters is peft's LoRA feature, not implemented here."""
+        raise ConfigError(
+            f"add_weighted_adapter is not implemented for {type(self).__name__}: tensornet's "
+            f"methods do not combine trained adapters yet; merge_adapter(adapter_names=[...]) "
+            f"adds several adapters' updates to the base"
+        )
 
     # -- merges: all or nothing ------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None,
