@@ -120,3 +120,16 @@ def test_add_weighted_adapter_is_a_clear_refusal(method):
     model = get_peft_model(tiny_llama(), CONFIGS[method])
     with pytest.raises(ConfigError, match="add_weighted_adapter.*not"):
         model.add_weighted_adapter(["default"], [1.0], "combined")
+
+
+@pytest.mark.parametrize("method", ["dota", "lotr"])
+def test_the_saved_model_card_says_tensornet_is_needed_and_how_to_load(method, tmp_path):
+    # peft's card says nothing: a user without tensornet met a bare KeyError: 'DOTA'
+    model = get_peft_model(tiny_llama(), CONFIGS[method])
+    for _ in range(2):  # saving again replaces the section, never repeats it
+        model.save_pretrained(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    assert card.count("## tensornet adapter") == 1
+    assert "import tensornet.adapters" in card and "PeftModel.from_pretrained" in card
+    assert f"**{CONFIGS[method].method}**" in card
+    assert "10 layers" in card

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 from peft.config import PeftConfig
 
 from ..errors import AdapterFileError, ConfigError
-from .files import WEIGHTS_NAME, check_adapter_file
+from .files import WEIGHTS_NAME, check_adapter_file, write_model_card
 
 __all__ = [
     "LLAMA_TARGETS",
@@ -125,6 +125,11 @@ class TensornetConfig(PeftConfig):
                 f"{sorted(n for n in names if n not in _PEFT_FIELDS)}"
             )
         return dataclasses.replace(self, **overrides)
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """As peft's, then a tensornet section in the folder's model card (``README.md``)."""
+        super().save_pretrained(save_directory, **kwargs)
+        write_model_card(save_directory, self)
 
     @classmethod
     def from_pretrained(

@@ -17,7 +17,7 @@ import torch
 
 from ..errors import AdapterFileError
 
-__all__ = ["WEIGHTS_NAME", "check_adapter_file"]
+__all__ = ["WEIGHTS_NAME", "check_adapter_file", "write_model_card"]
 
 #: The file peft's ``save_pretrained`` writes the adapter tensors to.
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -79,3 +79,53 @@ def check_adapter_file(
             raise AdapterFileError(
                 f"{file}: tensor {key!r} holds NaN or Inf values; the adapter is damaged"
             )
+
+
+_CARD_BEGIN, _CARD_END = "<!-- tensornet:begin -->", "<!-- tensornet:end -->"
+
+
+def write_model_card(folder: str | os.PathLike, config: object) -> None:
+    """Add (or replace) a tensornet section in the adapter folder's ``README.md``.
+
+    peft writes the folder's model card first, with nothing about the method; a reader
+    without tensornet then meets peft's bare ``KeyError: 'DOTA'``. The section says
+    what the adapter is (method, ranks, layers, base), that tensornet must be imported
+    before peft reads the folder, and the lines that load it.
+    """
+    card = Path(folder) / "README.md"
+    text = card.read_text(encoding="utf-8") if card.is_file() else ""
+    if _CARD_BEGIN in text and _CARD_END in text:
+        head, _, rest = text.partition(_CARD_BEGIN)
+        text = head.rstrip("\n") + rest.partition(_CARD_END)[2]
+    layers = getattr(config, "base_layers", None) or {}
+    shape = ", ".join(f"{k} = {getattr(config, k)}" for k in ("rank", "num_cores")
+                      if getattr(config, k, None) is not None)
+    from .. import __version__
+
+    base = getattr(config, "base_model_name_or_path", None)
+    base = f"`{base}`" if base else "its base model"
+    peft_type = getattr(config, "peft_type", "")
+    peft_type = getattr(peft_type, "value", peft_type)
+
+    section = f"""{_CARD_BEGIN}
+## tensornet adapter
+
+A **{getattr(config, "method", "tensornet")}** adapter ({shape}) on {len(layers)} layers of
+{base}, saved by tensornet {__version__} as the peft method `{peft_type}`. Loading it needs
+tensornet installed and imported before peft reads this folder (the import registers
+tensornet's methods with peft):
+
+```python
+import tensornet.adapters  # registers DoTA, LoTR and LoRTA with peft
+from peft import PeftModel
+
+model = PeftModel.from_pretrained(base_model, "path/to/this/folder")
+```
+
+The base model must be the one the adapter was trained on (each adapted layer's weights
+are checked by their fingerprint; float32 and bfloat16 copies of it match).
+{_CARD_END}
+"""
+    card.write_text(text.rstrip("\n") + ("\n\n" if text.strip() else "") + section,
+                    encoding="utf-8")
+
