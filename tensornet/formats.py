@@ -7,6 +7,8 @@ classes, over the kernels of :mod:`tensornet.ttops`.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -16,7 +18,7 @@ import numpy as np
 from . import ttops
 from ._backend import check_same_kind, is_torch
 from ._validate import check_positive_int, check_tol
-from .errors import DTypeError, ShapeError
+from .errors import ConfigError, DTypeError, ShapeError
 from .params import Rank, check_rank
 from .tensorize import _combine_halves, _mpo_halves
 
@@ -45,6 +47,10 @@ def _check_chain(cores: Any, order: int, kind: str) -> tuple[tuple[Any, ...], tu
         shape = tuple(core.shape)
         if len(shape) != order:
             raise ShapeError(f"`cores[{k}]` of {kind} must have {order} axes; got shape {shape}")
+        if 0 in shape:
+            raise ShapeError(
+                f"`cores[{k}]` of {kind} must have no axis of size 0; got shape {shape}"
+            )
         if shape[0] != ranks[-1]:
             raise ShapeError(
                 f"bond mismatch at `cores[{k}]`: expected leading rank {ranks[-1]}, got "
@@ -55,6 +61,21 @@ def _check_chain(cores: Any, order: int, kind: str) -> tuple[tuple[Any, ...], tu
         raise ShapeError(f"the last core of {kind} must end with rank 1; got {ranks[-1]}")
     check_same_kind(cores, "cores")
     return cores, tuple(int(r) for r in ranks)
+
+
+def _check_error_fields(result: Any) -> None:
+    """``relative_error`` and ``error_bound``: None or a finite real number >= 0."""
+    for name in ("relative_error", "error_bound"):
+        value = getattr(result, name)
+        if value is None:
+            continue
+        ok = (not isinstance(value, bool) and isinstance(value, numbers.Real)
+              and math.isfinite(value) and value >= 0)
+        if not ok:
+            raise ConfigError(
+                f"`{name}` must be None or a finite number >= 0 (a relative Frobenius "
+                f"error); got {value!r}"
+            )
 
 
 def _cores_of(obj: Any, name: str) -> tuple[Any, ...]:
@@ -354,6 +375,7 @@ class MPO:
 
     def __post_init__(self) -> None:
         cores, ranks = _check_chain(self.cores, 4, "an MPO")
+        _check_error_fields(self)
         object.__setattr__(self, "cores", cores)
         object.__setattr__(self, "ranks", ranks)
 
@@ -491,6 +513,7 @@ class TensorTrain:
 
     def __post_init__(self) -> None:
         cores, ranks = _check_chain(self.cores, 3, "a tensor train")
+        _check_error_fields(self)
         object.__setattr__(self, "cores", cores)
         object.__setattr__(self, "ranks", ranks)
 

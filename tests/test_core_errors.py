@@ -364,3 +364,27 @@ def test_validation_does_not_call_into_foreign_libraries_for_signature_errors():
     with pytest.raises(TypeError):
         mpo_decompose(W, S, 2, 0.5)  # type: ignore[misc]
     assert list(inspect.signature(mpo_decompose).parameters)[:3] == ["W", "shape", "rank"]
+
+
+@pytest.mark.parametrize("cls, shapes", [
+    (MPO, [(1, 2, 3, 2), (2, 2, 2, 1)]),
+    (TensorTrain, [(1, 3, 2), (2, 4, 1)]),
+])
+@pytest.mark.parametrize("field, value", [("relative_error", "x"), ("error_bound", -1.0),
+                                          ("relative_error", float("nan")),
+                                          ("error_bound", True)])
+def test_result_error_fields_are_checked(cls, shapes, field, value):
+    # they were accepted, and repr / compression_ratio raised foreign errors later
+    cores = [np.ones(s) for s in shapes]
+    with pytest.raises(ConfigError, match=f"`{field}` must be"):
+        cls(cores, **{field: value})
+    assert cls(cores, **{field: 0.5}).relative_error in (0.5, None)
+
+
+@pytest.mark.parametrize("cls, shapes", [
+    (MPO, [(1, 2, 0, 2), (2, 2, 2, 1)]),
+    (TensorTrain, [(1, 0, 2), (2, 4, 1)]),
+])
+def test_zero_size_modes_are_refused(cls, shapes):
+    with pytest.raises(ShapeError, match="cores\\[0\\].*size 0"):
+        cls([np.ones(s) for s in shapes])
