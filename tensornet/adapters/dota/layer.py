@@ -328,21 +328,19 @@ class DoTALayer(BaseTunerLayer):
                 sources += self.dota_init[a]._buffers.values()
         key = (adapters, disabled, ct, kind)
         entry = self._serving.get(key)
+        route = self._route(adapters, disabled, ct, x, kind)  # its terms and costed plans
         if entry is None or not entry.valid(sources):
-            terms = self.delta_terms(adapters, disabled=disabled)
-            if len({tuple(tuple(c.shape) for c in t) for _, t in terms}) > 1:
+            if len({tuple(tuple(c.shape) for c in t) for _, t in route.terms}) > 1:
                 return None  # adapters of different ranks: the general path
-            entry = self._serving[key] = _ServingOperands(sources, terms, ct)
+            entry = self._serving[key] = _ServingOperands(sources, route.terms, ct)
         rows = x.numel() // self.in_features
         use = entry.use.get(rows)
         if use is None:
             use = False
             if all(self.dota_strategy.get(a, "auto") == "auto" for a in adapters):
-                terms = self.delta_terms(adapters, disabled=disabled)
-                choice, plan = self.choose_strategy(terms[0][1], rows, False, adapters[0],
-                                                    kind=kind, dtype=ct)
+                choice, plan = route.choose(rows, False)  # what the general path would run
                 other = plan.build_seconds if choice == "dense" else (  # type: ignore[union-attr]
-                    len(terms) * plan.contract_seconds)  # type: ignore[union-attr]
+                    len(route.terms) * plan.contract_seconds)  # type: ignore[union-attr]
                 use = entry.seconds(rows, profile_for(kind)) < other
             entry.use[rows] = use
         return entry(x.to(ct)) if use else None
