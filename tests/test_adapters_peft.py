@@ -48,6 +48,7 @@ from torch import nn
 
 from tensornet.adapters import DoTAConfig, DoTALinear, LoRTAConfig, LoTRConfig, tiny_llama
 from tensornet.adapters.dota import model as dota_model
+from tensornet.adapters.files import MANIFEST_KEY
 from tensornet.errors import AdapterFileError, AdapterMismatchError, ConfigError, TensornetError
 
 WEIGHTS = "adapter_model.safetensors"
@@ -99,12 +100,14 @@ def test_save_pretrained_writes_a_small_adapter_only_file(saved):
     # exactly T and T_init of every target layer, nothing of the base
     expected = {f"base_model.model.{name}.dota_{kind}.{k}"
                 for name in TINY_TARGETS for kind in ("cores", "init") for k in range(5)}
-    assert set(shapes) == expected
+    # ... plus the manifest: the tensors' digests and the base's fingerprint (uint8 JSON)
+    assert set(shapes) == expected | {MANIFEST_KEY}
+    manifest = shapes.pop(MANIFEST_KEY)[0]
     n_cores = sum(v.numel() for k, v in saved["a"]["state"].items() if ".dota_cores." in k)
     numel = sum(torch.Size(s).numel() for s in shapes.values())
     assert numel == 2 * n_cores
     size = (path / WEIGHTS).stat().st_size
-    assert 4 * numel < size < 4 * numel + 16_384  # float32 values plus the JSON header
+    assert 4 * numel + manifest < size < 4 * numel + manifest + 16_384  # plus the header
 
 
 def test_the_adapter_file_is_far_smaller_than_the_model(tmp_path):
@@ -456,10 +459,11 @@ def test_one_config_object_serves_two_models(tmp_path):
     # peft keeps the caller's object as the adapter's config (its own tests check that);
     # what must hold is that the object stays usable and each model saves its own base
     config = DoTAConfig(rank=8, target_modules=["q_proj", "v_proj"])
-    fields = {k: v for k, v in config.to_dict().items() if k != "base_layers"}
+    written = ("base_layers", "base_fingerprint")  # the records tensornet writes
+    fields = {k: v for k, v in config.to_dict().items() if k not in written}
     first = get_peft_model(tiny_llama(), config)
     second = get_peft_model(tiny_llama(seed=1), config)
-    assert {k: v for k, v in config.to_dict().items() if k != "base_layers"} == fields
+    assert {k: v for k, v in config.to_dict().items() if k not in written} == fields
     assert len(dota_layers(first)) == len(dota_layers(second)) == 4
     records = {}
     for name, model, seed in (("first", first, 0), ("second", second, 1)):

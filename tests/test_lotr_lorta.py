@@ -49,6 +49,7 @@ from tensornet.adapters import (
     plan_lotr,
     tiny_llama,
 )
+from tensornet.adapters.files import MANIFEST_KEY
 from tensornet.errors import AdapterFileError, AdapterMismatchError, ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,8 +104,9 @@ def expected_trainable(method, model, adapter="default"):
 
 
 def saved_keys(method, model):
-    """Keys of the adapter file of ``model`` (the adapter name removed)."""
-    return {k.replace(".default", "") for k in expected_trainable(method, model)}
+    """Keys of the adapter file of ``model`` (the adapter name removed), and its manifest."""
+    return {k.replace(".default", "") for k in expected_trainable(method, model)} | {
+        MANIFEST_KEY}
 
 
 def shared_flags(model, adapter):

@@ -25,6 +25,7 @@ __all__ = [
     "set_submodule",
     "dense_weight",
     "fingerprint",
+    "base_fingerprint",
     "compute_dtype",
     "count_parameters",
     "is_4bit",
@@ -314,6 +315,59 @@ def _fingerprint(weight: torch.Tensor, *, block: int) -> str:
     shape = "x".join(str(d) for d in w.shape)
     digits = "".join(f"{v & _MASK64:016x}" for v in h)
     return f"{FINGERPRINT_VERSION}:bfloat16:{shape}:{digits}"
+
+
+def base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every weight of ``model``'s base, by its name in the base, without any adapter's.
+
+    peft moves an adapted layer's own weights under ``base_layer`` and a
+    ``modules_to_save`` module's under ``original_module``: those names are read as the
+    base's (``...q_proj.base_layer.weight`` -> ``...q_proj.weight``); the adapters'
+    tensors and the trainable copies of ``modules_to_save`` are left out. Tied weights
+    appear once (under their first name). Buffers are left out: they are not weights a
+    checkpoint differs in (rotary tables are computed from the config).
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    tuners = [k + "." for k, m in model.named_modules() if k and isinstance(m, BaseTunerLayer)]
+    out = {}
+    for name, p in model.named_parameters():
+        owner = max((t for t in tuners if name.startswith(t)), key=len, default=None)
+        if owner is not None:
+            rest = name[len(owner):]
+            if not rest.startswith("base_layer."):
+                continue  # an adapter's tensor
+            name = owner + rest.replace("base_layer.", "")
+        if ".modules_to_save." in f".{name}":
+            continue  # peft's trainable copy of a modules_to_save module
+        out[name.replace("original_module.", "")] = p
+    return out
+
+
+def base_fingerprint(model: nn.Module) -> str | None:
+    """The identity of every weight of ``model``'s base: embeddings, norms, every linear.
+
+    One :func:`fingerprint` per weight of :func:`base_weights` (bfloat16-rounded values,
+    so float32, bfloat16 and float64 copies of a base share it), combined with the
+    weight's name and shape into one BLAKE2b digest. It covers everything the adapted
+    model's output depends on besides the adapter, so an adapter is refused on a base
+    whose embeddings, norms, non-target layers or ``lm_head`` differ from the one it was
+    trained on. ``None`` when some weight is on the meta device (nothing to read).
+
+    Returns
+    -------
+    str or None
+        ``"v2:base:<32 hex digits>"``.
+    """
+    weights = base_weights(model)
+    if any(p.device.type == "meta" for p in weights.values()):
+        return None
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(weights):
+        p = weights[name]
+        values = p if p.is_floating_point() else p.to(torch.float32)
+        digest.update(f"{name}={fingerprint(values)};".encode())
+    return f"{FINGERPRINT_VERSION}:base:{digest.hexdigest()}"
 
 
 def _bfloat16_bits(values: torch.Tensor) -> torch.Tensor:

@@ -12,9 +12,11 @@ also checks the weights file beside it (:func:`~tensornet.adapters.files.check_a
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import numbers
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +25,15 @@ from typing import Any, ClassVar
 from peft.config import PeftConfig
 
 from ..errors import AdapterFileError, ConfigError
-from .files import WEIGHTS_NAME, check_adapter_file, write_model_card
+from .files import (
+    MANIFEST_KEY,
+    WEIGHTS_NAME,
+    check_adapter_file,
+    manifest_digest,
+    read_adapter_tensors,
+    weights_file,
+    write_model_card,
+)
 
 __all__ = [
     "LLAMA_TARGETS",
@@ -65,6 +75,12 @@ class TensornetConfig(PeftConfig):
         Filled in by tensornet when the adapter is created: for every adapted layer its
         ``shape``, ``dtype`` and ``fingerprint`` (a hash of the weight's values). Leave
         it empty; a config that has it describes a trained adapter to restore.
+    base_fingerprint : str, optional
+        Filled in by tensornet: the fingerprint of the whole base model (every weight,
+        :func:`~tensornet.adapters.base.base_fingerprint`). Leave it None.
+    adapter_digest : str, optional
+        Written by ``save_pretrained``: the SHA-256 of the weights file's manifest, which
+        ties this config to the weights saved with it. Leave it None.
     """
 
     target_modules: list[str] | str | None = None
@@ -72,6 +88,8 @@ class TensornetConfig(PeftConfig):
     modules_to_save: list[str] | None = None
     init_weights: bool = True
     base_layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    base_fingerprint: str | None = None
+    adapter_digest: str | None = None
 
     #: the method's default targets and its peft prefix (class attributes, not fields)
     default_targets: ClassVar[tuple[str, ...]] = ()
@@ -97,6 +115,12 @@ class TensornetConfig(PeftConfig):
             raise ConfigError(
                 f"`base_layers` is written by tensornet (leave it empty); got {self.base_layers!r}"
             )
+        for name in ("base_fingerprint", "adapter_digest"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ConfigError(
+                    f"`{name}` is written by tensornet (leave it None); got "
+                    f"{getattr(self, name)!r}"
+                )
 
     # -- what a method supplies -------------------------------------------------------
     @property
@@ -127,9 +151,28 @@ class TensornetConfig(PeftConfig):
         return dataclasses.replace(self, **overrides)
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
-        """As peft's, then a tensornet section in the folder's model card (``README.md``)."""
-        super().save_pretrained(save_directory, **kwargs)
-        write_model_card(save_directory, self)
+        """As peft's, written atomically and tied to the weights beside it; then the model card.
+
+        peft's ``PeftModel.save_pretrained`` writes the weights file, then calls this.
+        The config records the digest of the weights' manifest (``adapter_digest``), so
+        the pair is verified on load, and it replaces the old ``adapter_config.json`` in
+        one rename: a crash leaves the old config or the new one, never a torn file (and
+        an old config beside new weights is refused on load by the digest).
+        """
+        folder = Path(os.fspath(save_directory))
+        folder.mkdir(parents=True, exist_ok=True)
+        digest = _weights_digest(folder)
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".tensornet-config-") as tmp:
+            super().save_pretrained(tmp, **kwargs)
+            written = Path(tmp) / CONFIG_NAME
+            record = json.loads(written.read_text(encoding="utf-8"))
+            record["adapter_digest"] = digest
+            with open(written, "w", encoding="utf-8") as fh:
+                fh.write(json.dumps(record, indent=2, sort_keys=True))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(written, folder / CONFIG_NAME)
+        write_model_card(folder, self)
 
     @classmethod
     def from_pretrained(
@@ -140,24 +183,71 @@ class TensornetConfig(PeftConfig):
         peft calls this before it builds the adapter, so a damaged file is refused while
         the model is still untouched.
         """
-        config = super().from_pretrained(pretrained_model_name_or_path, subfolder, **kwargs)
         folder = Path(os.fspath(pretrained_model_name_or_path))
         if subfolder:
             folder = folder / subfolder
-        file = folder / WEIGHTS_NAME
+        try:
+            config = super().from_pretrained(pretrained_model_name_or_path, subfolder, **kwargs)
+        except (AdapterFileError, OSError):
+            raise
+        except Exception as exc:  # JSONDecodeError, KeyError, TypeError, ConfigError, ...
+            raise AdapterFileError(
+                f"{folder / CONFIG_NAME} is not a valid {cls.__name__} "
+                f"({type(exc).__name__}: {exc}); it is damaged or was edited: save the "
+                f"adapter again"
+            ) from None
+        file = weights_file(folder) if folder.is_dir() else None
         if folder.is_dir():
-            if file.exists():
-                check_adapter_file(file, config.expected_tensors(), prefix=cls.prefix)
-            elif not (folder / "adapter_model.bin").exists():  # peft's pickle format
+            if file is None:
                 raise AdapterFileError(
                     f"{folder} holds an adapter_config.json but no {WEIGHTS_NAME}: the "
                     f"adapter's weights are missing (save it again with save_pretrained)"
                 )
+            try:
+                expected = config.expected_tensors()
+            except Exception as exc:  # a base_layers record that was edited
+                raise AdapterFileError(
+                    f"{folder / CONFIG_NAME}: its base_layers do not describe an adapter "
+                    f"({type(exc).__name__}: {exc}); it is damaged or was edited"
+                ) from None
+            check_adapter_file(
+                file, expected, prefix=cls.prefix, method=config.method,
+                extra=lambda key: saves_module(key, config.modules_to_save),
+                digest=config.adapter_digest,
+            )
         config._restoring = True  # not a field: never saved, cleared by the injection
         return config
 
 
-_PEFT_FIELDS = {f.name for f in dataclasses.fields(PeftConfig)} | {"base_layers"}
+_PEFT_FIELDS = {f.name for f in dataclasses.fields(PeftConfig)} | {
+    "base_layers", "base_fingerprint", "adapter_digest"}
+#: peft's config file name (``peft.utils.CONFIG_NAME``).
+CONFIG_NAME = "adapter_config.json"
+
+
+def _weights_digest(folder: Path) -> str | None:
+    """The ``adapter_digest`` of the weights file in ``folder`` (None: no manifest there)."""
+    file = weights_file(folder)
+    if file is None:
+        return None
+    if file.name == WEIGHTS_NAME:  # read the one tensor, not the file
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt") as fh:
+            if MANIFEST_KEY not in fh.keys():
+                return None
+            return manifest_digest(fh.get_tensor(MANIFEST_KEY))
+    manifest = read_adapter_tensors(file).get(MANIFEST_KEY)
+    return None if manifest is None else manifest_digest(manifest)
+
+
+def saves_module(key: str, modules_to_save: Sequence[str] | None) -> bool:
+    """True when checkpoint ``key`` is a tensor of a ``modules_to_save`` module (peft's rule)."""
+    if not modules_to_save:
+        return False
+    parts = key.removeprefix(MODEL_PREFIX).split(".")[:-1]
+    paths = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return any(p == t or p.endswith("." + t) for p in paths for t in modules_to_save)
 
 
 def _check_targets(tm: Any, name: str) -> list[str] | str:

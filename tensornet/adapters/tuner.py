@@ -35,15 +35,17 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
-from ..errors import AdapterMismatchError, ConfigError, NonFiniteError
+from ..errors import AdapterFileError, AdapterMismatchError, ConfigError, NonFiniteError
 from .base import (
     FINGERPRINT_VERSION,
     _legacy_fingerprint,
+    base_fingerprint,
     compute_dtype,
     dense_weight,
     fingerprint,
 )
 from .config import TensornetConfig
+from .files import MANIFEST_KEY, check_state, make_manifest
 
 __all__ = ["SharedStateTuner", "Target", "TensornetTuner"]
 
@@ -270,6 +272,16 @@ class TensornetTuner(BaseTuner):
             )
         restoring = bool(getattr(config, "_restoring", False) and config.base_layers)
         targets = self.validate(model, config, restoring=restoring)
+        identity = base_fingerprint(model)  # every weight of the base, not only the targets
+        if restoring and None not in (identity, config.base_fingerprint) and (
+            identity != config.base_fingerprint
+        ):
+            raise AdapterMismatchError(
+                f"this model's weights outside the adapted layers (embeddings, norms, "
+                f"non-target layers, lm_head) differ from those of the base the adapter "
+                f"was trained on (base fingerprint {identity}, the adapter's "
+                f"{config.base_fingerprint}): load it into the same base model"
+            )
         self._targets = {t.key: t for t in targets}
         self._placeholders = restoring or low_cpu_mem_usage
         with _undo_on_error(self, model, adapter_name):
@@ -283,7 +295,11 @@ class TensornetTuner(BaseTuner):
         records = config.base_layers if restoring else {t.key: t.record for t in targets}
         if not hasattr(self, "_base_records"):
             self._base_records: dict[str, dict[str, Any]] = {}
+            self._base_identity: dict[str, str | None] = {}
         self._base_records[adapter_name] = config.base_layers = records
+        if not restoring or config.base_fingerprint is None:
+            config.base_fingerprint = identity
+        self._base_identity[adapter_name] = config.base_fingerprint
         config._restoring = False  # one load; the config now describes this model's adapter
         if self._placeholders:  # the weights must come from a file before the model runs
             self._awaiting_weights().add(adapter_name)
@@ -372,10 +388,59 @@ class TensornetTuner(BaseTuner):
         records = getattr(tuner, "_base_records", {}).get(adapter_name)
         if records is not None:
             config.base_layers = records
-        return super()._get_adapter_state_dict(
+            config.base_fingerprint = tuner._base_identity.get(adapter_name)
+        out = super()._get_adapter_state_dict(
             model=model, config=config, adapter_name=adapter_name, state_dict=state_dict,
             unwanted_adapter_names=unwanted_adapter_names,
         )
+        # the manifest (tensornet.adapters.files): digests of the tensors under the keys
+        # they are saved with, and the base's fingerprint; verified on every load
+        saved = {cls._remove_adapter_name_from_key(k, adapter_name): v for k, v in out.items()}
+        out[MANIFEST_KEY] = make_manifest(saved, method=config.method,
+                                          base=config.base_fingerprint)
+        return out
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: Any, adapter_name: str,
+        state_dict: dict[str, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        """Check the tensors on their way in (every peft load path), then peft's remap.
+
+        ``set_peft_model_state_dict`` calls this before the first ``load_state_dict``,
+        for a new adapter and for an existing name alike (peft reads no config then):
+        the manifest's digests and base fingerprint, and every tensor must be one of the
+        adapter's own, with its shape, floating and finite. A refusal leaves the model
+        as it was.
+        """
+        tuner = getattr(model, "base_model", None)
+        base = getattr(tuner, "_base_identity", {}).get(adapter_name)
+        where = f"the weights loaded into adapter {adapter_name!r}"
+        tensors = check_state(state_dict, where=where, method=config.method,
+                              prefix=cls.prefix, base=base)
+        remapped = super()._remap_adapter_state_dict_for_load(
+            model=model, config=config, adapter_name=adapter_name, state_dict=tensors
+        )
+        own = model.state_dict(keep_vars=True)
+        marks = (f".{adapter_name}.", f".{adapter_name}")
+        for key, value in remapped.items():
+            target = own.get(key, own.get(key.removeprefix("base_model.model.")))
+            mine = (key.endswith(marks[1]) or marks[0] in key) and (
+                f".{cls.prefix}" in key or ".modules_to_save." in key
+            )
+            if target is None or not mine:
+                raise AdapterFileError(
+                    f"{where} hold tensor {key!r}, which is not a tensor of that adapter (a "
+                    f"base model's weight there would overwrite the model's): an adapter "
+                    f"file holds the adapter and nothing else; nothing was loaded"
+                )
+            if tuple(target.shape) != tuple(value.shape):
+                raise AdapterFileError(
+                    f"{where}: tensor {key!r} has shape {list(value.shape)}, the adapter in "
+                    f"the model has {list(target.shape)} (another rank or base?); nothing "
+                    f"was loaded"
+                )
+        return remapped
 
     def _awaiting_weights(self) -> set[str]:
         """Adapters built as placeholders whose weights no state-dict load has brought yet.
@@ -405,6 +470,7 @@ class TensornetTuner(BaseTuner):
         super().delete_adapter(adapter_name)
         self._drop_shared(adapter_name)
         getattr(self, "_base_records", {}).pop(adapter_name, None)
+        getattr(self, "_base_identity", {}).pop(adapter_name, None)
         if hasattr(self, "_awaiting"):
             self._awaiting.discard(adapter_name)
 
