@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from tensornet.adapters import DoTAConfig, LoRTAConfig, LoTRConfig, tiny_llama
 from tensornet.adapters.files import MANIFEST_KEY, read_adapter_tensors
-from tensornet.errors import AdapterFileError, AdapterMismatchError
+from tensornet.errors import AdapterFileError, AdapterMismatchError, ConfigError
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -273,3 +273,26 @@ def test_the_base_fingerprint_ignores_adapters_and_sees_every_weight():
     assert base_fingerprint(model.base_model.model) == fp
     _step(model)  # trains the adapter and the modules_to_save copy, not the base
     assert base_fingerprint(model.base_model.model) == fp
+
+
+@pytest.mark.parametrize("method", ["dota", "lotr", "lorta"])
+def test_from_pretrained_on_a_peft_model_is_refused_before_anything_changes(method, saved):
+    model = get_peft_model(tiny_llama(), METHODS[method].replace())
+    before = snapshot(model)
+    configs = {k: v.to_dict() for k, v in model.peft_config.items()}
+    with pytest.raises(ConfigError, match="load_adapter"):
+        PeftModel.from_pretrained(model, saved[method] / "a")
+    assert_untouched(model, before)
+    assert {k: v.to_dict() for k, v in model.peft_config.items()} == configs
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_an_existing_name_load_of_another_rank_is_refused_before_any_copy(method, tmp_path):
+    other = get_peft_model(tiny_llama(), METHODS[method].replace(rank=2))
+    other.save_pretrained(tmp_path / "rank2")
+    model = PeftModel.from_pretrained(tiny_llama(), tmp_path / "rank2")  # a rank-2 folder ...
+    model = get_peft_model(tiny_llama(), METHODS[method].replace())     # ... into a rank-4 one
+    before = snapshot(model)
+    with pytest.raises(AdapterFileError, match="has shape"):
+        model.load_adapter(tmp_path / "rank2", "default")
+    assert_untouched(model, before)

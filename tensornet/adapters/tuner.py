@@ -77,6 +77,22 @@ class TensornetTuner(BaseTuner):
     supported_types: tuple[str, ...] = ("nn.Linear",)
 
     # -- what a method supplies -------------------------------------------------------
+    def __init__(self, model: nn.Module, peft_config: Any, adapter_name: str,
+                 **kwargs: Any) -> None:
+        from peft import PeftModel
+
+        if isinstance(model, PeftModel):
+            # peft's BaseTuner would write the new config into the PeftModel's own
+            # peft_config (it reads attributes through to the wrapped model) before
+            # anything can fail: refused first
+            raise ConfigError(
+                f"the model is already a PeftModel (adapters {sorted(model.peft_config)}); "
+                f"PeftModel.from_pretrained / get_peft_model take the base model. Add a "
+                f"saved adapter to it with model.load_adapter(folder, adapter_name=...) "
+                f"or a new one with model.add_adapter(name, config)"
+            )
+        super().__init__(model, peft_config, adapter_name, **kwargs)
+
     @classmethod
     def check_target(cls, model: nn.Module, target: Target, config: TensornetConfig) -> None:
         """Raise ConfigError if the method cannot adapt ``target`` (model still untouched).
