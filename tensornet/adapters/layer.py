@@ -45,6 +45,10 @@ class AdditiveLinear(nn.Module):
     def _holds(self, adapter: str) -> bool:
         return adapter in getattr(self, self.adapter_layer_names[0])
 
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """True: the update is additive, so peft's ``convert_to_lora`` may SVD it."""
+        return self._holds(adapter_name)
+
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add the adapters' ``Delta W`` to the base weight (``safe_merge``: check first)."""
         adapter_names = check_adapters_to_merge(self, adapter_names)

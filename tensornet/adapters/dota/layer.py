@@ -301,6 +301,14 @@ class DoTALayer(BaseTunerLayer):
         """One chain for the update the ``adapters`` add to the base (see the module doc)."""
         return chain_sum(self.delta_terms(adapters, disabled=disabled))
 
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """DoTA: peft's ``convert_to_lora`` may SVD :meth:`get_delta_weight`; QDoTA may not.
+
+        A QDoTA layer's base is the NF4 residual of ``W0 - MPO(T_init)``: its update is
+        not relative to the base model's weight.
+        """
+        return not self.quantized and adapter_name in self.dota_cores
+
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """``MPO(T) - MPO(T_init)`` (QDoTA: ``MPO(T)``) in the base dtype, computed in float32+."""
         cores = self.cores(adapter)
