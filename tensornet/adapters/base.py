@@ -136,10 +136,29 @@ def compute_dtype(module: nn.Module) -> torch.dtype:
     return module.weight.dtype
 
 
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s full value where it is sharded across processes; ``t`` itself otherwise.
+
+    An FSDP2 (``fully_shard``) parameter is a DTensor holding a shard: it is gathered
+    (a collective: every rank must read the same weights in the same order, as creating
+    an adapter on every rank does). A DeepSpeed ZeRO-3 parameter is gathered with peft's
+    ``gather_params_ctx`` (what peft's own PiSSA/OLoRA initialisations use) and copied.
+    """
+    if hasattr(t, "full_tensor"):  # torch.distributed.tensor.DTensor
+        return t.full_tensor()
+    if hasattr(t, "ds_id"):  # a DeepSpeed ZeRO-3 partitioned parameter
+        from peft.utils.integrations import gather_params_ctx
+
+        with gather_params_ctx(t):
+            return t.detach().clone()
+    return t
+
+
 def dense_weight(module: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The ``(out, in)`` weight of a linear layer as a dense tensor (4-bit is dequantized).
 
-    The result is computed in at least float32 unless ``dtype`` is given.
+    The result is computed in at least float32 unless ``dtype`` is given. A weight
+    sharded across processes (FSDP2, DeepSpeed ZeRO-3) is gathered (:func:`full_tensor`).
     """
     if is_4bit(module):
         import bitsandbytes.functional as bnbf
@@ -156,7 +175,7 @@ def dense_weight(module: nn.Module, dtype: torch.dtype | None = None) -> torch.T
             )
         w = bnbf.dequantize_4bit(weight.data, weight.quant_state)
     else:
-        w = module.weight.detach()
+        w = full_tensor(module.weight.detach())
     target = dtype or (w.dtype if w.element_size() >= 4 else torch.float32)
     return w.to(target)
 
@@ -364,7 +383,7 @@ def base_fingerprint(model: nn.Module) -> str | None:
         return None
     digest = hashlib.blake2b(digest_size=16)
     for name in sorted(weights):
-        p = weights[name]
+        p = full_tensor(weights[name].detach())
         values = p if p.is_floating_point() else p.to(torch.float32)
         digest.update(f"{name}={fingerprint(values)};".encode())
     return f"{FINGERPRINT_VERSION}:base:{digest.hexdigest()}"
