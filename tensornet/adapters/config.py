@@ -196,8 +196,8 @@ class TensornetConfig(PeftConfig):
                 f"({type(exc).__name__}: {exc}); it is damaged or was edited: save the "
                 f"adapter again"
             ) from None
-        file = weights_file(folder) if folder.is_dir() else None
-        if folder.is_dir():
+        if folder.is_dir():  # a local folder (peft also reads from the Hub)
+            file = weights_file(folder)
             if file is None:
                 raise AdapterFileError(
                     f"{folder} holds an adapter_config.json but no {WEIGHTS_NAME}: the "

@@ -438,10 +438,10 @@ class TensornetTuner(BaseTuner):
             model=model, config=config, adapter_name=adapter_name, state_dict=tensors
         )
         own = model.state_dict(keep_vars=True)
-        marks = (f".{adapter_name}.", f".{adapter_name}")
+        named = f".{adapter_name}"  # the adapter's tensors carry its name as a component
         for key, value in remapped.items():
             target = own.get(key, own.get(key.removeprefix("base_model.model.")))
-            mine = (key.endswith(marks[1]) or marks[0] in key) and (
+            mine = (key.endswith(named) or named + "." in key) and (
                 f".{cls.prefix}" in key or ".modules_to_save." in key
             )
             if target is None or not mine:
