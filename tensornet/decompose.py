@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from ._backend import check_float_array, ops_for
+from ._chain import permute
 from ._truncate import _EPS64, _Overflow, _top_from_gram, _truncated_svd, _Unresolved
 from ._validate import (
     as_int_list,
@@ -38,7 +39,7 @@ from ._validate import (
 from .errors import DTypeError, NonFiniteError, ShapeError
 from .formats import MPO, TensorTrain
 from .params import Rank, check_rank, tt_ranks
-from .tensorize import _permute, factorize, matrix_to_tensor
+from .tensorize import factorize, matrix_to_tensor
 
 __all__ = ["tt_decompose", "mpo_decompose"]
 
@@ -93,7 +94,7 @@ def _fused_head(
     _check_norm(norm2, layout.block, ops)
     nr = len(layout.row_shape)
     to_sweep = layout.row_perm + tuple(nr + p for p in layout.row_perm)
-    g2 = _permute(g.reshape(*layout.row_shape, *layout.row_shape), to_sweep).reshape(rows2, rows2)
+    g2 = permute(g.reshape(*layout.row_shape, *layout.row_shape), to_sweep).reshape(rows2, rows2)
     g1 = g2.reshape(d1, d2, d1, d2).diagonal(0, 1, 3).sum(-1)
     u1, r1, lost1, sigma1 = _top_from_gram(g1, caps[0], 0.0, ops, full)
     lift = ops.kron_eye(u1, d2)
@@ -101,9 +102,9 @@ def _fused_head(
     # the projector (lift @ u2) back in the block's row order
     back = tuple(int(i) for i in np.argsort(layout.row_perm)) + (nr,)
     sweep_rows = tuple(layout.row_shape[p] for p in layout.row_perm)
-    proj = _permute((lift @ u2).reshape(*sweep_rows, r2), back).reshape(rows2, r2)
+    proj = permute((lift @ u2).reshape(*sweep_rows, r2), back).reshape(rows2, r2)
     rest = (proj.T @ x2).reshape(r2, *layout.rest_shape)
-    rest = _permute(rest, (0, *(1 + p for p in layout.rest_perm))).reshape(r2, -1)
+    rest = permute(rest, (0, *(1 + p for p in layout.rest_perm))).reshape(r2, -1)
     cores = [u1.reshape(1, d1, r1), u2.reshape(r1, d2, r2)]
     return cores, [sigma1, sigma2], norm2, lost1 + lost2, rest
 
@@ -366,7 +367,7 @@ def _matrix_layout(W: Any, out_modes: tuple[int, ...], in_modes: tuple[int, ...]
     m = n - 2
     return _Layout(
         sweep=sweep,
-        block=_permute(t, perm),
+        block=permute(t, perm),
         row_shape=(out_modes[0], out_modes[1], in_modes[0], in_modes[1]),
         row_perm=(0, 2, 1, 3),
         rest_shape=(*out_modes[2:], *in_modes[2:]),

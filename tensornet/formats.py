@@ -17,10 +17,10 @@ import numpy as np
 
 from . import ttops
 from ._backend import check_same_kind, is_torch
+from ._chain import combine_halves, mpo_halves
 from ._validate import check_positive_int, check_tol
 from .errors import ConfigError, DTypeError, ShapeError
 from .params import Rank, check_rank
-from .tensorize import _combine_halves, _mpo_halves
 
 __all__ = ["MPO", "TensorTrain"]
 
@@ -412,7 +412,7 @@ class MPO:
 
     def to_dense(self) -> Any:
         """Contract the cores into the ``(out_features, in_features)`` matrix."""
-        return _combine_halves(*_mpo_halves(self.cores))
+        return combine_halves(*mpo_halves(self.cores))
 
     def to_tensorly(self) -> Any:
         """Return a :class:`tensorly.tt_matrix.TTMatrix` over the same cores (no copy).

@@ -31,10 +31,11 @@ import numpy as np
 import opt_einsum as oe
 
 from ._backend import as_array, check_has_data, check_same_kind, is_torch
+from ._chain import combine_halves, mpo_halves
 from ._validate import check_positive_int
 from .errors import ConfigError, DTypeError, ShapeError
 from .formats import MPO
-from .tensorize import _combine_halves, _mpo_halves, check_cores
+from .tensorize import check_cores
 
 __all__ = ["MachineProfile", "ContractionPlan", "calibrate", "plan_mpo_matmul", "mpo_matmul"]
 
@@ -490,7 +491,7 @@ class ContractionPlan:
 
 def _dense_matmul(x: Any, cores: Sequence[Any]) -> Any:
     """``x @ W.T`` through the dense ``W`` (checked arguments)."""
-    W = _combine_halves(*_mpo_halves(cores))
+    W = combine_halves(*mpo_halves(cores))
     return (x.reshape(-1, W.shape[1]) @ W.T).reshape(*x.shape[:-1], W.shape[0])
 
 

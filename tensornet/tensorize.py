@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ._backend import as_array, check_same_kind, is_torch
+from ._chain import combine_halves, mpo_halves, permute
 from ._validate import check_mode_pair, check_positive_int
 from .errors import DTypeError, ShapeError
 
@@ -179,10 +180,6 @@ def mpo_modes(
     return factorize(out_features, num_cores), factorize(in_features, num_cores)
 
 
-def _permute(x: Any, perm: Sequence[int]) -> Any:
-    return x.permute(*perm) if hasattr(x, "permute") else np.transpose(x, perm)
-
-
 def matrix_to_tensor(matrix: Any, out_modes: Sequence[int], in_modes: Sequence[int]) -> Any:
     """View a ``(prod(out_modes), prod(in_modes))`` matrix as the order-2N tensor of the MPO.
 
@@ -221,7 +218,7 @@ def matrix_to_tensor(matrix: Any, out_modes: Sequence[int], in_modes: Sequence[i
     n = len(out_modes)
     t = matrix.reshape(*out_modes, *in_modes)
     perm = [p for k in range(n) for p in (k, n + k)]
-    return _permute(t, perm)
+    return permute(t, perm)
 
 
 def tensor_to_matrix(tensor: Any) -> Any:
@@ -254,19 +251,8 @@ def tensor_to_matrix(tensor: Any) -> Any:
         )
     n = len(shape) // 2
     perm = [2 * k for k in range(n)] + [2 * k + 1 for k in range(n)]
-    t = _permute(tensor, perm)
+    t = permute(tensor, perm)
     return t.reshape(math.prod(shape[0::2]), math.prod(shape[1::2]))
-
-
-def _chain(cores: Sequence[Any]) -> Any:
-    """Contract consecutive cores into ``(R_first, I.., J.., R_last)`` (rows, then columns)."""
-    acc = cores[0]  # (r0, I, J, r1)
-    for core in cores[1:]:
-        q0, i, j, q1 = core.shape
-        a0, ai, aj, _ = acc.shape
-        prod = (acc.reshape(-1, q0) @ core.reshape(q0, -1)).reshape(a0, ai, aj, i, j, q1)
-        acc = _permute(prod, (0, 1, 3, 2, 4, 5)).reshape(a0, ai * i, aj * j, q1)
-    return acc
 
 
 def check_cores(cores: Any, name: str = "cores") -> tuple[Any, ...]:
@@ -307,56 +293,6 @@ def check_cores(cores: Any, name: str = "cores") -> tuple[Any, ...]:
     if prev != 1:
         raise ShapeError(f"the last core of `{name}` must end with rank 1; got {prev}")
     return cores
-
-
-def _halves_split(shapes: Sequence[Sequence[int]]) -> int:
-    """The core before which :func:`_mpo_halves` cuts a chain of ``shapes``: smallest halves."""
-    sizes = [int(s[1]) * int(s[2]) for s in shapes]
-    best, split = None, 1
-    for m in range(1, len(shapes)):
-        r = int(shapes[m][0])
-        cost = math.prod(sizes[:m]) * r + r * math.prod(sizes[m:])
-        if best is None or cost < best:
-            best, split = cost, m
-    return split
-
-
-def _mpo_halves(cores: Sequence[Any], split: int | None = None) -> tuple[Any, Any]:
-    """Contract (checked) MPO cores into two small halves whose product is the matrix.
-
-    The cores are split before core ``split``, by default where the two half-chains are
-    smallest. Returns ``left`` of
-    shape ``(I_left, J_left, R)`` and ``right`` of shape ``(R, I_right, J_right)``, with
-    ``W[(i, i'), (j, j')] = sum_r left[i, j, r] right[r, i', j']``; differentiable for
-    torch tensors. (DoTA's layer builds its dense weight from these halves as well.)
-    """
-    n = len(cores)
-    if n == 1:
-        c = cores[0]
-        one = c.reshape(-1)[:1] * 0 + 1  # a 1 of c's array type, dtype and device
-        return c.reshape(c.shape[1], c.shape[2], 1), one.reshape(1, 1, 1)
-    if split is None:
-        split = _halves_split([tuple(int(d) for d in c.shape) for c in cores])
-    left = _chain(cores[:split])
-    right = _chain(cores[split:])
-    left = left.reshape(left.shape[1], left.shape[2], left.shape[3])
-    right = right.reshape(right.shape[0], right.shape[1], right.shape[2])
-    return left, right
-
-
-def _combine_halves(left: Any, right: Any, base: Any = None) -> Any:
-    """The ``(I, J)`` matrix from :func:`_mpo_halves`, plus ``base`` if given.
-
-    One matrix product writes the entries; one pass puts them in ``(I, J)`` order and,
-    with ``base``, adds ``base`` in the same pass (no separate sum).
-    """
-    li, lj, r = left.shape
-    _, ri, rj = right.shape
-    prod = left.reshape(li * lj, r) @ right.reshape(r, ri * rj)
-    ordered = _permute(prod.reshape(li, lj, ri, rj), (0, 2, 1, 3))
-    if base is None:
-        return ordered.reshape(li * ri, lj * rj)
-    return (base.reshape(li, ri, lj, rj) + ordered).reshape(li * ri, lj * rj)
 
 
 def cores_to_matrix(cores: Sequence[Any], *, base: Any = None) -> Any:
@@ -401,4 +337,4 @@ def cores_to_matrix(cores: Sequence[Any], *, base: Any = None) -> Any:
                 f"`base` must have the matrix's shape {shape}; got {tuple(base.shape)}"
             )
         check_same_kind([base], "base", like=cores[0], like_name="cores[0]", indexed=False)
-    return _combine_halves(*_mpo_halves(cores), base=base)
+    return combine_halves(*mpo_halves(cores), base=base)

@@ -306,14 +306,14 @@ def test_cores_to_matrix_with_base_matches_einsum_plus_base(kind):
 
 def test_dota_dense_build_into_scratch_buffers_equals_cores_to_matrix():
     # DoTA's layer writes base + MPO into reused buffers (its own helper, not the core's)
+    from tensornet._chain import mpo_halves
     from tensornet.adapters.dota.kernels import _SCRATCH, CPUKernels
-    from tensornet.tensorize import _mpo_halves
 
     gen = torch.Generator().manual_seed(0)
     cores = [torch.randn(s, generator=gen, dtype=torch.float64)
              for s in ((1, 2, 3, 4), (4, 5, 2, 3), (3, 2, 2, 1))]
     base = torch.randn(20, 12, generator=gen, dtype=torch.float64)
-    got = CPUKernels.build(*_mpo_halves(cores), base)
+    got = CPUKernels.build(*mpo_halves(cores), base)
     want = cores_to_matrix(cores, base=base)
     torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-14)
     buf = _SCRATCH.buffers[("weight", torch.float64)]

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import math
 
+from ..._chain import halves_split
 from ...plan import DEFAULT_PROFILE, ContractionPlan, MachineProfile
-from ...tensorize import _halves_split
 
 __all__ = ["CUDA_PROFILE", "STREAM_SPEEDUP", "profile_for", "residual_strategy"]
 
@@ -109,7 +109,7 @@ def _strategy_seconds(
     profile = profile_for(kind)
     entries = plan.out_features * plan.in_features
     itemsize = plan.itemsize
-    split = _halves_split(plan.core_shapes)
+    split = halves_split(plan.core_shapes)
     bond = int(plan.core_shapes[split][0])
     stream = profile.bytes_per_s * STREAM_SPEEDUP
     if kind == "cpu":

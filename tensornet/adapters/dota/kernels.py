@@ -1,7 +1,7 @@
 """DoTA's dense path: ``W = W_base + MPO`` built from half-chains, used once and dropped.
 
 The update's terms (``+T`` per adapter, ``-T_init`` for DoTA) are contracted into two
-halves each (:func:`tensornet.tensorize._mpo_halves`); the halves of a sum of MPOs that
+halves each (:func:`tensornet._chain.mpo_halves`); the halves of a sum of MPOs that
 share their modes and split are the terms' halves side by side, so one product of the
 two builds ``sum_t s_t MPO(T_t)``. :class:`DenseMPOLinear` uses ``W`` for one matmul and
 keeps only ``x`` and the small halves for the backward pass, which rebuilds ``W`` for

@@ -38,10 +38,11 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from ..._chain import halves_split, mpo_halves
 from ...errors import ConfigError, DTypeError
 from ...formats import MPO
 from ...plan import ContractionPlan, plan_mpo_matmul
-from ...tensorize import _halves_split, _mpo_halves, cores_to_matrix
+from ...tensorize import cores_to_matrix
 from ..base import compute_dtype, dense_weight, is_4bit
 from ..layer import shift_weight
 from .cost import profile_for, residual_strategy
@@ -435,7 +436,7 @@ class _Route:
         self.layer, self.adapters, self.ct, self.kind = layer, adapters, ct, kind
         self.terms = layer.delta_terms(adapters, disabled=disabled)
         first = self.terms[0][1]
-        self.split = _halves_split([tuple(int(d) for d in c.shape) for c in first])
+        self.split = halves_split([tuple(int(d) for d in c.shape) for c in first])
         # a term is trainable where it is the adapter's own T (a Parameter), constant
         # where it is a stored T_init buffer
         self.trainable = [cores for _, cores in self.terms
@@ -446,7 +447,7 @@ class _Route:
         if const:
             with torch.no_grad(), torch.autocast(device_type=first[0].device.type,
                                                  enabled=False):
-                halves = [_mpo_halves([c.detach().to(_wide(c.dtype)) for c in cores],
+                halves = [mpo_halves([c.detach().to(_wide(c.dtype)) for c in cores],
                                       self.split) for _, cores in const]
                 left = torch.cat([h[0] for h in halves], 2).to(ct)
                 right = torch.cat([h[1] if s == 1 else h[1] * s
@@ -481,7 +482,7 @@ class _Route:
         out = []
         with torch.autocast(device_type=device_type, enabled=False):
             for cores in self.trainable:
-                left, right = _mpo_halves(list(cores), self.split)
+                left, right = mpo_halves(list(cores), self.split)
                 out += (left.to(self.ct), right.to(self.ct))
         return out
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
+from ..._chain import mpo_halves
 from ...plan import MachineProfile
-from ...tensorize import _mpo_halves
 
 __all__: list[str] = []
 
@@ -98,7 +98,7 @@ class _ServingOperands:
             # contracted in the cores' own precision (at least float32), then rounded once
             # to the compute dtype, as the training path's halves are
             wide = torch.promote_types(chain[0].dtype, torch.float32)
-            halves = [tuple(h.to(dtype) for h in _mpo_halves([c.detach().to(wide) for c in t],
+            halves = [tuple(h.to(dtype) for h in mpo_halves([c.detach().to(wide) for c in t],
                                                              split))
                       for _, t in terms]
         li, lj, r = halves[0][0].shape
