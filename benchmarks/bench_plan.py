@@ -3,11 +3,13 @@
 For the MPO shapes of LLaMA-2-7B's matrices (rank 16) and batch sizes 1..8192, measures the
 wall time of ``tensornet.mpo_matmul(x, cores, strategy=...)`` for ``"dense"`` (contract the
 cores into W, then one matmul) and ``"contract"`` (contract x through the cores), and
-records what ``"auto"`` picks: ``plan_mpo_matmul(cores, batch, profile=calibrate(x))``,
-exactly the plan ``mpo_matmul`` follows. ``"auto"`` itself is timed as well.
+records what the two planned strategies pick: ``"auto"`` plans with the fixed constants of
+the device kind (``plan_mpo_matmul(cores, batch, profile=profile_for("cpu"))``, the default,
+as DoTA's layers decide) and ``"calibrated"`` with this machine's measured profile
+(``profile=calibrate(x)``), exactly the plans ``mpo_matmul`` follows. Both are timed as well.
 
-Goal: for every (shape, batch), time of the picked strategy / min(t_dense, t_contract)
-<= 1.10.
+Goal: for every (shape, batch), time of the strategy ``"auto"`` picks / min(t_dense,
+t_contract) <= 1.10 (the calibrated pick is reported beside it).
 
 Run ``python benchmarks/bench_plan.py --help`` for the options; ``--quick`` is a smoke test
 on small shapes (its numbers mean nothing).
@@ -31,8 +33,7 @@ import torch
 from _environment import environment, print_environment
 from _measure import best_round_robin
 
-from tensornet import calibrate, mpo_matmul, plan_mpo_matmul
-from tensornet.plan import DEFAULT_PROFILE
+from tensornet import calibrate, mpo_matmul, plan_mpo_matmul, profile_for
 
 GOAL_RATIO = 1.10  # t_picked / min(t_dense, t_contract), at most
 CHECK_BATCH = 32  # rows of x for the correctness check against x @ W.T
@@ -100,7 +101,7 @@ def check_shape(cores: list[torch.Tensor], in_features: int, seed: int) -> dict[
     x = torch.randn(CHECK_BATCH, in_features, generator=gen, dtype=torch.float32)
     ref = x.double().numpy() @ reference_matrix(cores).T
     errors = {}
-    for strategy in ("dense", "contract", "auto"):
+    for strategy in ("dense", "contract", "auto", "calibrated"):
         y = mpo_matmul(x, cores, strategy=strategy).double().numpy()
         errors[strategy] = float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
     return errors
@@ -116,33 +117,36 @@ def run_shape(name: str, out_modes: tuple[int, ...], in_modes: tuple[int, ...],
     rows = []
     for batch in args.batches:
         x = torch.randn(batch, in_features, generator=gen, dtype=torch.float32)
-        profile = calibrate(x)
-        plan = plan_mpo_matmul(cores, batch, profile=profile)
-        # strategy="contract" follows the path planned with DEFAULT_PROFILE, "auto" the path
-        # planned with the calibrated profile; flag when they differ
-        default_plan = plan_mpo_matmul(cores, batch, profile=DEFAULT_PROFILE)
+        plan = plan_mpo_matmul(cores, batch, profile=profile_for("cpu"))  # what "auto" runs
+        # "calibrated" plans with the measured profile; flag when its path differs
+        cal_plan = plan_mpo_matmul(cores, batch, profile=calibrate(x))
         times, rounds = time_interleaved({
             "dense": lambda x=x: mpo_matmul(x, cores, strategy="dense"),
             "contract": lambda x=x: mpo_matmul(x, cores, strategy="contract"),
             "auto": lambda x=x: mpo_matmul(x, cores),
+            "calibrated": lambda x=x: mpo_matmul(x, cores, strategy="calibrated"),
         }, args)
         t_dense, t_contract, t_auto = times["dense"], times["contract"], times["auto"]
         best = min(t_dense, t_contract)
-        t_picked = t_dense if plan.strategy == "dense" else t_contract
+
         row = {
             "batch": batch,
             "t_dense": t_dense,
             "t_contract": t_contract,
             "t_auto": t_auto,
+            "t_calibrated": times["calibrated"],
             "repeats": rounds,
             "picked": plan.strategy,
+            "picked_calibrated": cal_plan.strategy,
             "faster": "dense" if t_dense < t_contract else "contract",
-            "ratio_picked": t_picked / best,
+            "ratio_picked": times[plan.strategy] / best,
+            "ratio_picked_calibrated": times[cal_plan.strategy] / best,
             "ratio_auto": t_auto / best,
+            "ratio_calibrated": times["calibrated"] / best,
             "model_dense_seconds": plan.dense_seconds,
             "model_contract_seconds": plan.contract_seconds,
             "contract_path": [list(s) for s in plan.path],
-            "contract_path_same_as_default_profile": plan.path == default_plan.path,
+            "contract_path_same_as_calibrated": plan.path == cal_plan.path,
             "dense_peak_elements": plan.dense_peak,
             "contract_peak_elements": plan.contract_peak,
         }
@@ -169,18 +173,19 @@ def run_shape(name: str, out_modes: tuple[int, ...], in_modes: tuple[int, ...],
 
 
 HEADER = (f"  {'batch':>5} {'t_dense':>10} {'t_contract':>10} {'t_auto':>10}  {'picked':8} "
-          f"{'faster':8} {'picked/min':>10} {'auto/min':>8}  {'model d/c':>9}  {'rounds':>6}")
+          f"{'cal.pick':8} {'faster':8} {'picked/min':>10} {'cal/min':>7} {'auto/min':>8}  "
+          f"{'model d/c':>9}  {'rounds':>6}")
 
 
 def print_row(r: dict[str, Any]) -> None:
     mark = "ok" if r["pass"] else "FAIL"
     model = r["model_dense_seconds"] / r["model_contract_seconds"]
     reps = str(r["repeats"])
-    note = "" if r["contract_path_same_as_default_profile"] else "  (path differs)"
+    note = "" if r["contract_path_same_as_calibrated"] else "  (path differs)"
     print(f"  {r['batch']:5d} {r['t_dense'] * 1e3:8.3f}ms {r['t_contract'] * 1e3:8.3f}ms "
-          f"{r['t_auto'] * 1e3:8.3f}ms  {r['picked']:8} {r['faster']:8} "
-          f"{r['ratio_picked']:10.3f} {r['ratio_auto']:8.3f}  {model:9.3f}  {reps:>6}  "
-          f"{mark}{note}")
+          f"{r['t_auto'] * 1e3:8.3f}ms  {r['picked']:8} {r['picked_calibrated']:8} "
+          f"{r['faster']:8} {r['ratio_picked']:10.3f} {r['ratio_picked_calibrated']:7.3f} "
+          f"{r['ratio_auto']:8.3f}  {model:9.3f}  {reps:>6}  {mark}{note}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,14 +226,17 @@ def main(argv: list[str] | None = None) -> int:
           f"{'' if args.quick else f'{args.min_repeats}..{args.max_repeats}'}, best taken "
           f"after one warm-up call of each")
     print("# columns           times are best-of wall times; picked = plan_mpo_matmul(cores, "
-          "batch, profile=calibrate(x)).strategy (what auto runs); faster = measured winner;")
+          "batch, profile=profile_for('cpu')).strategy (what auto runs); cal.pick = the plan "
+          "with profile=calibrate(x) (what strategy='calibrated' runs); faster = measured "
+          "winner; (path differs) = the two plans contract along different paths;")
     print("#                   model d/c = modelled dense / contract time (< 1: model prefers "
           "dense); rounds = timed calls of each strategy, round-robin")
     x0 = torch.zeros(1, 8)
     t0 = time.perf_counter()
     profile = calibrate(x0)
     print(f"# calibrated        {profile} ({time.perf_counter() - t0:.2f} s, once per process)")
-    print(f"# default profile   {DEFAULT_PROFILE} (used by strategy='contract' for its path)")
+    print(f"# fixed profile     {profile_for('cpu')} (strategy='auto', and 'contract' for its "
+          "path)")
     env["calibrated_profile"] = dataclasses.asdict(profile)
     sys.stdout.flush()
 

@@ -27,7 +27,14 @@ from .params import (
     tt_num_params,
     tt_ranks,
 )
-from .plan import ContractionPlan, MachineProfile, calibrate, mpo_matmul, plan_mpo_matmul
+from .plan import (
+    ContractionPlan,
+    MachineProfile,
+    calibrate,
+    mpo_matmul,
+    plan_mpo_matmul,
+    profile_for,
+)
 from .tensorize import cores_to_matrix, factorize, matrix_to_tensor, mpo_modes, tensor_to_matrix
 
 __version__ = "0.1.0"
@@ -51,6 +58,7 @@ __all__ = [
     "ContractionPlan",
     "MachineProfile",
     "calibrate",
+    "profile_for",
     # tensorization
     "factorize",
     "mpo_modes",

@@ -2,7 +2,7 @@
 
 Each bond of a sweep keeps the leading singular vectors of a very wide unfolding. They
 come from the Gram matrix on its small side (one BLAS-3 product and a small symmetric
-eigensolve: :func:`_top_from_gram`); where a tolerance's budget falls within that Gram's
+eigensolve: :func:`top_from_gram`); where a tolerance's budget falls within that Gram's
 noise, from a thin SVD of the unfolding itself (:func:`_svd_cut`), whose small singular
 values are accurate to ulps of the largest one rather than of its square
 (:func:`tensornet.tt_decompose`'s module doc says when each is used).
@@ -25,7 +25,7 @@ class _Overflow(Exception):
 # 8 ulps for a 512 x 512 Gram, 4 for a 16 x 10^6 unfolding, whatever its spectrum).
 _GRAM_NOISE_ULPS = 4.0
 
-_EPS64 = float(np.finfo(np.float64).eps)
+EPS64 = float(np.finfo(np.float64).eps)
 
 
 def _choose_rank(lam: np.ndarray, total: float, cap: int, budget: float) -> int:
@@ -56,7 +56,7 @@ def _certain(lam: np.ndarray, total: float, r: int, budget: float, noise: float)
     return r == 1 or tail + float(lam[r - 1]) > budget + noise
 
 
-def _top_from_gram(
+def top_from_gram(
     g: Any, cap: int, budget: float, ops: Any, full: bool
 ) -> tuple[Any, int, float, np.ndarray]:
     """Leading eigenvectors of a Gram matrix: ``(vectors[:, :r], r, discarded, sigma)``.
@@ -81,7 +81,7 @@ def _top_from_gram(
 
 
 def _svd_cut(a: Any, cap: int, budget: float, ops: Any) -> tuple[Any, Any, float, np.ndarray]:
-    """:func:`_truncated_svd` from a thin SVD of ``a``: the tail masses summed directly.
+    """:func:`truncated_svd` from a thin SVD of ``a``: the tail masses summed directly.
 
     A singular value is accurate to ulps of the largest one, so a tail mass
     ``sum(sigma[r:]^2)`` is accurate far below the ulps of ``||a||^2`` a Gram matrix has.
@@ -96,7 +96,7 @@ def _svd_cut(a: Any, cap: int, budget: float, ops: Any) -> tuple[Any, Any, float
     return u, u.T @ a, float(tails[r]), sigma
 
 
-def _truncated_svd(
+def truncated_svd(
     a: Any, cap: int, budget: float, ops: Any, full: bool
 ) -> tuple[Any, Any, float, np.ndarray]:
     """Truncated SVD of ``a`` through its small-side Gram matrix.
@@ -110,11 +110,11 @@ def _truncated_svd(
     m, n = a.shape
     try:
         if m <= n:
-            u, _, discarded, sigma = _top_from_gram(a @ a.T, cap, budget, ops, full)
+            u, _, discarded, sigma = top_from_gram(a @ a.T, cap, budget, ops, full)
             return u, u.T @ a, discarded, sigma
-        v, _, discarded, sigma = _top_from_gram(a.T @ a, cap, budget, ops, full)
+        v, _, discarded, sigma = top_from_gram(a.T @ a, cap, budget, ops, full)
     except _Unresolved:
-        if ops.eps(a) > _EPS64:
+        if ops.eps(a) > EPS64:
             raise
         return _svd_cut(a, cap, budget, ops)
     # a v = u s w^T exactly: a small thin SVD orthonormalizes the m x r block.

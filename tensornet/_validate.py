@@ -30,7 +30,7 @@ def as_int_list(value: Any) -> list[Any] | None:
     return list(value)
 
 
-def _is_int(v: Any, minimum: int = 1) -> bool:
+def is_int(v: Any, minimum: int = 1) -> bool:
     return not isinstance(v, bool) and isinstance(v, numbers.Integral) and v >= minimum
 
 
@@ -39,7 +39,7 @@ def check_modes(modes: Any, name: str) -> tuple[int, ...]:
     items = as_int_list(modes)
     if not items:
         raise ShapeError(f"`{name}` must be a non-empty sequence of positive ints; got {modes!r}")
-    if not all(_is_int(m) for m in items):
+    if not all(is_int(m) for m in items):
         raise ShapeError(f"`{name}` must be a non-empty sequence of positive ints; got {items!r}")
     return tuple(int(m) for m in items)
 
@@ -58,7 +58,7 @@ def check_mode_pair(out_modes: Any, in_modes: Any) -> tuple[tuple[int, ...], tup
 
 def check_rank_int(value: Any, name: str = "rank") -> int:
     """A single rank ``r`` (LoTR, LoRTA): an int >= 1, else :class:`RankError`."""
-    if not _is_int(value):
+    if not is_int(value):
         raise RankError(f"`{name}` must be a positive int; got {value!r}")
     return int(value)
 

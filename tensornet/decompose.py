@@ -28,7 +28,7 @@ import numpy as np
 
 from ._backend import check_float_array, ops_for
 from ._chain import permute
-from ._truncate import _EPS64, _Overflow, _top_from_gram, _truncated_svd, _Unresolved
+from ._truncate import EPS64, _Overflow, _Unresolved, top_from_gram, truncated_svd
 from ._validate import (
     as_int_list,
     check_modes,
@@ -96,9 +96,9 @@ def _fused_head(
     to_sweep = layout.row_perm + tuple(nr + p for p in layout.row_perm)
     g2 = permute(g.reshape(*layout.row_shape, *layout.row_shape), to_sweep).reshape(rows2, rows2)
     g1 = g2.reshape(d1, d2, d1, d2).diagonal(0, 1, 3).sum(-1)
-    u1, r1, lost1, sigma1 = _top_from_gram(g1, caps[0], 0.0, ops, full)
+    u1, r1, lost1, sigma1 = top_from_gram(g1, caps[0], 0.0, ops, full)
     lift = ops.kron_eye(u1, d2)
-    u2, r2, lost2, sigma2 = _top_from_gram(lift.T @ g2 @ lift, caps[1], 0.0, ops, full)
+    u2, r2, lost2, sigma2 = top_from_gram(lift.T @ g2 @ lift, caps[1], 0.0, ops, full)
     # the projector (lift @ u2) back in the block's row order
     back = tuple(int(i) for i in np.argsort(layout.row_perm)) + (nr,)
     sweep_rows = tuple(layout.row_shape[p] for p in layout.row_perm)
@@ -145,7 +145,7 @@ def _tt_sweep(
     budget = 0.0 if tol is None else tol * tol * norm2 / max(n - 1, 1)
     for k in range(start, n - 1):
         a = rest.reshape(r_prev * dims[k], -1)
-        u, rest, lost, sigma = _truncated_svd(a, caps[k], budget, ops, full)
+        u, rest, lost, sigma = truncated_svd(a, caps[k], budget, ops, full)
         r = u.shape[1]
         cores.append(u.reshape(r_prev, dims[k], r))
         spectra.append(sigma)
@@ -207,7 +207,7 @@ def _run(
         # rounding the N cores (and, in float64, the sweep itself) moves the result by
         # about an ulp each: half the smallest tol accepted is set aside for it, so that
         # the measured error of the returned cores is <= tol
-        eps = max(ops.eps(like), _EPS64)
+        eps = max(ops.eps(like), EPS64)
         tol -= check_tol_reachable(tol, eps, len(dims), like.dtype, name) / 2
     f64 = ops.to64(like.reshape(-1)[:1]).dtype
     cdtype = ops.compute_dtype(like)

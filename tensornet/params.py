@@ -22,7 +22,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from ._validate import _is_int, as_int_list, check_mode_pair, check_modes, check_positive_int
+from ._validate import as_int_list, check_mode_pair, check_modes, check_positive_int, is_int
 from .errors import RankError
 
 __all__ = [
@@ -83,10 +83,10 @@ def check_rank(rank: Any, num_cores: int, *, name: str = "rank") -> tuple[int, .
         f"of {bonds} positive ints (one per bond) or a list of {bonds + 2} positive ints "
         f"starting and ending with 1 (the form of MPO.ranks)"
     )
-    if _is_int(rank):
+    if is_int(rank):
         return (int(rank),) * bonds
     caps = as_int_list(rank)
-    if caps is None or not all(_is_int(r) for r in caps):
+    if caps is None or not all(is_int(r) for r in caps):
         raise RankError(f"{expected}; got {rank if caps is None else caps!r}")
     if len(caps) == bonds + 2 and caps[0] == 1 and caps[-1] == 1:
         caps = caps[1:-1]

@@ -32,12 +32,20 @@ import opt_einsum as oe
 
 from ._backend import as_array, check_has_data, check_same_kind, is_torch
 from ._chain import combine_halves, mpo_halves
+from ._device import DEVICE_KINDS, device_kind
 from ._validate import check_positive_int
 from .errors import ConfigError, DTypeError, ShapeError
 from .formats import MPO
 from .tensorize import check_cores
 
-__all__ = ["MachineProfile", "ContractionPlan", "calibrate", "plan_mpo_matmul", "mpo_matmul"]
+__all__ = [
+    "MachineProfile",
+    "ContractionPlan",
+    "calibrate",
+    "profile_for",
+    "plan_mpo_matmul",
+    "mpo_matmul",
+]
 
 Strategy = Literal["dense", "contract"]
 
@@ -159,6 +167,46 @@ DEFAULT_PROFILE = MachineProfile(
     contract_factor=1.2,
     copy_efficiency=((16, 0.8), (64, 1.0)),
 )
+
+#: Constants for the accelerator path: an H200-class GPU in bfloat16 (tensor-core
+#: throughput well below the peak, as for the thin products of DoTA's layers; HBM bandwidth; the
+#: host-side cost of one small operator dispatched from Python, which bounds the
+#: contraction's many small steps: the issue-19 profile saw ~77 ms of host time for
+#: ~750 operators). Estimates, not a fit: no GPU was lent to the work that set them. With
+#: them the training step always builds ``W`` (a launch costs more than the ``W``-sized
+#: passes at the LLaMA shapes); ``benchmarks/bench_layer.py`` run on a GPU would check the
+#: pick against both pinned strategies.
+CUDA_PROFILE = MachineProfile(
+    flops_per_s=3e14,
+    bytes_per_s=2.5e12,
+    op_seconds=2e-5,
+    contract_factor=1.5,
+    copy_efficiency=((16, 0.5), (256, 1.0)),
+)
+
+
+def profile_for(kind: str) -> MachineProfile:
+    """The fixed time-model constants of a device kind (``"cpu"`` or ``"cuda"``).
+
+    What ``strategy="auto"`` plans with, in :func:`mpo_matmul` and in DoTA's layers:
+    nothing is measured, so every process (a training run, the process that reloads its
+    adapter) picks the same path for the same shapes. :func:`calibrate` measures the
+    machine at hand instead (``strategy="calibrated"``).
+
+    Raises
+    ------
+    ConfigError
+        If ``kind`` is not ``"cpu"`` or ``"cuda"``.
+
+    Examples
+    --------
+    >>> profile_for("cpu") is DEFAULT_PROFILE, profile_for("cuda") is CUDA_PROFILE
+    (True, True)
+    """
+    if kind not in DEVICE_KINDS:
+        raise ConfigError(f"`kind` must be one of {DEVICE_KINDS}; got {kind!r}")
+    return DEFAULT_PROFILE if kind == "cpu" else CUDA_PROFILE
+
 
 # The probe contraction of calibrate(): a 1024 x 1024 MPO (N = 5, modes 4, rank 16) applied
 # to 4096 rows, whose intermediates (~64 MB in float32) exceed the caches, as those of the
@@ -735,7 +783,7 @@ def mpo_matmul(
     x: Any,
     cores: Any,
     *,
-    strategy: Literal["auto", "dense", "contract"] = "auto",
+    strategy: Literal["auto", "calibrated", "dense", "contract"] = "auto",
 ) -> Any:
     """Compute ``x @ W.T`` where ``W`` is given by MPO cores, by the cheaper strategy.
 
@@ -748,10 +796,13 @@ def mpo_matmul(
         Floating input of shape ``(..., in_features)``.
     cores : MPO or sequence of arrays
         Cores ``(R_{k-1}, I_k, J_k, R_k)`` of ``x``'s array type, dtype and device.
-    strategy : {"auto", "dense", "contract"}
-        ``"auto"`` runs the plan's choice under this machine's calibrated profile
-        (:func:`calibrate`); ``"contract"`` runs the contraction along the path planned
-        with :data:`DEFAULT_PROFILE` (no calibration); ``"dense"`` builds ``W``.
+    strategy : {"auto", "calibrated", "dense", "contract"}
+        ``"auto"`` runs the plan's choice under the fixed constants of ``x``'s device
+        kind (:func:`profile_for`), as DoTA's layers decide: every process picks the same
+        path. ``"calibrated"`` runs the plan's choice under this machine's measured
+        profile (:func:`calibrate`: about a second the first time per library, device and
+        dtype). ``"contract"`` runs the contraction along the path planned with the fixed
+        constants; ``"dense"`` builds ``W``.
 
     Returns
     -------
@@ -766,7 +817,7 @@ def mpo_matmul(
     ShapeError
         The cores do not chain, or ``x``'s last dimension is not ``in_features``.
     ConfigError
-        ``strategy`` is not one of the three.
+        ``strategy`` is not one of the four.
 
     Examples
     --------
@@ -781,9 +832,10 @@ def mpo_matmul(
     >>> bool(np.allclose(mpo_matmul(x, mpo, strategy="contract"), x @ W.T))
     True
     """
-    if strategy not in ("auto", "dense", "contract"):
+    if strategy not in ("auto", "calibrated", "dense", "contract"):
         raise ConfigError(
-            f"`strategy` must be one of 'auto', 'dense', 'contract'; got {strategy!r}"
+            "`strategy` must be one of 'auto', 'calibrated', 'dense', 'contract'; got "
+            f"{strategy!r}"
         )
     x = _check_float(x, "x")
     core_list = check_cores(cores.cores if isinstance(cores, MPO) else cores)
@@ -799,6 +851,6 @@ def mpo_matmul(
         return _dense_matmul(x, core_list)
     batch = max(math.prod(x.shape[:-1]) if x.ndim else 1, 1)
     itemsize = x.element_size() if is_torch(x) else x.itemsize
-    profile = calibrate(x) if strategy == "auto" else DEFAULT_PROFILE
+    profile = calibrate(x) if strategy == "calibrated" else profile_for(device_kind(x))
     plan = _plan_cached(shapes, batch, itemsize, profile)
-    return plan(x, core_list, strategy=None if strategy == "auto" else "contract")
+    return plan(x, core_list, strategy="contract" if strategy == "contract" else None)

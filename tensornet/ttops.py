@@ -73,7 +73,7 @@ __all__ = [
 # and for the float64 sweep itself (see the module docstring and rounding_allowance).
 _CAST_ULPS = 4.0
 _SWEEP_ULPS = 32.0
-_EPS64 = float(np.finfo(np.float64).eps)
+EPS64 = float(np.finfo(np.float64).eps)
 
 
 class _NumpyLinalg:
@@ -177,7 +177,7 @@ def _orthogonalize_left(cores: list[Any], stop: int) -> None:
 
 def rounding_allowance(like: Any, num_cores: int) -> float:
     """Relative change set aside for the float64 sweep and the cast to ``like``'s dtype."""
-    return (_CAST_ULPS * _eps(like) + _SWEEP_ULPS * _EPS64) * math.sqrt(num_cores)
+    return (_CAST_ULPS * _eps(like) + _SWEEP_ULPS * EPS64) * math.sqrt(num_cores)
 
 
 def _keep(s: np.ndarray, cap: int | None, budget: float | None) -> int:
@@ -207,7 +207,7 @@ def round_cores(
             f"{'core' if n == 1 else 'cores'} in {like.dtype} (twice the rounding allowance "
             f"(4 eps + 32 eps_float64) sqrt(N), the smallest change the cores can be trusted "
             f"to in that dtype); got {tol!r}; pass a larger `tol`"
-            + ("" if _eps(like) <= _EPS64 else ", or round a copy with float64 cores")
+            + ("" if _eps(like) <= EPS64 else ", or round a copy with float64 cores")
         )
     work = _to64(cores)
     _orthogonalize_right(work)

@@ -26,6 +26,7 @@ PUBLIC = {
     "rank_for_budget",
     # planning and running
     "plan_mpo_matmul", "mpo_matmul", "ContractionPlan", "MachineProfile", "calibrate",
+    "profile_for",
     # tensorization
     "factorize", "mpo_modes", "matrix_to_tensor", "tensor_to_matrix", "cores_to_matrix",
     # errors
@@ -46,6 +47,7 @@ POSITIONAL = {
     "plan_mpo_matmul": ["cores", "batch_size"],
     "mpo_matmul": ["x", "cores"],
     "calibrate": ["like"],
+    "profile_for": ["kind"],
     "factorize": ["n", "num_factors"],
     "mpo_modes": ["out_features", "in_features", "num_cores"],
     "matrix_to_tensor": ["matrix", "out_modes", "in_modes"],

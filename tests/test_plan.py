@@ -395,10 +395,7 @@ def test_a_plan_runs_its_own_path(monkeypatch):
     assert seen == [(plan.equation, plan.path)]
 
 
-def test_mpo_matmul_auto_runs_the_plan_of_the_calibrated_profile(monkeypatch):
-    cores = random_cores(3, (4, 4, 4), (4, 4, 4), (1, 8, 8, 1))
-    x = np.random.default_rng(0).standard_normal((32, 64))
-    want = plan_mpo_matmul(cores, 32, itemsize=8, profile=tn.calibrate(x))
+def _spy_plans(monkeypatch):
     ran = []
     real_call = tn.ContractionPlan.__call__
 
@@ -407,9 +404,41 @@ def test_mpo_matmul_auto_runs_the_plan_of_the_calibrated_profile(monkeypatch):
         return real_call(self, xx, cc, strategy=strategy)
 
     monkeypatch.setattr(tn.ContractionPlan, "__call__", spy)
-    y = mpo_matmul(x, cores)
+    return ran
+
+
+def test_mpo_matmul_calibrated_runs_the_plan_of_the_calibrated_profile(monkeypatch):
+    cores = random_cores(3, (4, 4, 4), (4, 4, 4), (1, 8, 8, 1))
+    x = np.random.default_rng(0).standard_normal((32, 64))
+    want = plan_mpo_matmul(cores, 32, itemsize=8, profile=tn.calibrate(x))
+    ran = _spy_plans(monkeypatch)
+    y = mpo_matmul(x, cores, strategy="calibrated")
     assert ran == [(want, None)]  # the costed plan, its own strategy
     np.testing.assert_allclose(y, einsum_apply(x, cores), rtol=1e-12, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["cpu", "cuda"])
+def test_mpo_matmul_auto_means_what_it_means_for_dota(monkeypatch, kind):
+    # One meaning of "auto" across the library: the planner's choice under the fixed
+    # constants of the device kind (tn.profile_for), as DoTA's layers decide; nothing is
+    # measured, so every process picks the same path. "calibrated" measures.
+    import tensornet.plan as plan_module
+    from tensornet._device import device_path
+    from tensornet.adapters.dota.cost import profile_for as dota_profile_for
+
+    assert dota_profile_for is tn.profile_for
+    cores = [torch.from_numpy(c) for c in random_cores(3, (4, 4, 4), (4, 4, 4), (1, 8, 8, 1))]
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((32, 64)))
+    want = plan_mpo_matmul(cores, 32, itemsize=8, profile=tn.profile_for(kind))
+    monkeypatch.setattr(plan_module, "calibrate", lambda like: pytest.fail("auto calibrated"))
+    ran = _spy_plans(monkeypatch)
+    with device_path(kind):
+        y = mpo_matmul(x, cores)
+    assert ran == [(want, None)]
+    np.testing.assert_allclose(y.numpy(), einsum_apply(x.numpy(), [c.numpy() for c in cores]),
+                               rtol=1e-12, atol=1e-10)
+    assert tn.profile_for("cpu") is plan_module.DEFAULT_PROFILE
+    assert tn.profile_for("cuda") is plan_module.CUDA_PROFILE
 
 
 def test_residual_cost_model_lives_with_dota():

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from ..._validate import _is_int, as_int_list
+from ..._validate import as_int_list, is_int
 from ...errors import ConfigError, ShapeError
 from ...params import Rank, check_rank, mpo_ranks
 from ...tensorize import factorize
@@ -58,7 +58,9 @@ class DoTAConfig(TensornetConfig):
         :func:`~tensornet.adapters.apply`.
     strategy : {"auto", "dense", "contract"}
         How the layer computes its output: ``"auto"`` asks the contraction planner per
-        batch size (with fixed machine constants, so every process decides alike).
+        batch size with the fixed constants of the device kind
+        (:func:`tensornet.profile_for`, what ``mpo_matmul(strategy="auto")`` uses too), so
+        every process decides alike.
     seed : int or None
         Seed of the Gaussian cores of ``init="random"`` (and of ``init_weights=False``);
         None uses torch's global RNG.
@@ -108,7 +110,7 @@ class DoTAConfig(TensornetConfig):
             )
         self.num_cores = n = int(n)
         caps = check_rank(self.rank, n)  # the core's one rank specification (RankError)
-        if caps is not None and not _is_int(self.rank):
+        if caps is not None and not is_int(self.rank):
             self.rank = [int(v) for v in as_int_list(self.rank)]  # JSON-ready, as given
         elif caps is not None:
             self.rank = int(self.rank)

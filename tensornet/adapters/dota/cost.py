@@ -14,8 +14,10 @@ from __future__ import annotations
 import math
 
 from ..._chain import halves_split
-from ...plan import DEFAULT_PROFILE, ContractionPlan, MachineProfile
+from ...plan import CUDA_PROFILE, ContractionPlan, profile_for
 
+# CUDA_PROFILE and profile_for are the core's (tensornet.plan), re-exported here where the
+# layer's cost model has always offered them.
 __all__ = ["CUDA_PROFILE", "STREAM_SPEEDUP", "profile_for", "residual_strategy"]
 
 #: How much faster than the profile's copy bandwidth the dense path's W-sized passes
@@ -23,28 +25,6 @@ __all__ = ["CUDA_PROFILE", "STREAM_SPEEDUP", "profile_for", "residual_strategy"]
 #: per-layer training steps on the LLaMA-2-7B shapes, 32-2048 rows, 1 and 2 threads
 #: (``benchmarks/bench_layer.py``).
 STREAM_SPEEDUP = 2.0
-
-#: Constants for the accelerator path: an H200-class GPU in bfloat16 (tensor-core
-#: throughput well below the peak, as for the thin products here; HBM bandwidth; the
-#: host-side cost of one small operator dispatched from Python, which bounds the
-#: contraction's many small steps: the issue-19 profile saw ~77 ms of host time for
-#: ~750 operators). Estimates, not a fit: no GPU was lent to the work that set them. With
-#: them the training step always builds ``W`` (a launch costs more than the ``W``-sized
-#: passes at the LLaMA shapes); ``benchmarks/bench_layer.py`` run on a GPU would check the
-#: pick against both pinned strategies.
-CUDA_PROFILE = MachineProfile(
-    flops_per_s=3e14,
-    bytes_per_s=2.5e12,
-    op_seconds=2e-5,
-    contract_factor=1.5,
-    copy_efficiency=((16, 0.5), (256, 1.0)),
-)
-
-
-def profile_for(kind: str) -> MachineProfile:
-    """The time-model constants of a device kind (``"cpu"`` or ``"cuda"``)."""
-    return DEFAULT_PROFILE if kind == "cpu" else CUDA_PROFILE
-
 
 def residual_strategy(
     plan: ContractionPlan,
