@@ -18,8 +18,13 @@ Subcommands
     of DoTA, DoTA-Random and LoRA, and the saved DoTA adapter answering a test question.
 ``tensornet analyze-minilm``
     MPO decomposition of every linear weight of a real pretrained encoder (MiniLM-L6).
+``tensornet export ADAPTER [MODEL] --merged DIR --lora DIR --lora-rank R``
+    A saved adapter as a merged model folder and/or a peft LoRA adapter folder (the
+    conversion's relative error per layer reported): what plain transformers, peft, vLLM
+    and SGLang load without tensornet.
 
-One module per group of subcommands (:mod:`.decompose`, :mod:`.finetune`, :mod:`.minilm`),
+One module per group of subcommands (:mod:`.decompose`, :mod:`.finetune`, :mod:`.minilm`,
+:mod:`.export`),
 each with an ``add_command(s)(sub)`` that registers its parsers; the shared argument types
 are in :mod:`._args`; the defaults (targets, ranks, default model, learning rates) are
 read from :mod:`tensornet.finetune.defaults`. Bad input prints one
@@ -51,7 +56,7 @@ def version() -> str:
 
 def build_parser() -> Parser:
     """Build the ``tensornet`` argument parser; each subcommand's parser sets ``func``."""
-    from . import decompose, finetune, minilm
+    from . import decompose, export, finetune, minilm
 
     parser = Parser(
         prog="tensornet",
@@ -63,6 +68,7 @@ def build_parser() -> Parser:
     decompose.add_command(sub)
     finetune.add_commands(sub)
     minilm.add_command(sub)
+    export.add_command(sub)
     return parser
 
 
@@ -78,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 0
     if getattr(args, "func", None) is None:
         print("tensornet: error: a command is required (decompose, finetune, compare, "
-              "demo, analyze-minilm); see `tensornet --help`", file=sys.stderr)
+              "demo, analyze-minilm, export); see `tensornet --help`", file=sys.stderr)
         return EXIT_USAGE
     prog = f"tensornet {args.command}"
     try:
