@@ -27,14 +27,8 @@ from .params import (
     tt_num_params,
     tt_ranks,
 )
-from .plan import (
-    ContractionPlan,
-    MachineProfile,
-    calibrate,
-    mpo_matmul,
-    plan_mpo_matmul,
-    profile_for,
-)
+from .plan import ContractionPlan, mpo_matmul, plan_mpo_matmul
+from .profiles import MachineProfile, calibrate, profile_for
 from .tensorize import cores_to_matrix, factorize, matrix_to_tensor, mpo_modes, tensor_to_matrix
 
 __version__ = "0.1.0"

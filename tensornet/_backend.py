@@ -8,6 +8,7 @@ redone in float64), and cast back to the input dtype.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 from typing import Any
@@ -342,3 +343,29 @@ def check_finite(x: Any, name: str) -> None:
     ok = bool(x.isfinite().all()) if is_torch(x) else bool(np.isfinite(x).all())
     if not ok:
         raise NonFiniteError(f"`{name}` must hold only finite values; got NaN or Inf entries")
+
+
+def check_float(x: Any, name: str) -> Any:
+    """A numpy array or torch tensor with data and a real floating dtype."""
+    x = as_array(x, name)
+    check_has_data(x, name)
+    ok = x.dtype.is_floating_point if is_torch(x) else np.issubdtype(x.dtype, np.floating)
+    if not ok:
+        raise DTypeError(
+            f"`{name}` must have a real floating dtype (float16/bfloat16/float32/float64); "
+            f"got dtype {x.dtype}"
+        )
+    return x
+
+
+def no_autocast(x: Any) -> Any:
+    """A context that turns torch autocast off for ``x``'s device (no-op for numpy).
+
+    The pairwise contractions run in the dtype of their operands: autocast would turn
+    some intermediates into bf16 while the cores stay in float32.
+    """
+    if is_torch(x):
+        import torch
+
+        return torch.autocast(device_type=x.device.type, enabled=False)
+    return contextlib.nullcontext()

@@ -304,7 +304,8 @@ def test_hand_built_mpo_object():
 def test_pairwise_torch_execution_matches_opt_einsum():
     # the path executor used under torch.compile computes what opt_einsum's expression does
     from tensornet.adapters.dota.layer import _run_path
-    from tensornet.plan import DEFAULT_PROFILE, _expression, _plan_cached
+    from tensornet.plan import _expression, _plan_cached
+    from tensornet.profiles import DEFAULT_PROFILE
 
     gen = torch.Generator().manual_seed(0)
     shapes = ((1, 4, 3, 5), (5, 2, 4, 6), (6, 3, 2, 1))
@@ -437,8 +438,8 @@ def test_mpo_matmul_auto_means_what_it_means_for_dota(monkeypatch, kind):
     assert ran == [(want, None)]
     np.testing.assert_allclose(y.numpy(), einsum_apply(x.numpy(), [c.numpy() for c in cores]),
                                rtol=1e-12, atol=1e-10)
-    assert tn.profile_for("cpu") is plan_module.DEFAULT_PROFILE
-    assert tn.profile_for("cuda") is plan_module.CUDA_PROFILE
+    assert tn.profile_for("cpu") is tn.profiles.DEFAULT_PROFILE
+    assert tn.profile_for("cuda") is tn.profiles.CUDA_PROFILE
 
 
 def test_residual_cost_model_lives_with_dota():
@@ -492,17 +493,17 @@ def test_dota_layer_runs_the_plan_it_costed(monkeypatch, strategy):
 
 
 def test_calibrate_leaves_the_global_random_streams_alone(monkeypatch):
-    import tensornet.plan as plan_module
+    import tensornet.profiles as profiles
 
     measured = []
-    real_synchronizer = plan_module._synchronizer
+    real_synchronizer = profiles._synchronizer
 
     def spy(device):
         measured.append(device)
         return real_synchronizer(device)
 
-    monkeypatch.setattr(plan_module, "_synchronizer", spy)
-    plan_module._calibrate_key.cache_clear()  # cached per key: measure again
+    monkeypatch.setattr(profiles, "_synchronizer", spy)
+    profiles._calibrate_key.cache_clear()  # cached per key: measure again
     # numpy's legacy global stream is the one a caller's np.random.* calls draw from
     torch_state, numpy_state = torch.random.get_rng_state(), np.random.get_state()  # noqa: NPY002
     profile = tn.calibrate(torch.zeros(1))
@@ -514,7 +515,7 @@ def test_calibrate_leaves_the_global_random_streams_alone(monkeypatch):
 
 
 def test_calibration_waits_for_the_measured_gpu_not_the_current_one(monkeypatch):
-    from tensornet.plan import _synchronizer
+    from tensornet.profiles import _synchronizer
 
     calls = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))

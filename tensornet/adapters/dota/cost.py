@@ -14,9 +14,10 @@ from __future__ import annotations
 import math
 
 from ..._chain import halves_split
-from ...plan import CUDA_PROFILE, ContractionPlan, profile_for
+from ...plan import ContractionPlan
+from ...profiles import CUDA_PROFILE, profile_for
 
-# CUDA_PROFILE and profile_for are the core's (tensornet.plan), re-exported here where the
+# CUDA_PROFILE and profile_for are the core's (tensornet.profiles), re-exported here where the
 # layer's cost model has always offered them.
 __all__ = ["CUDA_PROFILE", "STREAM_SPEEDUP", "profile_for", "residual_strategy"]
 
