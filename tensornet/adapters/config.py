@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 
 from peft.config import PeftConfig
 
+from .._atomic import write_text_atomic
 from ..errors import AdapterFileError, ConfigError
 from .files import (
     MANIFEST_KEY,
@@ -163,15 +164,10 @@ class TensornetConfig(PeftConfig):
         folder.mkdir(parents=True, exist_ok=True)
         digest = _weights_digest(folder)
         with tempfile.TemporaryDirectory(dir=folder, prefix=".tensornet-config-") as tmp:
-            super().save_pretrained(tmp, **kwargs)
-            written = Path(tmp) / CONFIG_NAME
-            record = json.loads(written.read_text(encoding="utf-8"))
-            record["adapter_digest"] = digest
-            with open(written, "w", encoding="utf-8") as fh:
-                fh.write(json.dumps(record, indent=2, sort_keys=True))
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(written, folder / CONFIG_NAME)
+            super().save_pretrained(tmp, **kwargs)  # peft's serialization, then ours
+            record = json.loads((Path(tmp) / CONFIG_NAME).read_text(encoding="utf-8"))
+        record["adapter_digest"] = digest
+        write_text_atomic(folder / CONFIG_NAME, json.dumps(record, indent=2, sort_keys=True))
         write_model_card(folder, self)
 
     @classmethod

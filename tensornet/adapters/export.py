@@ -16,10 +16,6 @@ from __future__ import annotations
 import math
 import numbers
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +24,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from .._atomic import atomic_dir
 from ..errors import ConfigError
 from .base import base_weights
 
@@ -153,25 +150,6 @@ def to_lora(model: nn.Module, *, rank: int | float,
     return LoraExport(config, ranks, errors), state
 
 
-@contextmanager
-def _atomic_folder(folder: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside ``folder``; on success it replaces ``folder``."""
-    target = Path(folder)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
-        yield tmp
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def export_lora(model: nn.Module, folder: str | os.PathLike, *, rank: int | float,
                 adapter_name: str = "default") -> LoraExport:
     """Write the adapter as a LoRA adapter folder that plain peft (and vLLM) loads.
@@ -188,7 +166,7 @@ def export_lora(model: nn.Module, folder: str | os.PathLike, *, rank: int | floa
     from safetensors.torch import save_file
 
     report, state = to_lora(model, rank=rank, adapter_name=adapter_name)
-    with _atomic_folder(folder) as tmp:
+    with atomic_dir(folder) as tmp:
         report.config.save_pretrained(str(tmp))
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()},
                   str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
@@ -235,7 +213,7 @@ def export_merged(model: nn.Module, folder: str | os.PathLike, *,
                 delta = layer.get_delta_weight(adapter_name)
                 p = (p.to(dt) + delta.to(p.device, dt)).to(p.dtype)
             state[name] = p.detach()
-    with _atomic_folder(folder) as tmp:
+    with atomic_dir(folder) as tmp:
         base.save_pretrained(str(tmp), state_dict=state)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))

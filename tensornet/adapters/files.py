@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from .._atomic import write_text_atomic
 from ..errors import AdapterFileError
 
 __all__ = [
@@ -318,6 +319,5 @@ The base model must be the one the adapter was trained on (each adapted layer's 
 are checked by their fingerprint; float32 and bfloat16 copies of it match).
 {_CARD_END}
 """
-    card.write_text(text.rstrip("\n") + ("\n\n" if text.strip() else "") + section,
-                    encoding="utf-8")
+    write_text_atomic(card, text.rstrip("\n") + ("\n\n" if text.strip() else "") + section)
 

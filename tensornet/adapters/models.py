@@ -16,8 +16,6 @@ import json
 import logging
 import os
 import pathlib
-import shutil
-import tempfile
 import warnings
 from typing import Any
 
@@ -32,6 +30,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from .._atomic import atomic_dir
 from ..errors import ConfigError, DTypeError
 
 __all__ = ["DEFAULT_MODEL", "default_cache_dir", "load_pretrained", "tiny_llama"]
@@ -369,27 +368,16 @@ def _write_cache(
     target: pathlib.Path,
     source: dict[str, Any],
 ) -> None:
-    """Save into a temporary folder next to ``target``, then rename it into place."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    """Save into a temporary folder next to ``target``, then rename it into place.
+
+    Another process may put a cache in place meanwhile: theirs is kept if it is complete.
+    """
+    with atomic_dir(target, keep_theirs=lambda t: _cache_is_valid(t, source)) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
         marker = {"version": _MARKER_VERSION, "source": source, "files": files}
         (tmp / _MARKER).write_text(json.dumps(marker, indent=1), encoding="utf-8")
-        if target.exists():  # incomplete or stale: move it aside first, then delete it
-            trash = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, trash / target.name)
-            shutil.rmtree(trash, ignore_errors=True)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            # Another process put a cache in place meanwhile; keep theirs if it is complete.
-            if not _cache_is_valid(target, source):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _load_default(
