@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._compat.bnb import dequantize_4bit, is_4bit
 from .._device import device_kind
 from ..errors import ConfigError
 
@@ -88,11 +89,6 @@ class AdapterReport:
         return "\n".join(lines)
 
 
-def is_4bit(module: nn.Module) -> bool:
-    """True for a bitsandbytes 4-bit linear layer (without importing bitsandbytes)."""
-    return type(module).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4")
-
-
 def find_targets(model: nn.Module, target_modules: Sequence[str] | str) -> list[str]:
     """Qualified names of the modules that ``target_modules`` selects (peft's rules).
 
@@ -161,19 +157,7 @@ def dense_weight(module: nn.Module, dtype: torch.dtype | None = None) -> torch.T
     sharded across processes (FSDP2, DeepSpeed ZeRO-3) is gathered (:func:`full_tensor`).
     """
     if is_4bit(module):
-        import bitsandbytes.functional as bnbf
-
-        weight = module.weight
-        if getattr(weight.quant_state, "packing_format_for_cpu", False):
-            # bitsandbytes repacks a 4-bit weight for its AVX512-BF16 CPU kernel on the
-            # first inference forward; dequantize_4bit reads only the canonical layout, so
-            # restore it first (as bitsandbytes' own state_dict does)
-            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(
-                weight.data, weight.quant_state
-            )
-        w = bnbf.dequantize_4bit(weight.data, weight.quant_state)
+        w = dequantize_4bit(module.weight)
     else:
         w = full_tensor(module.weight.detach())
     target = dtype or (w.dtype if w.element_size() >= 4 else torch.float32)

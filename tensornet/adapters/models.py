@@ -31,6 +31,7 @@ from transformers import (
 )
 
 from .._atomic import atomic_dir
+from .._compat.hf import drop_quantization_config
 from ..errors import ConfigError, DTypeError
 
 __all__ = ["DEFAULT_MODEL", "default_cache_dir", "load_pretrained", "tiny_llama"]
@@ -328,17 +329,8 @@ def _load_gguf(gguf: pathlib.Path) -> tuple[PreTrainedModel, PreTrainedTokenizer
         dtype=torch.float32,
         local_files_only=True,
     )
-    _drop_quantization_config(model)
+    drop_quantization_config(model)
     return model, tokenizer
-
-
-def _drop_quantization_config(model: PreTrainedModel) -> None:
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None:
-        quantizer.remove_quantization_config(model)
-    elif hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-        model.is_quantized = False
 
 
 def _source_id(gguf: pathlib.Path) -> dict[str, Any]:
