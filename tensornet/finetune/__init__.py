@@ -5,7 +5,9 @@
 ``methods`` prepares a model for a method (DoTA, DoTA-Random, QDoTA, LoTR, LoRTA, and
 peft's LoRA, DoRA, PiSSA, QPiSSA and QLoRA, or full fine-tuning); ``trainer`` runs the
 paper's recipe on ``transformers.Trainer`` (checkpoints, resume, DDP); ``evaluate`` the
-test accuracy; ``compare`` several methods and seeds on the same data and budget.
+test accuracy; ``compare`` several methods and seeds on the same data and budget;
+``checks`` what a run checks before it writes anything (the model folder, its tokenizer,
+a checkpoint to resume from).
 """
 
 import importlib
@@ -19,6 +21,7 @@ _WHERE = {
     "BuiltMethod": "methods",
     "MethodOptions": "methods",
     "build_method": "methods",
+    "check_method": "methods",
     "save_trained": "methods",
     "DataError": "tasks",
     "Example": "tasks",
@@ -46,6 +49,7 @@ __all__ = [
     "TrainResult",
     "arithmetic_splits",
     "build_method",
+    "check_method",
     "evaluate_accuracy",
     "extract_answer",
     "load_data_file",

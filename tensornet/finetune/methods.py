@@ -61,7 +61,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..adapters import LLAMA_TARGETS, apply
+from ..adapters import LLAMA_TARGETS, apply, plan
 from ..adapters import METHODS as TENSOR_METHODS
 from ..adapters.base import count_parameters, find_targets, set_submodule
 from ..adapters.dota.layer import nf4_linear
@@ -75,6 +75,7 @@ __all__ = [
     "MethodOptions",
     "BuiltMethod",
     "build_method",
+    "check_method",
     "count_parameters",
     "save_trained",
     "quantize_linears_nf4",
@@ -193,8 +194,7 @@ def build_method(
     5632
     """
     opts = options or MethodOptions()
-    if method not in METHODS:
-        raise ConfigError(f"`method` must be one of {', '.join(METHODS)}; got {method!r}")
+    check_method(model, method, opts)
     for p in model.parameters():
         p.requires_grad_(False)
     initial = None
@@ -207,6 +207,67 @@ def build_method(
         model, initial = _peft_model(model, _BASELINES[method], opts)
     trainable, total = count_parameters(model)
     return BuiltMethod(method, model, trainable, total, initial)
+
+
+def check_method(model: nn.Module, method: str, options: MethodOptions | None = None) -> None:
+    """Refuse what :func:`build_method` would refuse, without building or allocating.
+
+    The targets must exist and be layers the method adapts, DoTA's ``num_cores`` must
+    factor their shapes, and the ranks must fit them: a rank of peft's LoRA family (and
+    LoTR's) is at most ``min(out_features, in_features)`` of every target (the most a
+    product of rank-r factors can express: a larger one only allocates; PiSSA's SVD cannot
+    give more), and a tensor adapter whose rank the shapes do not cap (LoRTA's CP rank;
+    DoTA's bonds are capped at the exact ranks) may not hold more parameters than the
+    weights it adapts. Works on a model on the meta device; ``model`` is not changed.
+
+    Raises
+    ------
+    ConfigError
+        Unknown method, no target matched, a target of the wrong type, or a rank or N the
+        model's shapes cannot take (the message names the option and its bound).
+
+    Examples
+    --------
+    >>> from tensornet.adapters import tiny_llama
+    >>> check_method(tiny_llama(), "lora", MethodOptions(lora_rank=4))
+    >>> check_method(tiny_llama(), "lora", MethodOptions(lora_rank=99999))
+    Traceback (most recent call last):
+    ...
+    tensornet.errors.ConfigError: `lora_rank` must be <= 64 for the target ...
+    """
+    opts = options or MethodOptions()
+    if method not in METHODS:
+        raise ConfigError(f"`method` must be one of {', '.join(METHODS)}; got {method!r}")
+    if method in TENSOR_METHODS:
+        report = plan(model, _tensor_config(method, opts))
+        weights = sum(lay.out_features * lay.in_features for lay in report.layers)
+        attained = any(opts.rank in lay.ranks for lay in report.layers)  # not capped
+        if attained and report.trainable_params > weights:
+            raise ConfigError(
+                f"`rank` = {opts.rank} gives {method} {report.trainable_params:,} trainable "
+                f"parameters, more than the {weights:,} weights of the {len(report.layers)} "
+                f"layers it adapts; give a smaller rank"
+            )
+    elif method != "full":
+        spec = _BASELINES[method]
+        r = getattr(opts, spec.rank_option)
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ConfigError(f"`{spec.rank_option}` must be a positive int; got {r!r}")
+        for name in find_targets(model, tuple(opts.target_modules)):
+            module = model.get_submodule(name)
+            if spec.quantize == "base" and not isinstance(module, nn.Linear):
+                raise ConfigError(f"target {name!r} is a {type(module).__name__}, not "
+                                  f"nn.Linear; {method} quantizes nn.Linear layers")
+            weight = getattr(module, "weight", None)
+            if weight is None or weight.dim() != 2:
+                continue  # not a layer peft's LoRA takes: peft names it
+            if r > min(weight.shape):
+                rows, cols = weight.shape
+                raise ConfigError(
+                    f"`{spec.rank_option}` must be <= {min(weight.shape)} for the target "
+                    f"{name!r} ({rows}x{cols}): a rank-r product cannot exceed "
+                    f"min(out_features, in_features); got {r}"
+                )
 
 
 def _tensor_config(method: str, opts: MethodOptions) -> object:
@@ -246,11 +307,8 @@ def _peft_model(
     from peft import LoraConfig, get_peft_model
     from peft.utils import get_peft_model_state_dict
 
-    targets = list(opts.target_modules)
-    find_targets(model, tuple(targets))  # a clear ConfigError when nothing matches
+    targets = list(opts.target_modules)  # checked by check_method
     r = getattr(opts, spec.rank_option)
-    if not isinstance(r, int) or r < 1:
-        raise ConfigError(f"`{spec.rank_option}` must be a positive int; got {r!r}")
     if spec.quantize == "base":
         quantize_linears_nf4(model, targets)
     config = LoraConfig(

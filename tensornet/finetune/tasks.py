@@ -15,6 +15,7 @@ masks the prompt tokens with ``-100`` so that the loss is taken on the response 
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import hashlib
 import json
@@ -277,9 +278,10 @@ def load_data_file(
     ------
     DataError
         One line naming the file and the problem: the file is missing, its suffix is not
-        one of :data:`DATA_SUFFIXES`, it cannot be parsed, it holds no rows, a field is
-        not among its columns (the columns are listed), or a value is not a non-empty
-        string (the row is named, counting from 1).
+        one of :data:`DATA_SUFFIXES`, a text file (JSON, CSV) is not UTF-8 (the line is
+        named), a CSV row has more cells than the header, it cannot be parsed, it holds
+        no rows, a field is not among its columns (the columns are listed), or a value is
+        not a non-empty string (the row is named, counting from 1).
 
     Examples
     --------
@@ -309,6 +311,8 @@ def load_data_file(
         )
     if _is_blank(file):
         raise DataError(f"the data file {name!r} holds no examples (it is empty)")
+    if builder != "parquet":
+        _check_utf8(file)
     if builder == "csv":
         _check_csv_rows(file)
     columns = _read_columns(file, builder, (prompt_field, response_field))
@@ -351,6 +355,33 @@ def _check_csv_rows(file: Path) -> None:
                     f"names {len(header)} ({', '.join(map(repr, header))}); quote cells "
                     f"that hold commas"
                 )
+
+
+def _check_utf8(file: Path) -> None:
+    """Refuse a text file that is not UTF-8 (read in blocks, nothing kept).
+
+    ``datasets``' JSON reader takes such a file without an error and fails only when a
+    value is read out of its table; the line is named here instead.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    done, lines = 0, 1
+    with open(file, "rb") as fh:
+        while True:
+            chunk = fh.read(1 << 20)
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as exc:
+                at = exc.start - len(exc.object) + len(chunk)  # in this chunk (< 0: before)
+                line = lines + chunk[:max(at, 0)].count(b"\n")
+                raise DataError(
+                    f"{os.fspath(file)}, line {line}: not UTF-8 text (byte "
+                    f"0x{exc.object[exc.start]:02x} at offset {done + at}); save the file "
+                    f"as UTF-8"
+                ) from None
+            if not chunk:
+                return
+            done += len(chunk)
+            lines += chunk.count(b"\n")
 
 
 def _is_blank(file: Path) -> bool:

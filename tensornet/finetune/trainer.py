@@ -31,6 +31,7 @@ import dataclasses
 import math
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -327,6 +328,7 @@ def _callbacks() -> Any:
             torch.save({"best": self.best, "best_step": self.best_step, "state": self.state},
                        part)
             os.replace(part, folder / BEST_FILE)
+            _drop_other_checkpoints(folder)
 
         def restore_from(self, checkpoint: Path) -> None:
             saved = torch.load(checkpoint / BEST_FILE, map_location="cpu", weights_only=True)
@@ -419,6 +421,22 @@ def last_checkpoint(out_dir: str | os.PathLike[str]) -> Path | None:
         if step and (path / "trainer_state.json").is_file() and (path / BEST_FILE).is_file():
             found.append((int(step.group(1)), path))
     return max(found)[1] if found else None
+
+
+def _drop_other_checkpoints(kept: Path) -> None:
+    """Remove every checkpoint folder beside ``kept``, once ``kept`` is complete.
+
+    The Trainer's own rotation (``save_total_limit``) deletes the previous checkpoint
+    before :class:`_BestModel` has marked the new one complete: a run killed in between
+    would have none to resume from. Here the previous one goes only after the new one is
+    whole; a stale, partial folder of an interrupted save goes too. Each is renamed out of
+    sight first, so a removal cut short leaves no half-deleted checkpoint behind.
+    """
+    for path in kept.parent.iterdir():
+        if path != kept and re.fullmatch(r"checkpoint-\d+", path.name) and path.is_dir():
+            trash = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, trash)
+            shutil.rmtree(trash, ignore_errors=True)
 
 
 def _gpu_index(device: str) -> int | None:
@@ -521,7 +539,7 @@ def _arguments(config: TrainConfig, out: Path, *, evaluate: bool, resume: bool) 
         eval_on_start=evaluate and not resume,
         save_strategy="steps" if config.checkpoint_every else "no",
         save_steps=config.checkpoint_every or 1,
-        save_total_limit=1,
+        save_total_limit=None,  # _BestModel drops the older ones once a save is complete
         logging_strategy="steps",
         logging_steps=1,
         report_to=[],
