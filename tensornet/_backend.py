@@ -251,8 +251,19 @@ def as_array(x: Any, name: str) -> Any:
     """``x`` if it is a numpy array or a torch tensor; lists and array-likes via numpy.
 
     Raises :class:`DTypeError` for anything else and :class:`ShapeError` for a ragged
-    nested list, naming the argument.
+    nested list, naming the argument. numpy's subclasses: an ``np.matrix`` is read as
+    the plain 2-D array it holds (its ``*`` and always-2-D indexing would break the
+    reshapes); a masked array is refused, since a decomposition cannot leave entries out
+    and reading its data would silently use the masked values.
     """
+    if isinstance(x, np.ma.MaskedArray):
+        raise DTypeError(
+            f"`{name}` is a numpy masked array: the decomposition would use the masked "
+            f"entries' values; pass `{name}.filled(value)` (the value the masked entries "
+            f"should take) or `{name}.data` explicitly"
+        )
+    if isinstance(x, np.matrix):
+        return np.asarray(x)
     if is_torch(x) or isinstance(x, np.ndarray):
         return x
     if isinstance(x, (list, tuple)) or (hasattr(x, "__array__") and not isinstance(x, str)):

@@ -393,3 +393,28 @@ def test_result_error_fields_are_checked(cls, shapes, field, value):
 def test_zero_size_modes_are_refused(cls, shapes):
     with pytest.raises(ShapeError, match="cores\\[0\\].*size 0"):
         cls([np.ones(s) for s in shapes])
+
+
+# ------------------------------------------------------- numpy's array subclasses (issue 20)
+
+
+def test_np_matrix_is_read_as_the_2d_array_it_holds():
+    W = np.random.default_rng(0).standard_normal((8, 6))
+    want = mpo_decompose(W, ((2, 4), (2, 3)), 2)
+    got = mpo_decompose(np.asmatrix(W), ((2, 4), (2, 3)), 2)
+    assert all(type(c) is np.ndarray for c in got.cores)
+    for a, b in zip(got.cores, want.cores, strict=True):
+        np.testing.assert_array_equal(a, b)
+    tt = tt_decompose(np.asmatrix(W), 3)
+    assert type(tt.cores[0]) is np.ndarray and tt.shape == (8, 6)
+
+
+@pytest.mark.parametrize("call", [
+    lambda x: mpo_decompose(x, ((2, 2), (2, 2)), 2),
+    lambda x: tt_decompose(x, 2),
+    lambda x: matrix_to_tensor(x, (2, 2), (2, 2)),
+], ids=["mpo_decompose", "tt_decompose", "matrix_to_tensor"])
+def test_masked_arrays_are_refused_not_decomposed_with_the_mask_ignored(call):
+    x = np.ma.masked_array(np.ones((4, 4)), mask=np.eye(4, dtype=bool))
+    with pytest.raises(DTypeError, match=r"masked array.*filled"):
+        call(x)
