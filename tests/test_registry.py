@@ -1,8 +1,9 @@
-"""The methods' registration with peft: the PeftType members, peft's mappings, the version pin."""
+"""The methods' registration with peft: the PeftType members, peft's mappings, the versions."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -61,16 +62,34 @@ def test_the_installed_peft_is_a_tested_one():
     assert check_peft() == peft.__version__ in TESTED_PEFT
 
 
-def test_an_untested_peft_is_refused_with_a_message(monkeypatch):
-    monkeypatch.setattr(peft, "__version__", "99.0.0")
-    with pytest.raises(PeftVersionError, match=r"tested with peft 0\.21\.2; the installed peft is "
-                                               r"99\.0\.0"):
+def test_an_older_peft_is_refused_with_a_message(monkeypatch):
+    monkeypatch.setattr(peft, "__version__", "0.20.0")
+    with pytest.raises(PeftVersionError, match=r"need peft 0\.21\.0 or newer \(tested: 0\.21\.0, "
+                                               r".*\); the installed peft is 0\.20\.0") as info:
         check_peft()
+    assert 'pip install "peft>=0.21.0"' in str(info.value)
+    assert "tensornet[" not in str(info.value)  # a PyPI name that is not this project
 
 
-def test_importing_the_adapters_under_an_untested_peft_fails_in_one_line():
-    code = "import peft; peft.__version__ = '99.0.0'; import tensornet.adapters"
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+def test_a_newer_peft_is_accepted_with_a_warning(monkeypatch):
+    monkeypatch.setattr(peft, "__version__", "99.0.0")
+    with pytest.warns(UserWarning, match=r"tested with peft 0\.21\.0, .*; the installed peft is "
+                                         r"99\.0\.0, newer and untested"):
+        assert check_peft() == "99.0.0"
+
+
+@pytest.mark.parametrize("version", ["0.21.0", "0.21.1", "0.21.2.dev0"])
+def test_a_peft_in_the_tested_range_is_accepted_silently(monkeypatch, recwarn, version):
+    monkeypatch.setattr(peft, "__version__", version)
+    assert check_peft() == version
+    assert not [w for w in recwarn if "peft" in str(w.message)]
+
+
+def test_importing_the_adapters_under_an_older_peft_fails_in_one_line():
+    code = "import peft; peft.__version__ = '0.20.0'; import tensornet.adapters"
+    # the hook of tensornet/_peft_hook.py would import the adapters with `import peft`
+    env = {**os.environ, "TENSORNET_NO_PEFT_HOOK": "1"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert run.returncode != 0
     last = run.stderr.strip().splitlines()[-1]
-    assert last.startswith("tensornet.errors.PeftVersionError: ") and "99.0.0" in last
+    assert last.startswith("tensornet.errors.PeftVersionError: ") and "0.20.0" in last

@@ -1,7 +1,10 @@
 """Tensor adapters as peft methods: DoTA, DoTA-Random, QDoTA, LoTR and LoRTA.
 
-Importing this package registers the methods with the installed peft (a tested version,
-see :data:`TESTED_PEFT`), after which they work as any peft method::
+Importing this package registers the methods with the installed peft (from the oldest to
+the newest release of :data:`TESTED_PEFT`; an older peft is refused, a newer one warned
+about), after which they work as any peft method. With tensornet installed, peft's own
+loaders need no such import: a start-up hook (``tensornet/_peft_hook.py``, off with
+``TENSORNET_NO_PEFT_HOOK=1``) imports this package when peft is imported::
 
     from peft import PeftModel, get_peft_model
     from tensornet.adapters import DoTAConfig

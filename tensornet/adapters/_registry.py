@@ -6,22 +6,38 @@ enum, which lists peft's own methods. tensornet adds its members to that enum (a
 ``"DOTA"`` and ``PeftType("DOTA")`` finds it) and then registers through peft's own
 function, so peft's mappings are filled exactly as for a built-in method.
 
-Adding members to an existing enum uses the enum's internal tables; this was tested with
-the peft versions in :data:`TESTED_PEFT` (pinned in ``pyproject.toml``) on CPython 3.10-3.12,
-and :func:`check_peft` refuses any other peft with a message instead of misbehaving.
+Adding members to an existing enum uses the enum's internal tables, and the tuners use
+peft's ``BaseTuner`` / ``BaseTunerLayer``; both were tested with the peft releases in
+:data:`TESTED_PEFT` (``make test-peft-range``; the same list is ``[tool.tensornet]
+tested-peft`` in ``pyproject.toml``) on CPython 3.10-3.12. :func:`check_peft` refuses a peft
+older than the oldest of them with a message, and warns on one newer than the newest (it
+may work; the enum post-check of :func:`peft_type` still refuses one where it cannot).
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError, PeftVersionError
 
-__all__ = ["TESTED_PEFT", "METHODS", "Method", "check_peft", "peft_type", "register"]
+__all__ = [
+    "INSTALL_HINT", "TESTED_PEFT", "METHODS", "Method", "check_peft", "peft_type", "register",
+]
 
-#: peft releases whose tuner framework tensornet's methods are tested on.
-TESTED_PEFT: tuple[str, ...] = ("0.21.2",)
+#: peft releases whose tuner framework tensornet's methods are tested on, oldest first. A
+#: peft between the first and the last is accepted, an older one refused, a newer one warned.
+#: 0.21.0 is the first with ``BaseTuner._get_adapter_state_dict`` and
+#: ``_remap_adapter_state_dict_for_load``, through which every adapter file gets its manifest
+#: and every load its checks (``tuner.py``); under 0.20 both would be skipped silently.
+TESTED_PEFT: tuple[str, ...] = ("0.21.0", "0.21.1", "0.21.2")
+
+#: What to run to get a peft tensornet works with, for the messages.
+INSTALL_HINT = (
+    f'pip install "peft>={TESTED_PEFT[0]}" (or, from a tensornet checkout, '
+    f'pip install -e ".[adapters]")'
+)
 
 
 @dataclass(frozen=True)
@@ -48,22 +64,48 @@ METHODS: dict[str, Method] = {}
 
 
 def check_peft() -> str:
-    """Return the installed peft version, or raise if it is not a tested one."""
+    """Return the installed peft version; refuse an older peft than tested, warn on a newer.
+
+    Raises
+    ------
+    PeftVersionError
+        If peft is missing or older than ``TESTED_PEFT[0]``.
+
+    Warns
+    -----
+    UserWarning
+        If peft is newer than ``TESTED_PEFT[-1]``.
+    """
     try:
         import peft
     except ImportError as exc:  # pragma: no cover - peft is in the adapters extra
         raise PeftVersionError(
-            f"tensornet.adapters needs peft (one of {', '.join(TESTED_PEFT)}): "
-            f"pip install 'tensornet[adapters]' ({exc})"
+            f"tensornet.adapters needs peft {TESTED_PEFT[0]} or newer ({exc}): {INSTALL_HINT}"
         ) from None
     version = peft.__version__
-    if version not in TESTED_PEFT:
+    tested = ", ".join(TESTED_PEFT)
+    if _release(version) < _release(TESTED_PEFT[0]):
         raise PeftVersionError(
-            f"tensornet's methods are registered as peft methods and tested with peft "
-            f"{', '.join(TESTED_PEFT)}; the installed peft is {version}. Install a tested "
-            f"one: pip install 'peft=={TESTED_PEFT[-1]}'"
+            f"tensornet's methods are registered as peft methods and need peft "
+            f"{TESTED_PEFT[0]} or newer (tested: {tested}); the installed peft is {version}: "
+            f"{INSTALL_HINT}"
+        )
+    if _release(version) > _release(TESTED_PEFT[-1]):
+        warnings.warn(
+            f"tensornet's methods are tested with peft {tested}; the installed peft is "
+            f"{version}, newer and untested: they may work. If they do not, install a tested "
+            f"one: pip install \"peft=={TESTED_PEFT[-1]}\"",
+            UserWarning,
+            stacklevel=2,
         )
     return version
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """``"0.21.2"`` -> ``(0, 21, 2)``; a pre-release counts as its release (``0.22.0.dev0``)."""
+    from packaging.version import Version
+
+    return Version(version).release
 
 
 def peft_type(name: str) -> Any:
@@ -85,7 +127,8 @@ def peft_type(name: str) -> Any:
     if PeftType(name) is not member or member not in list(PeftType):  # pragma: no cover
         raise PeftVersionError(
             f"could not add {name!r} to peft's PeftType enum on this Python/peft; tensornet "
-            f"is tested with peft {', '.join(TESTED_PEFT)} on CPython 3.10-3.12"
+            f"is tested with peft {', '.join(TESTED_PEFT)} on CPython 3.10-3.12: "
+            f'pip install "peft=={TESTED_PEFT[-1]}"'
         )
     return member
 

@@ -28,6 +28,7 @@ import torch
 
 from .._atomic import write_text_atomic
 from ..errors import AdapterFileError
+from ._registry import TESTED_PEFT
 
 __all__ = [
     "MANIFEST_KEY",
@@ -282,8 +283,9 @@ def write_model_card(folder: str | os.PathLike, config: object) -> None:
 
     peft writes the folder's model card first, with nothing about the method; a reader
     without tensornet then meets peft's bare ``KeyError: 'DOTA'``. The section says
-    what the adapter is (method, ranks, layers, base), that tensornet must be imported
-    before peft reads the folder, and the lines that load it.
+    what the adapter is (method, ranks, layers, base), which tensornet and peft install
+    reads it (with the peft hook of ``tensornet/_peft_hook.py``, or an import when the
+    hook is off), and the lines that load it.
     """
     card = Path(folder) / "README.md"
     text = card.read_text(encoding="utf-8") if card.is_file() else ""
@@ -295,8 +297,12 @@ def write_model_card(folder: str | os.PathLike, config: object) -> None:
                       if getattr(config, k, None) is not None)
     from .. import __version__
 
-    base = getattr(config, "base_model_name_or_path", None)
-    base = f"`{base}`" if base else "its base model"
+    from .models import describe_base
+
+    path = getattr(config, "base_model_name_or_path", None)
+    base = f"`{path}`" if path else "its base model"
+    if describe_base(path):
+        base += f" ({describe_base(path)})"
     peft_type = getattr(config, "peft_type", "")
     peft_type = getattr(peft_type, "value", peft_type)
 
@@ -305,11 +311,15 @@ def write_model_card(folder: str | os.PathLike, config: object) -> None:
 
 A **{getattr(config, "method", "tensornet")}** adapter ({shape}) on {len(layers)} layers of
 {base}, saved by tensornet {__version__} as the peft method `{peft_type}`. Loading it needs
-tensornet installed and imported before peft reads this folder (the import registers
-tensornet's methods with peft):
+tensornet installed beside peft {TESTED_PEFT[0]} or newer (tested: {", ".join(TESTED_PEFT)}):
+from a tensornet checkout, `pip install -e ".[adapters]"` (the `tensornet` project on PyPI is
+another one). The install registers tensornet's methods whenever peft is imported, so peft's
+own loaders (`PeftModel`, `AutoPeftModelForCausalLM`, lm-eval, TRL) read this folder. Where
+that hook is off (`TENSORNET_NO_PEFT_HOOK=1`), peft stops on `KeyError: '{peft_type}'` unless
+tensornet is imported first:
 
 ```python
-import tensornet.adapters  # registers DoTA, LoTR and LoRTA with peft
+import tensornet.adapters  # registers DoTA, LoTR and LoRTA (needed with the hook off)
 from peft import PeftModel
 
 model = PeftModel.from_pretrained(base_model, "path/to/this/folder")

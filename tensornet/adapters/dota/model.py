@@ -69,8 +69,8 @@ class DoTAModel(TensornetTuner):
                 import bitsandbytes  # noqa: F401
             except ImportError as exc:
                 raise ConfigError(
-                    f"quantize='nf4' needs bitsandbytes (pip install 'tensornet[adapters]'): "
-                    f"{exc}"
+                    f"quantize='nf4' needs bitsandbytes (pip install 'bitsandbytes>=0.45', or "
+                    f"pip install -e '.[adapters]' in a tensornet checkout): {exc}"
                 ) from None
 
     @classmethod
