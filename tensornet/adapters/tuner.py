@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
@@ -321,17 +322,70 @@ class TensornetTuner(BaseTuner):
             self._awaiting_weights().add(adapter_name)
         del self._targets, self._placeholders
 
-    # -- what tensornet's methods do not do (yet): refused, never ignored -----------------
+    # -- peft's per-call arguments: mixed-adapter batches ------------------------------------
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
-        # (peft's hook for per-call arguments, entered by PeftModel.forward / generate)
-        if kwargs.get("adapter_names") is not None:
+        """Pass peft's per-call arguments to the layers (``PeftModel.forward`` / ``generate``).
+
+        ``adapter_names`` (one adapter name, or ``"__base__"``, per row of the batch):
+        each row runs through its adapter alone, as peft's LoRA does; every tensornet
+        layer gets the names through a forward pre-hook for the duration of the call
+        (:func:`tensornet.adapters.layer.mixed_batch`). In eval mode only, as in peft;
+        QDoTA is refused (its base layer is the NF4 residual, not the base model's).
+        """
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        names = self._mixed_names(adapter_names, kwargs.get("num_beams"))
+        handles = []
+        try:
+            for module in self.model.modules():
+                if isinstance(module, self.tuner_layer_cls):
+                    handles.append(module.register_forward_pre_hook(
+                        partial(self._inject_adapter_names, adapter_names=names), with_kwargs=True))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _mixed_names(self, adapter_names: Any, num_beams: Any) -> list[str]:
+        """``adapter_names`` checked (peft's rules and messages, tensornet's errors), per row."""
+        from .layer import BASE_NAME
+
+        if self.training:
             raise ConfigError(
-                f"`adapter_names` (peft's mixed-adapter batches) is not supported by "
-                f"{type(self).__name__}: every row would run the active adapter; run one "
-                f"batch per adapter with set_adapter(name)"
+                "`adapter_names` (a mixed-adapter batch) is for inference: call model.eval() "
+                "first (peft refuses it in training mode too)"
             )
-        yield
+        if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
+            raise ConfigError(
+                f"`adapter_names` must be a list of adapter names (or '__base__'), one per row; "
+                f"got {adapter_names!r}"
+            )
+        layers = [m for m in self.model.modules() if isinstance(m, self.tuner_layer_cls)]
+        if any(getattr(m, "quantized", False) for m in layers):
+            from .dota.layer import QDOTA_MIXED_BATCH
+
+            raise ConfigError(QDOTA_MIXED_BATCH)
+        known = {a for m in layers for a in _adapters_of(m)}
+        unknown = sorted({n for n in adapter_names if n != BASE_NAME} - known)
+        if unknown:
+            raise ConfigError(
+                f"`adapter_names` names adapter(s) {unknown} that the model does not have; its "
+                f"adapters: {sorted(known)}, or '{BASE_NAME}' for the base model"
+            )
+        names = list(adapter_names)
+        if isinstance(num_beams, int) and num_beams > 1:  # generate repeats each row per beam
+            names = [n for n in names for _ in range(num_beams)]
+        return names
+
+    @staticmethod
+    def _inject_adapter_names(module: nn.Module, args: Any, kwargs: dict[str, Any], *,
+                              adapter_names: list[str]) -> tuple[Any, dict[str, Any]]:
+        """Forward pre-hook: pass ``adapter_names`` to a tensornet layer's forward."""
+        kwargs["adapter_names"] = adapter_names
+        return args, kwargs
 
     def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
         """Refused: combining adapters is peft's LoRA feature, not implemented here."""
@@ -688,3 +742,4 @@ def _sharers(model: nn.Module, key: str, base: nn.Module) -> list[str]:
     prefix = key + "."
     return [name for name, p in model.named_parameters(remove_duplicate=False)
             if p is weight and not name.startswith(prefix)]
+

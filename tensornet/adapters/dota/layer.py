@@ -19,7 +19,11 @@ What a forward pass needs beyond the tensors (the terms' split, ``T_init``'s hal
 the compute dtype, the strategy per batch size) is prepared once per set of active
 adapters, compute dtype and device kind (:class:`_Route`) and dropped when the layer's
 state changes (an adapter added, loaded, deleted, merged; a move to another device or
-dtype; ``train()``/``eval()``), so a call runs only the kernels.
+dtype; ``train()``/``eval()``), so a call runs only the kernels. Whatever is computed
+from the values of the tensors (halves) is reused only behind a bitwise content check
+(CPU) or rebuilt on each call (accelerators; in their training steps the frozen
+``T_init``'s halves are kept on version counters): :mod:`.serving` says why version
+counters cannot decide it in general, and why that one exception stands.
 
 QDoTA stores ``NF4(W0 - MPO(T_init))`` as the base (the paper's form, the only way the
 base can be 4-bit) and adds ``MPO(T)``; disabled, it adds ``MPO(T_init)`` back, which gives
@@ -44,10 +48,10 @@ from ...formats import MPO
 from ...plan import ContractionPlan, plan_mpo_matmul
 from ...tensorize import cores_to_matrix
 from ..base import compute_dtype, dense_weight, is_4bit
-from ..layer import shift_weight
+from ..layer import mixed_batch, shift_weight
 from .cost import profile_for, residual_strategy
 from .kernels import DenseMPOLinear, kernels_for, release_scratch
-from .serving import _ServingOperands
+from .serving import _ServingOperands, reuse_policy, validator
 
 __all__ = [
     "DoTALayer",
@@ -150,6 +154,16 @@ def chain_sum(chains: Sequence[tuple[float, Sequence[torch.Tensor]]]) -> list[to
         term = term if sign == 1 else sign * term
         total = term if total is None else total + term
     return list(total.cores)  # type: ignore[union-attr]
+
+
+#: Why QDoTA takes no mixed-adapter batch (the tuner's refusal and the layer's)
+QDOTA_MIXED_BATCH = (
+    "`adapter_names` (peft's mixed-adapter batches) is not supported by QDoTA: its base "
+    "layer holds the NF4 residual NF4(W0 - MPO(T_init)), not W0, so a row without the "
+    "adapter ('__base__') has no base to run through, and a layer takes one QDoTA adapter "
+    "only; run the adapter with set_adapter(name), or the base model with "
+    "`with model.disable_adapter():` (W0 up to the residual's NF4 rounding)"
+)
 
 
 class DoTALayer(BaseTunerLayer):
@@ -319,40 +333,52 @@ class DoTALayer(BaseTunerLayer):
             delta = delta - cores_to_matrix([c.to(dt) for c in self.init_cores(adapter)])
         return delta.to(self.compute_dtype)
 
+    def _sources(self, adapters: tuple[str, ...], disabled: bool) -> list[torch.Tensor]:
+        """The layer's tensors the update of ``adapters`` is computed from (T, T_init)."""
+        if self.quantized:
+            held = (self.dota_init[adapters[0]]._buffers if disabled
+                    else self.dota_cores[adapters[0]]._parameters)
+            return list(held.values())
+        sources: list[torch.Tensor] = []
+        for a in adapters:
+            sources += self.dota_cores[a]._parameters.values()
+            sources += self.dota_init[a]._buffers.values()
+        return sources
+
     def _serve(self, x: torch.Tensor, adapters: tuple[str, ...], disabled: bool,
                ct: torch.dtype, kind: str) -> torch.Tensor | None:
-        """The update for ``x`` from cached operands, or None where another path is cheaper.
+        """The update for ``x`` from half-chains, or None where another path is cheaper.
 
         Forward passes without grad only (:class:`.serving._ServingOperands`), in the
-        compute dtype ``ct``; the entry is checked against the layer's tensors on each
-        call and rebuilt when they changed.
+        compute dtype ``ct``; the halves are brought up to date with the layer's tensors
+        before each use (:mod:`.serving`: a content check on the CPU, a rebuild on an
+        accelerator), never trusted on version counters.
         """
-        if self.quantized:
-            sources = list(self.dota_init[adapters[0]]._buffers.values() if disabled
-                           else self.dota_cores[adapters[0]]._parameters.values())
-        else:
-            sources = []
-            for a in adapters:
-                sources += self.dota_cores[a]._parameters.values()
-                sources += self.dota_init[a]._buffers.values()
+        sources = self._sources(adapters, disabled)
+        route = self._route(adapters, disabled, ct, x, kind, sources)  # terms, costed plans
         key = (adapters, disabled, ct, kind)
         entry = self._serving.get(key)
-        route = self._route(adapters, disabled, ct, x, kind)  # its terms and costed plans
-        if entry is None or not entry.valid(sources):
+        if entry is None or entry.origin is not route:  # (a new route: other tensors)
             if len({tuple(tuple(c.shape) for c in t) for _, t in route.terms}) > 1:
                 return None  # adapters of different ranks: the general path
-            entry = self._serving[key] = _ServingOperands(sources, route.terms, ct)
+            entry = self._serving[key] = _ServingOperands(
+                sources, self.delta_terms(adapters, disabled=disabled), ct,
+                reuse=reuse_policy(kind), origin=route)
+        operands = entry
         rows = x.numel() // self.in_features
-        use = entry.use.get(rows)
+        use = operands.use.get(rows)
         if use is None:
             use = False
             if all(self.dota_strategy.get(a, "auto") == "auto" for a in adapters):
                 choice, plan = route.choose(rows, False)  # what the general path would run
                 other = plan.build_seconds if choice == "dense" else (  # type: ignore[union-attr]
                     len(route.terms) * plan.contract_seconds)  # type: ignore[union-attr]
-                use = entry.seconds(rows, profile_for(kind)) < other
-            entry.use[rows] = use
-        return entry(x.to(ct)) if use else None
+                use = operands.seconds(rows, profile_for(kind)) < other
+            operands.use[rows] = use
+        if not use:
+            return None
+        operands.refresh(sources, lambda: self.delta_terms(adapters, disabled=disabled))
+        return operands(x.to(ct))
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Delete as peft's layer does, dropping what was prepared for the adapters too."""
@@ -409,12 +435,16 @@ class DoTALayer(BaseTunerLayer):
                                  kind=kind), plan
 
     def _route(self, adapters: tuple[str, ...], disabled: bool, ct: torch.dtype,
-               x: torch.Tensor, kind: str) -> _Route:
-        """The prepared :class:`_Route` for these adapters, dtype and device (made once)."""
+               x: torch.Tensor, kind: str, sources: list[torch.Tensor]) -> _Route:
+        """The prepared :class:`_Route` for these adapters, dtype and device (made once).
+
+        Made again when the layer's tensors (``sources``, :meth:`_sources`) are other
+        objects than the route's (cores replaced by new Parameters).
+        """
         key = (adapters, disabled, ct, x.device, kind)
         route = self._routes.get(key)
-        if route is None or not route.fresh():
-            route = self._routes[key] = _Route(self, adapters, disabled, ct, kind)
+        if route is None or not route.holds(sources):
+            route = self._routes[key] = _Route(self, adapters, disabled, ct, kind, sources)
         return route
 
 
@@ -423,17 +453,25 @@ class _Route:
 
     The terms' common split (so that their halves concatenate along the bond), the
     trainable terms' cores, the constant terms' halves (DoTA's ``-T_init``, or QDoTA's
-    ``+T_init`` when disabled) contracted once, signs folded in, in the compute dtype,
-    and per ``(rows, grad mode)`` the strategy and plan the cost model picks. The layer
-    drops its routes whenever its state changes (:meth:`DoTALayer._forget`).
+    ``+T_init`` when disabled), signs folded in, in the compute dtype, and per ``(rows,
+    grad mode)`` the strategy and plan the cost model picks. The layer drops its routes
+    whenever its state changes (:meth:`DoTALayer._forget`), and makes one again when its
+    tensors are other objects (:meth:`holds`).
+
+    The constant halves are read through :meth:`constant`, which keeps them only as
+    long as the stored ``T_init`` holds the very bits they were built from (on the CPU;
+    on an accelerator they are rebuilt on each call): :mod:`.serving` says why neither
+    identity nor version counters can tell (a write through ``.data`` bumps none).
     """
 
-    __slots__ = ("layer", "adapters", "ct", "kind", "split", "trainable", "const", "terms",
-                 "choices", "stamps")
+    __slots__ = ("layer", "adapters", "disabled", "ct", "kind", "split", "trainable",
+                 "const", "terms", "choices", "sources")
 
     def __init__(self, layer: DoTALayer, adapters: tuple[str, ...], disabled: bool,
-                 ct: torch.dtype, kind: str) -> None:
-        self.layer, self.adapters, self.ct, self.kind = layer, adapters, ct, kind
+                 ct: torch.dtype, kind: str, sources: list[torch.Tensor]) -> None:
+        self.layer, self.adapters, self.disabled, self.ct, self.kind = (
+            layer, adapters, disabled, ct, kind)
+        self.sources = tuple(sources)
         self.terms = layer.delta_terms(adapters, disabled=disabled)
         first = self.terms[0][1]
         self.split = halves_split([tuple(int(d) for d in c.shape) for c in first])
@@ -441,28 +479,55 @@ class _Route:
         # where it is a stored T_init buffer
         self.trainable = [cores for _, cores in self.terms
                           if isinstance(cores[0], nn.Parameter)]
-        const = [(sign, cores) for sign, cores in self.terms
-                 if not isinstance(cores[0], nn.Parameter)]
-        self.const = None
-        if const:
-            with torch.no_grad(), torch.autocast(device_type=first[0].device.type,
-                                                 enabled=False):
-                halves = [mpo_halves([c.detach().to(_wide(c.dtype)) for c in cores],
-                                      self.split) for _, cores in const]
-                left = torch.cat([h[0] for h in halves], 2).to(ct)
-                right = torch.cat([h[1] if s == 1 else h[1] * s
-                                   for (s, _), h in zip(const, halves)], 0).to(ct)
-            self.const = (left.contiguous(), right.contiguous())
-        # the stored T_init the constant halves came from, with their version counters: a
-        # write into them outside the module's own paths (``copy_`` under no_grad) is
-        # seen on the next call (the layer's loads and moves drop the route anyway)
-        self.stamps = tuple((t, t._version) for a in adapters for t in layer.init_cores(a)) \
-            if const else ()
+        #: per grad mode: the constant halves and what checks them (None: rebuilt)
+        self.const: dict[bool, tuple[Any, Any]] = {}
         self.choices: dict[tuple[int, bool], tuple[str, ContractionPlan | None]] = {}
 
-    def fresh(self) -> bool:
-        """True while the stored ``T_init`` the constant halves came from is unchanged."""
-        return all(t._version == v for t, v in self.stamps)
+    def holds(self, sources: list[torch.Tensor]) -> bool:
+        """True while the layer's tensors are the objects this route was made from."""
+        return len(sources) == len(self.sources) and all(
+            a is b for a, b in zip(sources, self.sources))
+
+    def _const_sources(self) -> list[torch.Tensor]:
+        """The stored tensors the constant halves are built from (``T_init``)."""
+        if self.layer.quantized:
+            return self.layer.init_cores(self.adapters[0]) if self.disabled else []
+        return [t for a in self.adapters for t in self.layer.init_cores(a)]
+
+    def _build_const(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The constant terms' halves side by side, signs folded in, in the compute dtype.
+
+        Contracted in at least float32 from the stored tensors as they are now.
+        """
+        const = [(sign, cores) for sign, cores in
+                 self.layer.delta_terms(self.adapters, disabled=self.disabled)
+                 if not isinstance(cores[0], nn.Parameter)]
+        if not const:
+            return None
+        with torch.no_grad(), torch.autocast(device_type=const[0][1][0].device.type,
+                                             enabled=False):
+            halves = [mpo_halves([c.detach().to(_wide(c.dtype)) for c in cores], self.split)
+                      for _, cores in const]
+            left = torch.cat([h[0] for h in halves], 2).to(self.ct)
+            right = torch.cat([h[1] if s == 1 else h[1] * s
+                               for (s, _), h in zip(const, halves)], 0).to(self.ct)
+        return left.contiguous(), right.contiguous()
+
+    def constant(self, grad: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The constant halves of the stored ``T_init`` as it is now.
+
+        Kept across calls as :func:`.serving.reuse_policy` says for the device kind and
+        grad mode: behind a bitwise content check on the CPU, rebuilt on each call on an
+        accelerator without grad, kept on version counters there in training steps.
+        """
+        policy = reuse_policy(self.kind, grad=grad)
+        if policy == "rebuild":
+            return self._build_const()
+        sources = self._const_sources()
+        kept = self.const.get(grad)
+        if kept is None or not kept[1].same(sources):
+            kept = self.const[grad] = (self._build_const(), validator(policy, sources))
+        return kept[0]
 
     def choose(self, rows: int, training: bool) -> tuple[str, ContractionPlan | None]:
         """The strategy and plan for ``rows`` rows (costed once per size and grad mode)."""
@@ -593,6 +658,15 @@ class DoTALinear(nn.Module, DoTALayer):
                 f"nn.Linear does; got {str(x.dtype).removeprefix('torch.')}"
             )
         self._ensure_residual()
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is not None and not self.disable_adapters:
+            if self.quantized:  # (the tuner refuses first; a layer called directly too)
+                raise ConfigError(QDOTA_MIXED_BATCH)
+            return mixed_batch(
+                self, x, adapter_names,
+                lambda rows, name: self._with(rows, (name,), False, *args, **kwargs),
+                lambda rows: self.base_layer(rows, *args, **kwargs),
+            )
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -604,6 +678,14 @@ class DoTALinear(nn.Module, DoTALayer):
         else:
             adapters = tuple(a for a in self.active_adapters if a in self.dota_cores)
             disabled = False
+        return self._with(x, adapters, disabled, *args, **kwargs)
+
+    def _holds(self, adapter: str) -> bool:
+        return adapter in self.dota_cores
+
+    def _with(self, x: torch.Tensor, adapters: tuple[str, ...], disabled: bool, *args: Any,
+              **kwargs: Any) -> torch.Tensor:
+        """``base(x)`` plus the update of ``adapters`` (``disabled``: QDoTA's ``T_init``)."""
         if not adapters:
             return self.base_layer(x, *args, **kwargs)
         kernels = kernels_for(x)
@@ -626,13 +708,16 @@ class DoTALinear(nn.Module, DoTALayer):
             y = self.base_layer(x, *args, **kwargs)
             xc = x.to(route.terms[0][1][0].dtype)
             delta = None
-            for (sign, cores), plan in zip(route.terms, plans):
+            # the terms as the layer holds them now (a T_init of another dtype than T is
+            # cast on each call, never kept from an earlier one)
+            terms = self.delta_terms(adapters, disabled=disabled)
+            for (sign, cores), plan in zip(terms, plans):
                 part = _contract(plan, xc, cores)
                 part = part if sign == 1 else -part
                 delta = part if delta is None else delta + part
             return y + delta.to(y.dtype)
-        y = DenseMPOLinear.apply(x, self.get_base_layer().bias, self, ct, kernels, route.const,
-                                 *route.halves(x.device.type))
+        y = DenseMPOLinear.apply(x, self.get_base_layer().bias, self, ct, kernels,
+                                 route.constant(training), *route.halves(x.device.type))
         # the compute dtype under autocast, as nn.Linear gives; else the input's
         return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
 
@@ -640,7 +725,7 @@ class DoTALinear(nn.Module, DoTALayer):
                  x: torch.Tensor, kind: str, training: bool,
                  ) -> tuple[_Route, str, list[ContractionPlan]]:
         """The route, the strategy for ``x``'s rows, and for contract each term's plan."""
-        route = self._route(adapters, disabled, ct, x, kind)
+        route = self._route(adapters, disabled, ct, x, kind, self._sources(adapters, disabled))
         rows = x.numel() // self.in_features
         choice, plan = route.choose(rows, training)
         plans: list[ContractionPlan] = []
