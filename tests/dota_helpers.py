@@ -1,4 +1,4 @@
-"""What the DoTA test files share: the methods table, a fixed batch, tolerances, snapshots.
+"""What the adapter test files share: the methods tables, a fixed batch, tolerances, snapshots.
 
 Tolerances
 ----------
@@ -27,16 +27,38 @@ import torch
 from peft import get_peft_model
 from torch import nn
 
-from tensornet.adapters import LLAMA_TARGETS, DoTAConfig, DoTALinear, tiny_llama
+from tensornet.adapters import (
+    LLAMA_TARGETS,
+    DoTAConfig,
+    DoTALinear,
+    LoRTAConfig,
+    LoRTALinear,
+    LoTRConfig,
+    LoTRLinear,
+    tiny_llama,
+)
 
-#: The conformance table's methods (peft's TEST_CASES): name -> config.
+#: The DoTA methods of the conformance table (peft's TEST_CASES): name -> config.
 METHODS: dict[str, DoTAConfig] = {
     "dota": DoTAConfig(),
     "dota-random": DoTAConfig(init="random", seed=0),
     "qdota": DoTAConfig(quantize="nf4"),
 }
 METHOD_NAMES = list(METHODS)
+#: LoTR (normal and orthogonal init) and LoRTA: name -> config.
+LOTR_METHODS: dict[str, LoTRConfig | LoRTAConfig] = {
+    "lotr": LoTRConfig(seed=0),
+    "lotr-orthogonal": LoTRConfig(init="orthogonal", rank=8, seed=0, scale=2.0),
+    "lorta": LoRTAConfig(seed=0),
+}
+#: Every method of the conformance table (``tests/test_conformance.py``).
+ALL_METHODS: dict[str, Any] = {**METHODS, **LOTR_METHODS}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+ADAPTER_LAYERS = (DoTALinear, LoTRLinear, LoRTALinear)
+#: The projections LoTR adapts (one shared pair A, B per kind).
+LOTR_KINDS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
+#: LoRTA's shared CP factors.
+LORTA_FACTORS = ("A", "B", "C_head", "C_kv_head", "C_matrix", "C_layer")
 
 #: A fixed batch: 2 sequences of 8 tokens of tiny_llama's 128-token vocabulary.
 IDS = torch.randint(3, 128, (2, 8), generator=torch.Generator().manual_seed(1234))
@@ -57,9 +79,9 @@ def logits(model: nn.Module, ids: torch.Tensor = IDS) -> torch.Tensor:
 
 
 def adapted(method: str, base_dtype: torch.dtype = torch.float32, **overrides: Any) -> Any:
-    """``get_peft_model(tiny_llama(dtype=base_dtype), METHODS[method] with overrides)``."""
+    """``get_peft_model(tiny_llama(dtype=base_dtype), ALL_METHODS[method] with overrides)``."""
     peft_kwargs = {k: overrides.pop(k) for k in ("autocast_adapter_dtype",) if k in overrides}
-    config = METHODS[method].replace(**overrides)
+    config = ALL_METHODS[method].replace(**overrides)
     return get_peft_model(tiny_llama(dtype=base_dtype), config, **peft_kwargs)
 
 
@@ -70,6 +92,23 @@ def dota_layers(model: nn.Module) -> dict[str, DoTALinear]:
         if isinstance(module, DoTALinear):
             out[name.removeprefix("base_model.model.")] = module
     return out
+
+
+def adapter_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """DoTA, LoTR and LoRTA layers by their name in the *base* model."""
+    return {name.removeprefix("base_model.model."): module
+            for name, module in model.named_modules() if isinstance(module, ADAPTER_LAYERS)}
+
+
+def expected_trainable(method: str, model: nn.Module, adapter: str = "default") -> set[str]:
+    """Names of ``adapter``'s parameters in the PeftModel ``model`` of ``method``."""
+    if method.startswith("lotr"):
+        names = {f"base_model.lotr_{f}.{adapter}.{k}" for k in LOTR_KINDS for f in "AB"}
+        return names | {f"base_model.model.{n}.lotr_G.{adapter}" for n in adapter_layers(model)}
+    if method.startswith("lorta"):
+        return {f"base_model.lorta_{f}.{adapter}" for f in LORTA_FACTORS}
+    return {f"base_model.model.{name}.dota_cores.{adapter}.{k}"
+            for name, layer in dota_layers(model).items() for k in range(len(cores(layer)))}
 
 
 def cores(layer: DoTALinear, adapter: str = "default") -> list[torch.Tensor]:
@@ -145,21 +184,28 @@ def to_nf4_base(model: nn.Module, compute_dtype: torch.dtype | None = None) -> n
     return model
 
 
-_BF16_NOISE: list[float] = []
+_HALF_NOISE: dict[torch.dtype, float] = {}
+
+
+def half_noise(dtype: torch.dtype) -> float:
+    """Max |logits| gap between the ``dtype`` base and its own weights evaluated in float32."""
+    if dtype not in _HALF_NOISE:
+        half = logits(tiny_llama(dtype=dtype))
+        upcast = logits(tiny_llama(dtype=dtype).float())
+        _HALF_NOISE[dtype] = (half - upcast).abs().max().item()
+        assert 0 < _HALF_NOISE[dtype] < 0.05, (dtype, _HALF_NOISE[dtype])
+    return _HALF_NOISE[dtype]
 
 
 def bf16_noise() -> float:
     """Max |logits| gap between the bf16 base and its own bf16 weights evaluated in float32."""
-    if not _BF16_NOISE:
-        bf16 = logits(tiny_llama(dtype=torch.bfloat16))
-        upcast = logits(tiny_llama(dtype=torch.bfloat16).float())
-        _BF16_NOISE.append((bf16 - upcast).abs().max().item())
-        assert 0 < _BF16_NOISE[0] < 0.05
-    return _BF16_NOISE[0]
+    return half_noise(torch.bfloat16)
 
 
 def dtype_tolerance(dtype: torch.dtype) -> float:
-    return FLOAT32_ATOL if dtype == torch.float32 else BF16_NOISE_UNITS * bf16_noise()
+    if dtype in (torch.float32, torch.float64):
+        return FLOAT32_ATOL
+    return BF16_NOISE_UNITS * half_noise(dtype)
 
 
 _BASE_LOGITS: dict[torch.dtype, torch.Tensor] = {}

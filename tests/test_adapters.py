@@ -1,10 +1,10 @@
 """tensornet.adapters: DoTA, DoTA-Random and QDoTA as a peft method, on a tiny LLaMA.
 
-The core of this file is a conformance table in peft's ``TEST_CASES`` style: every method
-(:data:`dota_helpers.METHODS`) goes through every check (unchanged output at init, only the
-cores train, an optimizer step helps, merge == unmerged, disable and unload give the base,
-save/load in a fresh process, dtype/device follow the base, ``generate`` works). The checks
-that are not per method follow: the custom autograd path against a plain-autograd
+The checks every adapter passes (unchanged output at init, only the cores train, an
+optimizer step helps, merge == unmerged, disable and unload give the base, save/load in a
+fresh process, dtype/device follow the base, ``generate`` works) are rows of the
+conformance table in ``test_conformance.py``. Here are the DoTA-specific ones: the
+``dtype`` override of the cores, the custom autograd path against a plain-autograd
 reference, its memory property, config errors, ``plan_dota`` against the paper's shares,
 the recorded base layers, the config object and 4-bit bases. peft's lifecycle beyond the
 table (named adapters, refused loads, undo on failure, ...) is in ``test_adapters_peft.py``.
@@ -17,13 +17,8 @@ from __future__ import annotations
 import copy
 import json
 import math
-import re
-import subprocess
-import sys
-import textwrap
 import warnings
 from collections import OrderedDict
-from pathlib import Path
 
 import pytest
 import torch
@@ -65,9 +60,6 @@ from tensornet.adapters.base import is_4bit
 from tensornet.errors import ConfigError
 from tensornet.tensorize import cores_to_matrix
 
-REPO = Path(__file__).resolve().parents[1]
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -80,257 +72,7 @@ def single_layer(out_f: int, in_f: int, *, bias: bool = True, dtype=torch.float3
     return holder, holder.proj
 
 
-def reference_weight(layer: DoTALinear, adapter: str = "default") -> torch.Tensor:
-    """``W0 + MPO(T) - MPO(T_init)`` in float64 from the layer's own tensors."""
-    w0 = layer.get_base_layer().weight.detach().double()
-    t = [c.detach().double() for c in cores(layer, adapter)]
-    t0 = [c.double() for c in layer.init_cores(adapter)]
-    return w0 + cores_to_matrix(t) - cores_to_matrix(t0)
-
-
-# ============================================================ the conformance table
-
-
-@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
-@pytest.mark.parametrize("method", METHOD_NAMES)
-def test_output_unchanged_at_init(method, dtype):
-    dt = DTYPES[dtype]
-    base = base_logits(dt)
-    out = logits(adapted(method, dt))
-    err = (out - base).abs().max().item()
-    if method != "qdota":
-        assert err <= dtype_tolerance(dt), err
-        return
-    # QDoTA: no worse than QLoRA's base (W0 itself in NF4), in the Frobenius norm and at max.
-    qlora = logits(to_nf4_base(tiny_llama(dtype=dt)))
-    assert (out - base).norm() <= (qlora - base).norm()
-    assert err <= (qlora - base).abs().max().item()
-
-
-@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
-@pytest.mark.parametrize("method", METHOD_NAMES)
-def test_only_cores_receive_gradients(method, dtype):
-    model = adapted(method, DTYPES[dtype])
-    lm_loss(model).backward()
-    names = {f"base_model.model.{name}.dota_cores.default.{k}"
-             for name, layer in dota_layers(model).items() for k in range(len(cores(layer)))}
-    assert len(names) == 10 * 5
-    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert with_grad == trainable == names
-    assert all(re.search(r"\.dota_cores\.default\.\d+$", n) for n in with_grad)
-    for name in names:
-        assert torch.isfinite(model.get_parameter(name).grad).all(), name
-    # the embeddings (tied with lm_head), norms, untargeted linears and T_init are frozen
-    base = model.get_base_model()
-    assert not base.model.embed_tokens.weight.requires_grad
-    assert not base.model.layers[0].self_attn.o_proj.weight.requires_grad
-    assert not base.model.layers[0].mlp.gate_proj.weight.requires_grad
-    assert all(not b.requires_grad for n, b in model.named_buffers() if "dota_init" in n)
-    total = sum(model.get_parameter(n).grad.float().norm() ** 2 for n in names)
-    assert total > 0
-
-
-@pytest.mark.parametrize("method", METHOD_NAMES)
-def test_optimizer_steps_lower_the_loss(method):
-    losses = train(adapted(method), steps=4, lr=1e-2)
-    assert all(math.isfinite(v) for v in losses)
-    assert losses[-1] < losses[0], losses
-
-
-@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
-@pytest.mark.parametrize("method", METHOD_NAMES)
-def test_merge_and_unload_equals_unmerged(method, dtype):
-    dt = DTYPES[dtype]
-    model = adapted(method, dt)
-    train(model, steps=3)
-    before = logits(model)
-    assert (before - base_logits(dt)).abs().max() > 1e-3  # training changed something
-    layers = dota_layers(model)
-    refs = {name: reference_weight(layer) for name, layer in layers.items() if not layer.quantized}
-    merged = model.merge_and_unload()
-    assert isinstance(merged, LlamaForCausalLM)
-    assert not dota_layers(merged)
-    for name in TINY_TARGETS:
-        layer = merged.get_submodule(name)
-        assert type(layer) is nn.Linear, name
-        # the dtype the layer had before it was adapted (QDoTA too: bf16 cores merged into
-        # a float32 model must give float32 layers, or the model's forward breaks)
-        assert layer.weight.dtype == dt, name
-        if method != "qdota":  # a dense nn.Linear holding W0 + MPO(T) - MPO(T_init)
-            # the merge forms both products (each of the weights' scale, a few roundings
-            # along the chain) in float32, subtracts and adds: within 8 units in the last
-            # place at the weights' scale (measured: ~2 in float32, ~0.5 in bf16)
-            ulp = torch.finfo(dt).eps * refs[name].abs().max().item()
-            assert (layer.weight.double() - refs[name]).abs().max() <= 8 * ulp, name
-    after = logits(merged)
-    # QDoTA computes in bf16 (its residual's compute dtype) before the merge.
-    tol = dtype_tolerance(torch.bfloat16 if method == "qdota" else dt)
-    assert (after - before).abs().max().item() <= tol
-
-
-@pytest.mark.parametrize("method", METHOD_NAMES)
-def test_merge_adapter_then_unmerge_adapter(method):
-    model = adapted(method, init_weights=False, seed=0)
-    unmerged = logits(model)
-    model.merge_adapter()
-    assert all(layer.merged for layer in dota_layers(model).values())
-    tol = dtype_tolerance(torch.bfloat16 if method == "qdota" else torch.float32)
-    assert (logits(model) - unmerged).abs().max().item() <= tol
-    model.unmerge_adapter()
-    assert not any(layer.merged for layer in dota_layers(model).values())
-    again = logits(model)
-    if method == "qdota":  # unmerge puts the very NF4 residual layer back
-        assert torch.equal(again, unmerged)
-    else:  # W0 + dW - dW: one float32 rounding per weight
-        assert (again - unmerged).abs().max().item() <= FLOAT32_ATOL
-
-
-@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
-@pytest.mark.parametrize("method", METHOD_NAMES)
-def test_disable_adapter_gives_the_base(method, dtype):
-    dt = DTYPES[dtype]
-    model = adapted(method, dt)
-    at_init = logits(model)
-    train(model, steps=2)
-    trained = logits(model)
-    with model.disable_adapter():
-        disabled = logits(model)
-    assert torch.equal(logits(model), trained)  # enabled again on leaving the context
-    if method != "qdota":  # W0 is never modified: exactly the base
-        assert torch.equal(disabled, base_logits(dt))
-        return
-    # QDoTA: NF4(W0 - MPO(T_init)) + MPO(T_init), which is QDoTA at init (T == T_init)
-    # and W0 up to the residual's NF4 rounding (no worse than QLoRA's base)
-    assert torch.equal(disabled, at_init)
-    base, qlora = base_logits(dt), logits(to_nf4_base(tiny_llama(dtype=dt)))
-    assert (disabled - base).norm() <= (qlora - base).norm()
-
-
-@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
-@pytest.mark.parametrize("method", METHOD_NAMES)
-def test_unload_gives_back_the_original_base(method, dtype):
-    dt = DTYPES[dtype]
-    original = tiny_llama(dtype=dt)
-    model = adapted(method, dt)
-    base_layers = {name: layer.get_base_layer() for name, layer in dota_layers(model).items()}
-    train(model, steps=2)
-    if method == "qdota":  # the base was replaced by NF4(W0 - MPO(T_init)): refused
-        before, out = snapshot(model), logits(model)
-        with pytest.raises(ConfigError, match="merge_and_unload"):
-            model.unload()
-        assert_untouched(model, before)
-        assert torch.equal(logits(model), out)
-        return
-    unloaded = model.unload()
-    assert not dota_layers(unloaded)
-    for name in TINY_TARGETS:
-        layer = unloaded.get_submodule(name)
-        assert layer is base_layers[name]  # the original layer object, back in place
-        assert type(layer) is nn.Linear and layer.weight.dtype == dt
-    # bit for bit: every tensor of the model, and its output
-    state, ref = unloaded.state_dict(), original.state_dict()
-    assert state.keys() == ref.keys()
-    for k, v in ref.items():
-        assert torch.equal(state[k], v), k
-    assert torch.equal(logits(unloaded), base_logits(dt))
-
-
-_FRESH_SCRIPT = textwrap.dedent(
-    """
-    import json, sys, torch
-    torch.set_num_threads(1)
-    from peft import PeftModel
-    from tensornet.adapters import tiny_llama
-    spec = json.loads(sys.argv[1])
-    ids = torch.tensor(spec["ids"])
-    for job in spec["jobs"]:
-        model = PeftModel.from_pretrained(tiny_llama(dtype=getattr(torch, job["dtype"])),
-                                          job["path"])
-        with torch.no_grad():
-            out = model(input_ids=ids).logits
-        state = {k: v for k, v in model.state_dict().items() if ".dota_" in k}
-        torch.save({"logits": out, "state": state}, job["out"])
-    """
-)
-
-FRESH_CASES = {m: (m, "float32", {}) for m in METHOD_NAMES}
-FRESH_CASES["dota-bfloat16"] = ("dota", "bfloat16", {})
-FRESH_CASES["dota-dense"] = ("dota", "float32", {"strategy": "dense"})
-FRESH_CASES["dota-contract"] = ("dota", "float32", {"strategy": "contract"})
-
-
-@pytest.fixture(scope="module")
-def fresh_process(tmp_path_factory):
-    """Train, save and compute logits here; load and compute in ONE fresh interpreter.
-
-    Returns ``{case: (here, there)}``, each ``{"logits", "state"}`` (``state``: the adapter's
-    tensors as they sit in the model). The planner of ``strategy="auto"`` uses fixed machine
-    constants, so both processes pick the same contraction and compute the same bits.
-    """
-    root = tmp_path_factory.mktemp("adapters")
-    here, jobs = {}, []
-    for case, (method, dtype, overrides) in FRESH_CASES.items():
-        model = adapted(method, DTYPES[dtype], **overrides)
-        train(model, steps=3)
-        model.save_pretrained(root / case)
-        state = {k: v.detach().clone() for k, v in model.state_dict().items() if ".dota_" in k}
-        here[case] = {"logits": logits(model), "state": state}
-        jobs.append({"dtype": dtype, "path": str(root / case), "out": str(root / f"{case}.pt")})
-    proc = subprocess.run(
-        [sys.executable, "-c", _FRESH_SCRIPT, json.dumps({"ids": IDS.tolist(), "jobs": jobs})],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = {}
-    for case in FRESH_CASES:
-        there = torch.load(root / f"{case}.pt")
-        there["logits"] = there["logits"].float()
-        out[case] = (here[case], there)
-    return out
-
-
-@pytest.mark.parametrize("case", list(FRESH_CASES))
-def test_save_load_in_fresh_process_reproduces_logits(case, fresh_process):
-    here, there = fresh_process[case]
-    dt = DTYPES[FRESH_CASES[case][1]]
-    assert (here["logits"] - base_logits(dt)).abs().max() > 1e-3  # trained, not the base
-    # Same file, same base, same deterministic CPU kernels, same plan: bit for bit.
-    assert torch.equal(here["logits"], there["logits"]), (
-        (here["logits"] - there["logits"]).abs().max()
-    )
-    # T and T_init come back as they were, in the same dtype, on the same device
-    assert here["state"].keys() == there["state"].keys()
-    assert any(".dota_init." in k for k in here["state"])
-    for k, v in here["state"].items():
-        w = there["state"][k]
-        assert (w.dtype, w.device) == (v.dtype, v.device), k
-        assert torch.equal(w, v), k
-
-
-@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
-@pytest.mark.parametrize("method", METHOD_NAMES)
-def test_dtype_and_device_follow_the_base(method, dtype):
-    dt = DTYPES[dtype]
-    config_dtype = torch.bfloat16 if method == "qdota" else dt  # DoTAConfig(dtype=None)
-    # peft's default upcasts adapter weights to float32 (autocast_adapter_dtype=True);
-    # without it the cores keep the config's dtype. T_init is a buffer peft leaves alone.
-    for autocast, expected in ((True, torch.float32), (False, config_dtype)):
-        model = adapted(method, dt, autocast_adapter_dtype=autocast)
-        for name, layer in dota_layers(model).items():
-            assert all(c.dtype == expected for c in cores(layer)), (name, autocast)
-            assert all(c.device == torch.device("cpu") for c in cores(layer)), name
-            assert all(b.dtype == config_dtype for b in layer.init_cores("default")), name
-            assert layer.quantized == (method == "qdota")
-            base = layer.get_base_layer()
-            if method != "qdota":
-                assert base.weight.dtype == dt
-            else:
-                assert is_4bit(base) and base.compute_dtype == config_dtype
-            assert base.weight.device == torch.device("cpu")
-        out = model(input_ids=IDS).logits
-        assert out.shape == (2, 8, 128)
-        assert out.dtype == dt  # activations keep the base model's dtype
+# ============================================================ the cores' dtype
 
 
 @pytest.mark.parametrize("strategy", ["dense", "contract"])
@@ -350,20 +92,6 @@ def test_dtype_override_float32_cores(method, dtype, strategy):
     err = (out.detach().float() - base).abs().max().item()
     if method != "qdota":
         assert err <= dtype_tolerance(dt), err
-
-
-@pytest.mark.parametrize("method", METHOD_NAMES)
-def test_generate_works_and_matches_base_at_init(method):
-    prompt = IDS[:1, :4]
-    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False,
-                  pad_token_id=2)
-    with torch.no_grad():
-        base = tiny_llama().generate(input_ids=prompt, **kwargs)
-        out = adapted(method).generate(input_ids=prompt, **kwargs)
-    assert out.shape[0] == 1 and out.shape[1] > prompt.shape[1]
-    assert torch.equal(out[:, :4], prompt)
-    if method != "qdota":  # W0 + (a zero update to ~1e-7): greedy tokens agree
-        assert torch.equal(out, base)
 
 
 # ============================================================ the dense autograd path

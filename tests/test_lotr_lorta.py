@@ -1,46 +1,44 @@
 """tensornet.adapters: LoTR and LoRTA as peft methods, on a tiny LLaMA (GQA: 4 and 2 heads).
 
-A conformance table in peft's ``TEST_CASES`` style (:data:`METHODS`: LoTR with normal and
-orthogonal init, LoRTA) goes through the checks DoTA passes: unchanged output at init,
-only the factors train, an optimizer step helps, merge == unmerged (against plain
-``nn.Linear`` layers), disable and unload give the base exactly, save / load in a fresh
-process, dtype / device follow the base. Then what the shared factors bring: they live
-once on the tuner, are saved once under any adapter name, and follow peft's trainability
-rules (``set_adapter``, ``disable_adapter``, added adapters, inference mode). Then the
-method-specific checks: parameter counts against the core formulas, LoRTA's head blocks
-against ``A diag(c) B`` by hand, contraction == dense update, refused loads and configs.
-
-Tolerances: both methods add an update that is exactly zero at init (``G = 0``,
-``B = 0``), so outputs at init are compared with ``torch.equal``. After training, float32
-merged vs unmerged agree to 1e-5; bfloat16 within 4 units of the bf16 compute noise of
-the model (as in test_adapters.py).
+The checks every adapter passes (unchanged output at init, only the factors train, merge ==
+unmerged, disable / unload, dtype / device, save / load in a fresh process) are rows of the
+conformance table in ``test_conformance.py``. Here is what the shared factors bring: they
+live once on the tuner, are saved once under any adapter name, and follow peft's
+trainability rules (``set_adapter``, ``disable_adapter``, added adapters, inference mode),
+and reloads are exact. Then the method-specific checks: parameter counts against the core
+formulas, LoRTA's head blocks against ``A diag(c) B`` by hand, contraction == dense update,
+refused loads and configs. The tolerances are explained in :mod:`dota_helpers`.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
-import textwrap
 from collections import OrderedDict
-from pathlib import Path
 
 import pytest
 import torch
+from dota_helpers import (
+    LORTA_FACTORS,
+    adapted,
+    adapter_layers,
+    assert_untouched,
+    expected_trainable,
+    logits,
+    snapshot,
+    train,
+)
+from dota_helpers import LOTR_METHODS as METHODS
 from peft import PeftModel, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
-from transformers import LlamaForCausalLM
 
 from tensornet.adapters import (
     DoTAConfig,
     LoRTAConfig,
-    LoRTALinear,
     LoTRConfig,
-    LoTRLinear,
     apply_lorta,
     apply_lotr,
     lorta_num_params,
@@ -52,55 +50,7 @@ from tensornet.adapters import (
 from tensornet.adapters.files import MANIFEST_KEY
 from tensornet.errors import AdapterFileError, AdapterMismatchError, ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
-
-METHODS = {
-    "lotr": LoTRConfig(seed=0),
-    "lotr-orthogonal": LoTRConfig(init="orthogonal", rank=8, seed=0, scale=2.0),
-    "lorta": LoRTAConfig(seed=0),
-}
 METHOD_NAMES = list(METHODS)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-IDS = torch.randint(3, 128, (2, 8), generator=torch.Generator().manual_seed(1234))
-KINDS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
-FACTORS = ("A", "B", "C_head", "C_kv_head", "C_matrix", "C_layer")
-
-
-def logits(model, ids=IDS):
-    with torch.no_grad():
-        return model(input_ids=ids).logits.float()
-
-
-def adapted(method, dtype=torch.float32, *, autocast_adapter_dtype=True, **overrides):
-    return get_peft_model(tiny_llama(dtype=dtype), METHODS[method].replace(**overrides),
-                          autocast_adapter_dtype=autocast_adapter_dtype)
-
-
-def adapter_layers(model):
-    return {n: m for n, m in model.named_modules() if isinstance(m, (LoTRLinear, LoRTALinear))}
-
-
-def train(model, steps=3, lr=1e-2):
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr)
-    losses = []
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = model(input_ids=IDS, labels=IDS).loss
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    with torch.no_grad():
-        losses.append(model(input_ids=IDS, labels=IDS).loss.item())
-    return losses
-
-
-def expected_trainable(method, model, adapter="default"):
-    """Names of the adapter's parameters in the PeftModel ``model``."""
-    if method.startswith("lotr"):
-        names = {f"base_model.lotr_{f}.{adapter}.{k}" for k in KINDS for f in "AB"}
-        return names | {f"{n}.lotr_G.{adapter}" for n in adapter_layers(model)}
-    return {f"base_model.lorta_{f}.{adapter}" for f in FACTORS}
 
 
 def saved_keys(method, model):
@@ -113,36 +63,6 @@ def shared_flags(model, adapter):
     return {p.requires_grad for _, _, p in model.base_model.shared_parameters(adapter)}
 
 
-def snapshot(model):
-    return {
-        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "types": [(n, type(m)) for n, m in model.named_modules()],
-        "grad": {n: p.requires_grad for n, p in model.named_parameters()},
-        "attrs": sorted(vars(model)),
-    }
-
-
-def assert_untouched(model, before):
-    after = snapshot(model)
-    for key in ("types", "grad", "attrs"):
-        assert after[key] == before[key], key
-    assert after["state"].keys() == before["state"].keys()
-    for k, v in before["state"].items():
-        assert torch.equal(after["state"][k], v), k
-
-
-_BF16_NOISE: list[float] = []
-
-
-def tolerance(dtype):
-    if dtype == torch.float32:
-        return 1e-5
-    if not _BF16_NOISE:
-        bf16 = logits(tiny_llama(dtype=torch.bfloat16))
-        _BF16_NOISE.append((bf16 - logits(tiny_llama(dtype=torch.bfloat16).float())).abs().max())
-    return 4 * _BF16_NOISE[0].item()
-
-
 def randomize(model, adapter="default"):
     """Give every factor of ``adapter`` random values (the update is zero at init)."""
     gen = torch.Generator().manual_seed(7)
@@ -153,32 +73,7 @@ def randomize(model, adapter="default"):
     return model
 
 
-# ============================================================ the conformance table
-
-
-@pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("method", METHOD_NAMES)
-def test_output_unchanged_at_init(method, dtype):
-    dt = DTYPES[dtype]
-    assert torch.equal(logits(adapted(method, dt)), logits(tiny_llama(dtype=dt)))
-
-
-@pytest.mark.parametrize("method", METHOD_NAMES)
-def test_only_factors_train_and_all_get_gradients_after_a_step(method):
-    model = adapted(method)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == expected_trainable(method, model)
-    train(model, steps=1)  # B = 0 / G = 0: some factors get a zero gradient at step 0 only
-    for p in model.parameters():
-        p.grad = None
-    model(input_ids=IDS, labels=IDS).loss.backward()
-    for name, p in model.named_parameters():
-        if name in trainable:
-            assert p.grad is not None and p.grad.abs().sum() > 0, name
-        else:
-            assert p.grad is None, name
-    assert model.get_nb_trainable_parameters()[0] == sum(
-        model.get_parameter(n).numel() for n in trainable)
+# ============================================================ shared factors, saving, loading
 
 
 @pytest.mark.parametrize("method", METHOD_NAMES)
@@ -207,104 +102,6 @@ def test_shared_factors_are_registered_once_on_the_tuner(method):
     assert not torch.equal(logits(clone), logits(tiny_llama()))
 
 
-@pytest.mark.parametrize("method", METHOD_NAMES)
-def test_optimizer_steps_lower_the_loss(method):
-    losses = train(adapted(method), steps=4)
-    assert losses[-1] < losses[0], losses
-
-
-@pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("method", METHOD_NAMES)
-def test_merge_and_unload_equals_unmerged_and_plain_linear(method, dtype):
-    dt = DTYPES[dtype]
-    model = adapted(method, dt)
-    train(model, steps=3)
-    before = logits(model)
-    assert (before - logits(tiny_llama(dtype=dt))).abs().max() > 1e-3
-    x = torch.randn(3, 5, 128, generator=torch.Generator().manual_seed(3)).to(dt)
-    refs = {}
-    for name, layer in adapter_layers(model).items():  # W0 + Delta W in a plain nn.Linear
-        base = layer.get_base_layer()
-        ref = nn.Linear(layer.in_features, layer.out_features, bias=False, dtype=dt)
-        with torch.no_grad():
-            ref.weight.copy_((base.weight.float() + layer.get_delta_weight("default").float()
-                              ).to(dt))
-        refs[name.removeprefix("base_model.model.")] = ref
-    merged = model.merge_and_unload()
-    assert isinstance(merged, LlamaForCausalLM) and not adapter_layers(merged)
-    assert not hasattr(merged, "peft_config")
-    for name, ref in refs.items():
-        layer = merged.get_submodule(name)
-        assert type(layer) is nn.Linear and layer.weight.dtype == dt, name
-        assert torch.equal(layer.weight, ref.weight), name
-        xi = x[..., : layer.in_features]
-        with torch.no_grad():
-            assert torch.equal(layer(xi), ref(xi)), name
-    assert (logits(merged) - before).abs().max().item() <= tolerance(dt)
-
-
-@pytest.mark.parametrize("method", METHOD_NAMES)
-def test_merge_adapter_then_unmerge_adapter(method):
-    model = adapted(method, init_weights=False)
-    unmerged = logits(model)
-    assert not torch.equal(unmerged, logits(tiny_llama()))  # init_weights=False: not the base
-    model.merge_adapter()
-    assert all(layer.merged for layer in adapter_layers(model).values())
-    assert (logits(model) - unmerged).abs().max().item() <= tolerance(torch.float32)
-    model.unmerge_adapter()
-    assert not any(layer.merged for layer in adapter_layers(model).values())
-    assert (logits(model) - unmerged).abs().max().item() <= tolerance(torch.float32)
-
-
-@pytest.mark.parametrize("method", METHOD_NAMES)
-def test_disable_adapter_and_unload_give_the_base_exactly(method):
-    model = adapted(method)
-    train(model, steps=2)
-    trained = logits(model)
-    with model.disable_adapter():
-        assert torch.equal(logits(model), logits(tiny_llama()))
-    assert torch.equal(logits(model), trained)
-    unloaded = model.unload()
-    assert not adapter_layers(unloaded)
-    ref = tiny_llama().state_dict()
-    assert unloaded.state_dict().keys() == ref.keys()
-    for k, v in ref.items():
-        assert torch.equal(unloaded.state_dict()[k], v), k
-
-
-@pytest.mark.parametrize("method", METHOD_NAMES)
-def test_dtype_and_device_follow_the_base(method):
-    # peft's default upcasts adapter weights to float32 (autocast_adapter_dtype=True); the
-    # shared factors go with the layers' own, so an adapter computes in one dtype
-    for autocast, expected in ((True, torch.float32), (False, torch.bfloat16)):
-        model = adapted(method, torch.bfloat16, autocast_adapter_dtype=autocast)
-        for name in expected_trainable(method, model):
-            p = model.get_parameter(name)
-            assert p.dtype == expected and p.device.type == "cpu", (name, autocast)
-            assert p.requires_grad, name
-        assert all(layer.get_base_layer().weight.dtype == torch.bfloat16
-                   for layer in adapter_layers(model).values())
-        out = model(input_ids=IDS).logits
-        assert out.dtype == torch.bfloat16
-        model(input_ids=IDS, labels=IDS).loss.backward()
-
-
-_FRESH_SCRIPT = textwrap.dedent(
-    """
-    import json, sys, torch
-    from peft import PeftModel
-    from tensornet.adapters import tiny_llama
-    spec = json.loads(sys.argv[1])
-    ids = torch.tensor(spec["ids"])
-    for job in spec["jobs"]:
-        model = PeftModel.from_pretrained(tiny_llama(), job["path"])
-        assert model.peft_type == job["peft_type"], model.peft_type
-        with torch.no_grad():
-            torch.save(model(input_ids=ids).logits, job["out"])
-    """
-)
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """Train and save every method once: ``{method: (folder, logits, trained model)}``."""
@@ -316,21 +113,6 @@ def saved(tmp_path_factory):
         model.save_pretrained(root / method)
         out[method] = (root / method, logits(model), model)
     return out
-
-
-def test_save_load_in_a_fresh_process_reproduces_logits(saved, tmp_path):
-    jobs = [
-        {"path": str(saved[m][0]), "out": str(tmp_path / f"{m}.pt"),
-         "peft_type": "LOTR" if m.startswith("lotr") else "LORTA"}
-        for m in METHOD_NAMES
-    ]
-    spec = json.dumps({"ids": IDS.tolist(), "jobs": jobs})
-    proc = subprocess.run([sys.executable, "-c", _FRESH_SCRIPT, spec], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for m, job in zip(METHOD_NAMES, jobs):
-        got = torch.load(job["out"]).float()
-        assert torch.allclose(got, saved[m][1], atol=1e-6, rtol=0), m
 
 
 @pytest.mark.parametrize("low_cpu_mem_usage", [False, True])
@@ -511,7 +293,7 @@ def test_plan_on_meta_device_counts_without_weights():
                                             ("o_proj", 3)])
 def test_lorta_head_block_is_a_diag_c_b(proj, head):
     model = randomize(adapted("lorta"))
-    f = {name: getattr(model.base_model, f"lorta_{name}")["default"] for name in FACTORS}
+    f = {name: getattr(model.base_model, f"lorta_{name}")["default"] for name in LORTA_FACTORS}
     layer_index, dh = 1, 16
     layer = model.base_model.model.get_submodule(f"model.layers.{layer_index}.self_attn.{proj}")
     m = ("q_proj", "k_proj", "v_proj", "o_proj").index(proj)
