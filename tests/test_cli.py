@@ -83,3 +83,37 @@ def test_cli_package_has_no_import_cycle():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module:
                 assert "cli" not in node.module.split("."), f"{path} imports {node.module}"
+
+
+def _subcommands():
+    from tensornet.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.choices and isinstance(a.choices, dict))
+    return sorted(sub.choices.items())
+
+
+def _shown(value):
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+@pytest.mark.parametrize("name,parser", _subcommands())
+def test_help_shows_the_defaults_the_subcommand_uses(name, parser):
+    # issue 22 point 9: `tensornet demo --help` said float32 and torch's threads while the
+    # demo ran bfloat16 on one thread (set_defaults after the shared arguments)
+    import re
+
+    checked = 0
+    for action in parser._actions:
+        if action.default is None or isinstance(action.default, bool):
+            continue  # described in words ("torch's choice", "refuse them")
+        for said in re.findall(r"\(default: ((?:[^()]|\([^()]*\))*)\)", action.help or ""):
+            text, shown = " ".join(said.split()), _shown(action.default)
+            assert text == shown or re.match(re.escape(shown) + r"($|[ ;]|, )", text), (
+                f"tensornet {name} {'/'.join(action.option_strings)}: help says {text!r}, "
+                f"the default is {action.default!r}"
+            )
+            checked += 1
+    assert checked >= 1

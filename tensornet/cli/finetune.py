@@ -27,7 +27,14 @@ from ..finetune.defaults import (
     METHOD_OPTIONS,
     METHODS,
 )
-from ._args import device_arg, int_list_arg, nonnegative_int_arg, positive_int_arg, seed_arg
+from ._args import (
+    device_arg,
+    int_list_arg,
+    nonnegative_int_arg,
+    positive_int_arg,
+    seed_arg,
+    set_shown_defaults,
+)
 from .decompose import add_decompose_args, add_model_args, decompose, load, model_name, setup
 
 __all__ = ["add_commands", "RUN_MARKER"]
@@ -667,7 +674,7 @@ def add_commands(sub: Any) -> None:
                           "model answers a test question.")
     add_model_args(demo)
     add_decompose_args(demo, with_rank=False)  # --rank is DoTA's R, for both parts
-    demo.set_defaults(sweep_ranks=(4, 8, 16, 32), func=_cmd_demo)
+    demo.set_defaults(func=_cmd_demo)
     demo.add_argument("--methods", type=_methods_arg, default=["dota", "dota-random", "lora"],
                       metavar="A,B,...", help="methods (default: dota,dota-random,lora)")
     demo.add_argument("--seed", type=seed_arg, default=0, help="training seed (default: 0)")
@@ -676,4 +683,4 @@ def add_commands(sub: Any) -> None:
     _add_train_args(demo, steps=20, n_train=400, n_val=8, n_test=10, out=DEMO_OUT,
                     max_length=128, max_new_tokens=32, max_steps=3, eval_every=5,
                     with_rank=False)
-    demo.set_defaults(dtype="bfloat16", threads=1)
+    set_shown_defaults(demo, dtype="bfloat16", threads=1, sweep_ranks=(4, 8, 16, 32))
