@@ -37,6 +37,7 @@ from .entry import (  # noqa: E402
     plan_lorta,
     plan_lotr,
 )
+from .export import LoraExport, export_lora, export_merged, to_lora  # noqa: E402
 from .lorta import ATTENTION_TARGETS, LoRTAConfig, LoRTALinear, LoRTAModel  # noqa: E402
 from .lorta.config import lorta_num_params  # noqa: E402
 from .lotr import LoTRConfig, LoTRLinear, LoTRModel  # noqa: E402
@@ -60,10 +61,13 @@ __all__ = [
     "LoTRConfig",
     "LoTRLinear",
     "LoTRModel",
+    "LoraExport",
     "apply",
     "apply_dota",
     "apply_lorta",
     "apply_lotr",
+    "export_lora",
+    "export_merged",
     "load_pretrained",
     "lorta_num_params",
     "lotr_num_params",
@@ -73,4 +77,5 @@ __all__ = [
     "plan_lotr",
     "random_cores",
     "tiny_llama",
+    "to_lora",
 ]
