@@ -20,6 +20,7 @@ NF4 (QDoTA)
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
 import bitsandbytes as bnb
@@ -35,6 +36,7 @@ from tensornet.adapters import (
     LoRTALinear,
     LoTRConfig,
     LoTRLinear,
+    apply_dota,
     tiny_llama,
 )
 
@@ -92,6 +94,16 @@ def dota_layers(model: nn.Module) -> dict[str, DoTALinear]:
         if isinstance(module, DoTALinear):
             out[name.removeprefix("base_model.model.")] = module
     return out
+
+
+def one_layer(in_f: int = 96, out_f: int = 160, **kw: Any) -> tuple[Any, DoTALinear]:
+    """A DoTA adapter (rank 4, 3 cores) on one ``nn.Linear`` named ``proj``: model, layer."""
+    torch.manual_seed(0)
+    holder = nn.Sequential(OrderedDict(proj=nn.Linear(in_f, out_f)))
+    model = apply_dota(holder, target_modules=["proj"], rank=4, num_cores=3, seed=0,
+                       dtype="float32", **kw)
+    (layer,) = dota_layers(model).values()
+    return model, layer
 
 
 def adapter_layers(model: nn.Module) -> dict[str, nn.Module]:

@@ -4,26 +4,15 @@ against a dense ``nn.Linear`` holding the merged weight, and kept in step with t
 from __future__ import annotations
 
 import copy
-from collections import OrderedDict
 
 import pytest
 import torch
-from dota_helpers import IDS, adapted, dota_layers, dtype_tolerance, logits, train
+from dota_helpers import IDS, adapted, dota_layers, dtype_tolerance, logits, one_layer, train
 from torch import nn
 
 from tensornet import plan_mpo_matmul
-from tensornet.adapters import apply_dota
 from tensornet.adapters.dota.cost import _strategy_seconds, residual_strategy
 from tensornet.adapters.dota.serving import _serving_split
-
-
-def one_layer(in_f: int = 96, out_f: int = 160, **kw):
-    torch.manual_seed(0)
-    holder = nn.Sequential(OrderedDict(proj=nn.Linear(in_f, out_f)))
-    model = apply_dota(holder, target_modules=["proj"], rank=4, num_cores=3, seed=0,
-                       dtype="float32", **kw)
-    (layer,) = dota_layers(model).values()
-    return model, layer
 
 
 def perturb(layer, adapter: str = "default", scale: float = 0.05) -> None:

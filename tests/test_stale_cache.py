@@ -17,15 +17,13 @@ after a content check, the accelerator path rebuilds them on each call.
 from __future__ import annotations
 
 import copy
-from collections import OrderedDict
 
 import pytest
 import torch
-from dota_helpers import IDS, adapted, dota_layers
+from dota_helpers import IDS, adapted, dota_layers, one_layer
 from torch import nn
 
 from tensornet._device import DEVICE_KINDS, device_path
-from tensornet.adapters import apply_dota
 from tensornet.adapters.dota.serving import _ServingOperands
 from tensornet.tensorize import cores_to_matrix
 
@@ -40,14 +38,6 @@ def kind(request, monkeypatch):
     with device_path(request.param):
         yield request.param
 
-
-def one_layer(in_f: int = 96, out_f: int = 160, **kw):
-    torch.manual_seed(0)
-    holder = nn.Sequential(OrderedDict(proj=nn.Linear(in_f, out_f)))
-    model = apply_dota(holder, target_modules=["proj"], rank=4, num_cores=3, seed=0,
-                       dtype="float32", **kw)
-    (layer,) = dota_layers(model).values()
-    return model, layer
 
 
 def reference(layer, x: torch.Tensor, adapter: str = "default") -> torch.Tensor:
