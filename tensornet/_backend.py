@@ -149,6 +149,10 @@ class TorchOps:
     def contiguous(x: Any, dtype: Any) -> Any:
         import torch
 
+        if x.dtype == dtype and x.is_contiguous():
+            # read in place, as numpy's ascontiguousarray does: the sweeps never write
+            # their input, and the W-sized copy is a full extra pass over W (bench_decompose)
+            return x.detach()
         out = torch.empty(tuple(x.shape), dtype=dtype, device=x.device)
         return out.copy_(x.detach())
 

@@ -868,3 +868,22 @@ def test_a_rank_can_be_chosen_from_the_spectrum():
         mpo = mpo_decompose(W, ((12, 12), (12, 12)), r)
         predicted = math.sqrt((sigma[r:] ** 2).sum() / (sigma**2).sum())
         assert mpo.relative_error == pytest.approx(predicted, rel=1e-6, abs=1e-12)
+
+
+@pytest.mark.parametrize("module", ["numpy", "torch"])
+def test_a_contiguous_weight_in_the_compute_dtype_is_read_in_place(module):
+    # the torch path copied W (a full extra pass over W) where numpy's
+    # ascontiguousarray shares it
+    from tensornet._backend import ops_for
+
+    w = np.random.default_rng(0).standard_normal((64, 96)).astype(np.float32)
+    x = w if module == "numpy" else torch.from_numpy(w.copy())
+    before = x.copy() if module == "numpy" else x.clone()
+    ops = ops_for(x)
+    view = ops.contiguous(x, ops.compute_dtype(x))
+    shares = np.shares_memory(view, x) if module == "numpy" else view.data_ptr() == x.data_ptr()
+    assert shares
+    tn.mpo_decompose(x, ((4, 4, 4), (4, 6, 4)), rank=4)
+    assert (x == before).all()  # read, never written
+    odd = x.T  # not contiguous: copied
+    assert (ops.contiguous(odd, ops.compute_dtype(odd)) == odd).all()
