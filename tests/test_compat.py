@@ -6,7 +6,9 @@ transformers, bitsandbytes or torch that moves a name fails here, loudly.
 
 from __future__ import annotations
 
+import functools
 import inspect
+import math
 import re
 from pathlib import Path
 
@@ -78,13 +80,85 @@ def test_drop_quantization_config_without_a_quantizer():
     assert not hasattr(model.config, "quantization_config")
 
 
+def test_training_arguments_names_pin_one_gpu_uses_exist(tmp_path):
+    from transformers import TrainingArguments
+
+    # _compat.hf.pin_one_gpu overwrites the device TrainingArguments computed once, cached
+    # by functools.cached_property in the instance's __dict__, and the GPU count beside it
+    assert isinstance(inspect.getattr_static(TrainingArguments, "_setup_devices"),
+                      functools.cached_property)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    assert args.device == torch.device("cpu") and args.n_gpu == 0
+    assert vars(args)["_setup_devices"] == torch.device("cpu")  # cached where we write
+    assert vars(args)["_n_gpu"] == 0  # the attribute the n_gpu property reads
+    # the public properties read them
+    assert "_setup_devices" in inspect.getsource(TrainingArguments.device.fget)
+    assert "_n_gpu" in inspect.getsource(TrainingArguments.n_gpu.fget)
+
+
+def test_pin_one_gpu_takes_on_the_installed_transformers(tmp_path):
+    from transformers import TrainingArguments
+
+    from tensornet._compat.hf import pin_one_gpu
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    pin_one_gpu(args, torch.device("cuda", 1))  # nothing runs on the GPU: no CUDA needed
+    assert (args.device, args.n_gpu) == (torch.device("cuda", 1), 1)
+
+
+def test_pin_one_gpu_fails_loudly_where_transformers_ignores_it():
+    from tensornet._compat.hf import pin_one_gpu
+    from tensornet.errors import TensornetError
+
+    class MovedUpstream:  # a TrainingArguments whose device no longer reads _setup_devices
+        device = torch.device("cuda", 0)
+        n_gpu = 2
+
+    with pytest.raises(TensornetError, match=r"_setup_devices.*_compat/hf\.py.*cuda:0.*n_gpu = 2"):
+        pin_one_gpu(MovedUpstream(), torch.device("cuda", 1))
+
+
+@pytest.mark.parametrize(("ratio", "max_steps", "steps"),
+                         [(0.03, 100, 3), (0.03, 10, 1), (0.03, 1, 1), (0.0, 100, 0),
+                          (0.07, 100, 8), (0.5, 7, 4), (0.1, 1000, 100), (0.999, 3, 3)])
+def test_warmup_steps_are_what_the_ratio_means(tmp_path, ratio, max_steps, steps):
+    import transformers
+    from transformers import TrainingArguments
+
+    from tensornet._compat.hf import warmup_steps
+
+    got = warmup_steps(ratio, max_steps)
+    assert type(got) is int and got == steps == math.ceil(ratio * max_steps)
+    # transformers reads the integer as steps (on every version since 4.45) ...
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True,
+                             warmup_steps=got)
+    assert args.get_warmup_steps(max_steps) == steps
+    # ... and it is the warmup a float ratio gives where transformers reads one (5.x)
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True,
+                                 warmup_steps=ratio)
+        assert args.get_warmup_steps(max_steps) == steps
+
+
+def test_the_trainer_passes_an_integer_warmup(tmp_path):
+    from tensornet.finetune.trainer import TrainConfig, _arguments
+
+    args = _arguments(TrainConfig(steps=10, warmup_ratio=0.03), tmp_path, evaluate=False,
+                      resume=False)
+    assert type(args.warmup_steps) is int and args.warmup_steps == 1
+
+
 # ------------------------------------------------------------------- the layer is the only way
 
 #: module paths whose private names tensornet must reach only through tensornet/_compat
-FOREIGN = ("bitsandbytes",)
+FOREIGN = ("bitsandbytes", "transformers")
 _PRIVATE_IMPORT = re.compile(
     r"from\s+(?:" + "|".join(FOREIGN) + r")[\w.]*\s+import\s+[^\n]*\b_[a-z]\w*")
-_PRIVATE_ATTR = re.compile(r"\b(?:bnb|bnbf|bitsandbytes)(?:\.\w+)*\.(_[a-z]\w*)")
+_PRIVATE_ATTR = re.compile(r"\b(?:bnb|bnbf|bitsandbytes|transformers)(?:\.\w+)*\.(_[a-z]\w*)")
+#: transformers' internals the shims of _compat/hf.py reach, on objects of any name
+#: (``args._n_gpu``, ``vars(args)["_setup_devices"]``, ``model.hf_quantizer.remove_...``)
+HF_INTERNALS = ("_setup_devices", "_n_gpu", "remove_quantization_config")
+_HF_INTERNAL = re.compile(r"""(?:\.|\[\s*["'])(""" + "|".join(HF_INTERNALS) + r")\b")
 
 
 def test_no_foreign_private_name_outside_the_compat_layer():
@@ -93,6 +167,6 @@ def test_no_foreign_private_name_outside_the_compat_layer():
         if "_compat" in path.parts:
             continue
         text = path.read_text(encoding="utf-8")
-        for pattern in (_PRIVATE_IMPORT, _PRIVATE_ATTR):
+        for pattern in (_PRIVATE_IMPORT, _PRIVATE_ATTR, _HF_INTERNAL):
             offenders += [f"{path.relative_to(ROOT)}: {m.group(0)}" for m in pattern.finditer(text)]
     assert not offenders, offenders

@@ -41,7 +41,8 @@ from typing import Any, Literal
 
 import torch
 
-from ..errors import ConfigError, TensornetError
+from .._compat.hf import pin_one_gpu, warmup_steps
+from ..errors import ConfigError
 from .evaluate import pad_id
 from .methods import BuiltMethod, save_trained
 from .tasks import IGNORE_INDEX, DataError, Example, collate, encode_example
@@ -472,18 +473,15 @@ def _gpu_index(device: str) -> int | None:
 def _one_gpu(args: Any, index: int) -> None:
     """Make ``args`` train on GPU ``index`` alone, without ``torch.nn.DataParallel``.
 
-    Outside torchrun / accelerate launch, transformers' ``TrainingArguments`` (4.45 to 5.x,
-    in ``_setup_devices``) takes ``cuda:0`` whatever the current device, sets ``n_gpu`` to
-    every visible GPU, and the Trainer then wraps the model in ``torch.nn.DataParallel``:
-    each step would run on all of them (and DataParallel does not replicate LoTR's and
-    LoRTA's factors shared between layers). transformers has no option for one GPU of
-    several, so its decision is overwritten here, once, on private names (candidates for
-    ``tensornet._compat``): the device ``_setup_devices`` computed, cached by
-    ``functools.cached_property`` in the instance's ``__dict__``, is replaced by
-    ``cuda:index``, and ``_n_gpu`` set to 1, as the Trainer itself does for a model spread
-    over GPUs by ``device_map``. ``torch.cuda.set_device`` makes GPU ``index`` current
-    again: accelerate's device is ``"cuda"`` (the current one), and so are the CUDA RNG
-    state a checkpoint saves and the counters of :class:`MemoryMeter`.
+    Outside torchrun / accelerate launch, transformers' ``TrainingArguments`` takes
+    ``cuda:0`` whatever the current device, sets ``n_gpu`` to every visible GPU, and the
+    Trainer then wraps the model in ``torch.nn.DataParallel``: each step would run on all
+    of them (and DataParallel does not replicate LoTR's and LoRTA's factors shared between
+    layers). transformers has no option for one GPU of several, so its decision is
+    overwritten here, once, by :func:`tensornet._compat.hf.pin_one_gpu` (on transformers'
+    private names; it refuses where they moved). ``torch.cuda.set_device`` makes GPU
+    ``index`` current again: accelerate's device is ``"cuda"`` (the current one), and so
+    are the CUDA RNG state a checkpoint saves and the counters of :class:`MemoryMeter`.
 
     Why not ``CUDA_VISIBLE_DEVICES=index`` set in the process: the CUDA driver reads it
     once, when it is initialized, which has usually happened by now
@@ -499,18 +497,8 @@ def _one_gpu(args: Any, index: int) -> None:
         fail rather than train on every GPU).
     """
     target = torch.device("cuda", index)
-    vars(args)["_setup_devices"] = target
-    args._n_gpu = 1
+    pin_one_gpu(args, target)
     torch.cuda.set_device(target)
-    if args.device != target or args.n_gpu != 1:
-        import transformers
-
-        raise TensornetError(
-            f"transformers {transformers.__version__} ignores tensornet's one-GPU setting "
-            f"(TrainingArguments._setup_devices / _n_gpu changed): it would train on "
-            f"{args.device} with n_gpu = {args.n_gpu} instead of {target} alone; run under "
-            f"CUDA_VISIBLE_DEVICES={index} or report it"
-        )
 
 
 def _arguments(config: TrainConfig, out: Path, *, evaluate: bool, resume: bool) -> Any:
@@ -530,7 +518,8 @@ def _arguments(config: TrainConfig, out: Path, *, evaluate: bool, resume: bool) 
         per_device_eval_batch_size=config.eval_batch_size,
         learning_rate=config.lr,
         lr_scheduler_type="cosine",
-        warmup_steps=config.warmup_ratio,  # a float < 1 is a ratio of max_steps (rounded up)
+        # an integer: a float < 1 is a ratio under transformers 5 only, 0 steps under 4.x
+        warmup_steps=warmup_steps(config.warmup_ratio, config.steps),
         weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm,
         optim="adamw_torch",
