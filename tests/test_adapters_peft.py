@@ -395,7 +395,7 @@ def _fail_on_fifth(monkeypatch, owner, name):
 
 FAILURE_POINTS = {
     "create_and_replace": lambda mp: _fail_on_fifth(mp, dota_model.DoTAModel,
-                                                    "_create_and_replace"),
+                                                    "create_and_replace"),
     "initial-cores": lambda mp: _fail_on_fifth(mp, dota_model, "_initial_cores"),
     "layer-constructor": lambda mp: _fail_on_fifth(mp, DoTALinear, "__init__"),
 }

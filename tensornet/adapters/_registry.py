@@ -28,9 +28,9 @@ __all__ = [
 
 #: peft releases whose tuner framework tensornet's methods are tested on, oldest first. A
 #: peft between the first and the last is accepted, an older one refused, a newer one warned.
-#: 0.21.0 is the first with ``BaseTuner._get_adapter_state_dict`` and
-#: ``_remap_adapter_state_dict_for_load``, through which every adapter file gets its manifest
-#: and every load its checks (``tuner.py``); under 0.20 both would be skipped silently.
+#: 0.21.0 is the first whose tuner has the save and load hooks through which every adapter
+#: file gets its manifest and every load its checks (``tensornet._compat.peft.TunerHooks``:
+#: ``after_save``, ``check_loaded``); under 0.20 both would be skipped silently.
 TESTED_PEFT: tuple[str, ...] = ("0.21.0", "0.21.1", "0.21.2")
 
 #: What to run to get a peft tensornet works with, for the messages.
@@ -112,18 +112,9 @@ def peft_type(name: str) -> Any:
     """The ``PeftType`` member ``name`` (upper case), added to the enum if it is new."""
     from peft.utils.peft_types import PeftType
 
-    member = PeftType._value2member_map_.get(name)
-    if member is not None:
-        return member
-    member = str.__new__(PeftType, name)
-    member._name_ = name
-    member._value_ = name
-    member.__objclass__ = PeftType
-    member._sort_order_ = len(PeftType._member_names_)
-    PeftType._member_map_[name] = member
-    PeftType._value2member_map_[name] = member
-    PeftType._member_names_.append(name)
-    type.__setattr__(PeftType, name, member)
+    from .._compat.peft import add_peft_type
+
+    member = add_peft_type(name)
     if PeftType(name) is not member or member not in list(PeftType):  # pragma: no cover
         raise PeftVersionError(
             f"could not add {name!r} to peft's PeftType enum on this Python/peft; tensornet "

@@ -33,9 +33,10 @@ from functools import partial
 from typing import Any, ClassVar
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from .._compat.peft import TunerHooks, adapter_names_of, is_excluded
 from ..errors import AdapterFileError, AdapterMismatchError, ConfigError, NonFiniteError
 from .base import (
     FINGERPRINT_VERSION,
@@ -69,8 +70,13 @@ class Target:
     record: dict[str, Any]
 
 
-class TensornetTuner(BaseTuner):
-    """peft's ``BaseTuner`` with validation before injection and undo on failure."""
+class TensornetTuner(TunerHooks):
+    """peft's ``BaseTuner`` with validation before injection and undo on failure.
+
+    peft's private hooks reach it under tensornet's names (``tensornet._compat.peft.
+    TunerHooks``): ``create_and_replace``, ``forward_context``, ``before_unload``,
+    ``before_save`` / ``after_save``, ``check_loaded`` / ``check_remapped``, ...
+    """
 
     #: the layer class of the method (peft's ``tuner_layer_cls``)
     tuner_layer_cls: type[BaseTunerLayer]
@@ -122,15 +128,13 @@ class TensornetTuner(BaseTuner):
     @classmethod
     def matched_targets(cls, model: nn.Module, config: TensornetConfig) -> list[tuple[str, Any]]:
         """``(key, module)`` of every module ``config`` selects, as peft will match them."""
-        from peft.tuners.tuners_utils import _ExcludedModule
-
         tuner_keys = [k + "." for k, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
         out = []
         for key, module in model.named_modules():
             if not key or any(key.startswith(p) for p in tuner_keys):
                 continue
-            hit = cls._check_target_module_exists(config, key)
-            if hit and not isinstance(hit, _ExcludedModule):
+            hit = cls.target_matches(config, key)
+            if hit and not is_excluded(hit):
                 out.append((key, module))
         return out
 
@@ -324,7 +328,7 @@ class TensornetTuner(BaseTuner):
 
     # -- peft's per-call arguments: mixed-adapter batches ------------------------------------
     @contextmanager
-    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+    def forward_context(self, *args: Any, **kwargs: Any) -> Iterator[None]:
         """Pass peft's per-call arguments to the layers (``PeftModel.forward`` / ``generate``).
 
         ``adapter_names`` (one adapter name, or ``"__base__"``, per row of the batch):
@@ -403,16 +407,11 @@ class TensornetTuner(BaseTuner):
             self._check_merges(adapter_names)
         super().merge_adapter(adapter_names, safe_merge=safe_merge)
 
-    def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False,
-                                     safe_merge: bool = False,
-                                     adapter_names: list[str] | None = None) -> Any:
-        # (peft's private name: merge_and_unload() and unload() come here)
+    def before_unload(self, *, merge: bool, safe_merge: bool,
+                      adapter_names: list[str] | None) -> None:
+        """``merge_and_unload(safe_merge=True)`` checks every layer before merging any."""
         if merge and safe_merge:
             self._check_merges(adapter_names)
-        return super()._unload_and_optionally_merge(
-            merge=merge, progressbar=progressbar, safe_merge=safe_merge,
-            adapter_names=adapter_names,
-        )
 
     def _check_merges(self, adapter_names: list[str] | None) -> None:
         """Raise NonFiniteError if merging would give any layer NaN/Inf weights.
@@ -444,13 +443,10 @@ class TensornetTuner(BaseTuner):
                         )
 
     @classmethod
-    def _get_adapter_state_dict(
-        cls, model: nn.Module, config: Any, adapter_name: str, state_dict: Any,
-        unwanted_adapter_names: Any,
-    ) -> dict[str, torch.Tensor]:
-        """Select the adapter's tensors (peft's rule), after writing its base records to the config.
+    def before_save(cls, model: nn.Module, config: Any, adapter_name: str) -> None:
+        """Write the adapter's base records to the config, before peft selects its tensors.
 
-        ``save_pretrained`` calls this before it writes the config, so the saved
+        ``save_pretrained`` gets here before it writes the config, so the saved
         ``base_layers`` always describe the base of the model being saved, even when the
         caller's config object was used for another model since.
         """
@@ -459,38 +455,42 @@ class TensornetTuner(BaseTuner):
         if records is not None:
             config.base_layers = records
             config.base_fingerprint = tuner._base_identity.get(adapter_name)
-        out = super()._get_adapter_state_dict(
-            model=model, config=config, adapter_name=adapter_name, state_dict=state_dict,
-            unwanted_adapter_names=unwanted_adapter_names,
-        )
-        # the manifest (tensornet.adapters.files): digests of the tensors under the keys
-        # they are saved with, and the base's fingerprint; verified on every load
-        saved = {cls._remove_adapter_name_from_key(k, adapter_name): v for k, v in out.items()}
-        out[MANIFEST_KEY] = make_manifest(saved, method=config.method,
-                                          base=config.base_fingerprint)
-        return out
 
     @classmethod
-    def _remap_adapter_state_dict_for_load(
-        cls, model: nn.Module, config: Any, adapter_name: str,
-        state_dict: dict[str, torch.Tensor],
-    ) -> dict[str, torch.Tensor]:
-        """Check the tensors on their way in (every peft load path), then peft's remap.
+    def after_save(cls, model: nn.Module, config: Any, adapter_name: str,
+                   tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The adapter's tensors as peft selected them, plus the manifest.
 
-        ``set_peft_model_state_dict`` calls this before the first ``load_state_dict``,
+        The manifest (:mod:`tensornet.adapters.files`): digests of the tensors under the
+        keys they are saved with, and the base's fingerprint; verified on every load.
+        """
+        saved = {cls.saved_key(k, adapter_name): v for k, v in tensors.items()}
+        tensors[MANIFEST_KEY] = make_manifest(saved, method=config.method,
+                                              base=config.base_fingerprint)
+        return tensors
+
+    @classmethod
+    def check_loaded(cls, model: nn.Module, config: Any, adapter_name: str,
+                     tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Check the tensors on their way in (every peft load path), before peft's remap.
+
+        ``set_peft_model_state_dict`` gets here before the first ``load_state_dict``,
         for a new adapter and for an existing name alike (peft reads no config then):
         the manifest's digests and base fingerprint, and every tensor must be one of the
-        adapter's own, with its shape, floating and finite. A refusal leaves the model
-        as it was.
+        adapter's own (:meth:`check_remapped`), with its shape, floating and finite. A
+        refusal leaves the model as it was.
         """
         tuner = getattr(model, "base_model", None)
         base = getattr(tuner, "_base_identity", {}).get(adapter_name)
         where = f"the weights loaded into adapter {adapter_name!r}"
-        tensors = check_state(state_dict, where=where, method=config.method,
-                              prefix=cls.prefix, base=base)
-        remapped = super()._remap_adapter_state_dict_for_load(
-            model=model, config=config, adapter_name=adapter_name, state_dict=tensors
-        )
+        return check_state(tensors, where=where, method=config.method,
+                           prefix=cls.prefix, base=base)
+
+    @classmethod
+    def check_remapped(cls, model: nn.Module, config: Any, adapter_name: str,
+                       remapped: dict[str, torch.Tensor]) -> None:
+        """Every tensor, under the key it will be loaded with, is the adapter's own, in shape."""
+        where = f"the weights loaded into adapter {adapter_name!r}"
         own = model.state_dict(keep_vars=True)
         named = f".{adapter_name}"  # the adapter's tensors carry its name as a component
         for key, value in remapped.items():
@@ -510,7 +510,6 @@ class TensornetTuner(BaseTuner):
                     f"the model has {list(target.shape)} (another rank or base?); nothing "
                     f"was loaded"
                 )
-        return remapped
 
     def _awaiting_weights(self) -> set[str]:
         """Adapters built as placeholders whose weights no state-dict load has brought yet.
@@ -573,17 +572,25 @@ class SharedStateTuner(TensornetTuner):
     #: adapter) or ``nn.ParameterDict`` (one parameter per adapter)
     shared_containers: ClassVar[dict[str, type[nn.Module]]] = {}
 
-    def _pre_injection_hook(self, model: nn.Module, config: Any, adapter_name: str) -> None:
-        super()._pre_injection_hook(model, config, adapter_name)
+    def before_injection(self, model: nn.Module, config: Any, adapter_name: str) -> None:
+        """Add the shared containers the tuner does not have yet."""
+        super().before_injection(model, config, adapter_name)
         for name, kind in self.shared_containers.items():
-            if name not in self._modules:
+            if self._container(name) is None:
                 self.add_module(name, kind())
+
+    def _container(self, name: str) -> nn.Module | None:
+        """The tuner's shared container ``name``, if it has one yet.
+
+        Not ``getattr``: peft's ``BaseTuner`` reads an attribute it lacks from the model.
+        """
+        return dict(self.named_children()).get(name)
 
     def shared_parameters(self, adapter_name: str) -> list[tuple[nn.Module, str, nn.Parameter]]:
         """``(container, key, parameter)`` of every shared factor of ``adapter_name``."""
         out = []
         for name in self.shared_containers:
-            container = self._modules.get(name)
+            container = self._container(name)
             if container is None or adapter_name not in container:
                 continue
             entry = container[adapter_name]
@@ -594,8 +601,8 @@ class SharedStateTuner(TensornetTuner):
         return out
 
     def _shared_adapters(self) -> list[str]:
-        names = {a for n in self.shared_containers if n in self._modules for a in self._modules[n]}
-        return sorted(names)
+        containers = [self._container(n) for n in self.shared_containers]
+        return sorted({a for c in containers if c is not None for a in c})
 
     def _set_shared_grad(self, rule: Any) -> None:
         """``requires_grad = rule(adapter)`` on each adapter's factors (None: leave them)."""
@@ -607,7 +614,7 @@ class SharedStateTuner(TensornetTuner):
 
     def _drop_shared(self, adapter_name: str) -> None:
         for name in self.shared_containers:
-            container = self._modules.get(name)
+            container = self._container(name)
             if container is not None and adapter_name in container:
                 del container[adapter_name]
 
@@ -627,8 +634,9 @@ class SharedStateTuner(TensornetTuner):
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         self._set_shared_grad(lambda a: a in names and not inference_mode)
 
-    def _enable_adapter_layers(self, enabled: bool = True) -> None:
-        super()._enable_adapter_layers(enabled)
+    def after_enable(self, enabled: bool) -> None:
+        """Enabling makes the active adapters' factors trainable again; disabling freezes all."""
+        super().after_enable(enabled)
         active = self.active_adapters  # as the layers do: enabling re-activates these
         self._set_shared_grad(lambda a: enabled and a in active)
 
@@ -647,11 +655,12 @@ class SharedStateTuner(TensornetTuner):
             active = self.active_adapters
             self._set_shared_grad(lambda a: a in active)
 
-    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+    def cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool) -> None:
+        """Cast as peft does (flags kept), then the shared factors the same way."""
         # peft re-wraps a ParameterDict entry it casts as a new (trainable) Parameter: keep
         # every flag as it was
         flags = {n: p.requires_grad for n, p in self.model.named_parameters()}
-        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+        super().cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
         for n, p in self.model.named_parameters():
             if n in flags:
                 p.requires_grad_(flags[n])
@@ -661,17 +670,16 @@ class SharedStateTuner(TensornetTuner):
             if p.dtype in (torch.float16, torch.bfloat16):
                 owner[key] = nn.Parameter(p.detach().float(), requires_grad=p.requires_grad)
 
-    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Any = None) -> None:
+    def move_to_base_device(self, adapter_name: str, device: Any = None) -> None:
         """Put the shared factors on their layers' device, in their dtype (as peft's layers do).
 
-        peft calls this on every module that has it after loading with
-        ``low_cpu_mem_usage=True`` (the factors then hold the loaded tensors as they were
-        read).
+        peft asks every module for this after loading with ``low_cpu_mem_usage=True`` (the
+        factors then hold the loaded tensors as they were read).
         """
         base = next(
             (m.get_base_layer() for m in self.model.modules()
              if isinstance(m, self.tuner_layer_cls)
-             and adapter_name in m._all_available_adapter_names()),
+             and adapter_name in adapter_names_of(m)),
             None,
         )
         if base is None:
@@ -720,7 +728,7 @@ class _undo_on_error:
                     setattr(parent, child, original)
             for module in self.model.modules():
                 if isinstance(module, BaseTunerLayer) and self.adapter_name in (
-                    module._all_available_adapter_names()
+                    adapter_names_of(module)
                 ):
                     module.delete_adapter(self.adapter_name)
             self.tuner._drop_shared(self.adapter_name)

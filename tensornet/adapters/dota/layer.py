@@ -38,11 +38,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
 from ..._chain import halves_split, mpo_halves
+from ..._compat.peft import BufferDict, LayerHooks
+from ..._compat.torch import ModuleHooks, own_buffers, own_parameters
 from ...errors import ConfigError, DTypeError
 from ...formats import MPO
 from ...plan import ContractionPlan, plan_mpo_matmul
@@ -166,7 +167,7 @@ QDOTA_MIXED_BATCH = (
 )
 
 
-class DoTALayer(BaseTunerLayer):
+class DoTALayer(LayerHooks):
     """peft tuner-layer state of DoTA: per adapter, trained and initial cores."""
 
     adapter_layer_names = ("dota_cores",)
@@ -177,7 +178,7 @@ class DoTALayer(BaseTunerLayer):
         self.dota_cores = nn.ModuleDict({})
         self.dota_init = nn.ModuleDict({})
         self.dota_strategy: dict[str, str] = {}
-        self._disable_adapters = False
+        self.start_enabled()
         self.merged_adapters: list[str] = []
         self.kwargs = kwargs
         self.in_features = int(base_layer.in_features)
@@ -336,13 +337,13 @@ class DoTALayer(BaseTunerLayer):
     def _sources(self, adapters: tuple[str, ...], disabled: bool) -> list[torch.Tensor]:
         """The layer's tensors the update of ``adapters`` is computed from (T, T_init)."""
         if self.quantized:
-            held = (self.dota_init[adapters[0]]._buffers if disabled
-                    else self.dota_cores[adapters[0]]._parameters)
+            held = (own_buffers(self.dota_init[adapters[0]]) if disabled
+                    else own_parameters(self.dota_cores[adapters[0]]))
             return list(held.values())
         sources: list[torch.Tensor] = []
         for a in adapters:
-            sources += self.dota_cores[a]._parameters.values()
-            sources += self.dota_init[a]._buffers.values()
+            sources += own_parameters(self.dota_cores[a]).values()
+            sources += own_buffers(self.dota_init[a]).values()
         return sources
 
     def _serve(self, x: torch.Tensor, adapters: tuple[str, ...], disabled: bool,
@@ -562,7 +563,7 @@ def dense_device(module: nn.Module) -> torch.device:
     return module.weight.device
 
 
-class DoTALinear(nn.Module, DoTALayer):
+class DoTALinear(ModuleHooks, DoTALayer):
     """A linear layer plus DoTA adapters (built by peft through :class:`DoTAModel`)."""
 
     def __init__(
@@ -578,27 +579,27 @@ class DoTALinear(nn.Module, DoTALayer):
         super().__init__()
         DoTALayer.__init__(self, base_layer)
         self.register_load_state_dict_post_hook(DoTALayer._after_load)
-        self._active_adapter = adapter_name
+        self.mark_active(adapter_name)
         self.update_layer(adapter_name, config, cores, init, restoring=restoring)
 
-    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
-        # QDoTA being restored: note whether this load brings T_init (the children's
-        # buffers are filled after this call; the post-hook below builds the residual)
+    def before_load_state(self, state_dict: Any, prefix: str) -> None:
+        """Drop what was prepared; QDoTA being restored: note whether the load brings T_init.
+
+        The children's buffers are filled after this call; the post-hook registered in
+        ``__init__`` builds the residual.
+        """
         self._forget()
         pending = self._pending_residual
         self._init_arrives = pending is not None and f"{prefix}dota_init.{pending}.0" in state_dict
-        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def train(self, mode: bool = True) -> DoTALinear:
         """As ``nn.Module.train``; drops what was prepared (see :class:`_Route`)."""
         self._forget()
         return super().train(mode)
 
-    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> DoTALinear:
-        # a move to another device or dtype (``.to``, ``.cuda()``, ``.half()``): the
-        # prepared halves were of the old tensors
+    def before_convert(self) -> None:
+        """A move to another device or dtype: the prepared halves were of the old tensors."""
         self._forget()
-        return super()._apply(fn, *args, **kwargs)
 
     # -- merge -------------------------------------------------------------------------
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
@@ -614,7 +615,7 @@ class DoTALinear(nn.Module, DoTALayer):
             with torch.no_grad():
                 if is_4bit(base):  # QDoTA: the merged base is dense, NF4(W_res) + MPO(T)
                     weight = dense_weight(base, torch.float32) + self.get_delta_weight(name).float()
-                    marker = self._buffers.get("_merge_dtype")
+                    marker = own_buffers(self).get("_merge_dtype")
                     merged = nn.Linear(self.in_features, self.out_features,
                                        bias=base.bias is not None, device=weight.device,
                                        dtype=self.compute_dtype if marker is None else marker.dtype)

@@ -85,7 +85,7 @@ class DoTAModel(TensornetTuner):
                                       t.record.get("relative_error")))
         return tuple(layers), sum(lay.num_params for lay in layers), {}
 
-    def _create_and_replace(
+    def create_and_replace(
         self,
         config: DoTAConfig,
         adapter_name: str,
@@ -95,6 +95,7 @@ class DoTAModel(TensornetTuner):
         current_key: str,
         **optional_kwargs: Any,
     ) -> None:
+        """Build the DoTA layer of ``target`` (or add the adapter to it): cores from its record."""
         t = self._targets[current_key]
         restoring = self._placeholders
         cores, init = _initial_cores(t, config, restoring=restoring)
@@ -104,7 +105,7 @@ class DoTAModel(TensornetTuner):
         new = DoTALinear(target, adapter_name, config, cores, init, restoring=restoring)
         if adapter_name not in self.active_adapters:
             new.requires_grad_(False)  # an added adapter is not trainable until activated
-        self._replace_module(parent, target_name, new, target)
+        self.replace_module(parent, target_name, new, target)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Delete as peft's ``delete_adapter`` does; a QDoTA adapter is refused first.
@@ -123,7 +124,9 @@ class DoTAModel(TensornetTuner):
             )
         super().delete_adapter(adapter_name)
 
-    def _unload_and_optionally_merge(self, merge: bool = True, **kwargs: Any) -> nn.Module:
+    def before_unload(self, *, merge: bool, safe_merge: bool,
+                      adapter_names: list[str] | None) -> None:
+        """Refuse ``unload()`` of QDoTA (its base is the NF4 residual); then the merge check."""
         if not merge and any(
             isinstance(m, DoTALayer) and m.quantized for m in self.model.modules()
         ):
@@ -132,7 +135,7 @@ class DoTAModel(TensornetTuner):
                 "original base (which QDoTA does not keep); use merge_and_unload() for a "
                 "plain model, or reload the base model"
             )
-        return super()._unload_and_optionally_merge(merge=merge, **kwargs)
+        super().before_unload(merge=merge, safe_merge=safe_merge, adapter_names=adapter_names)
 
 
 def _cores_dtype(module: nn.Module, config: DoTAConfig) -> torch.dtype:

@@ -10,12 +10,13 @@ Why reused operands cannot be stale
 -----------------------------------
 Operands prepared from tensors (these halves, and ``T_init``'s halves that every forward
 pass uses, :class:`~.layer._Route`) are only as good as the check that the tensors still
-hold the values they were built from. Tensor identity, storage and ``Tensor._version``
-do not make that check: a write through ``p.data`` (hand-written update loops, EMA,
-model soups, reference-model syncs) bumps no version counter, and fused optimizers bump
-none either. What a reuse is keyed on here is the values themselves, and how they are
-compared is the device seam's choice (:func:`reuses_operands`, once per call from the
-device kind, as :func:`~.kernels.kernels_for` chooses the kernels):
+hold the values they were built from. Tensor identity, storage and version counter
+(``tensornet._compat.torch.version_of``) do not make that check: a write through
+``p.data`` (hand-written update loops, EMA, model soups, reference-model syncs) bumps no
+version counter, and fused optimizers bump none either. What a reuse is keyed on here is
+the values themselves, and how they are compared is the device seam's choice
+(:func:`reuses_operands`, once per call from the device kind, as
+:func:`~.kernels.kernels_for` chooses the kernels):
 
 * CPU: the operands are kept with a bitwise copy of the tensors they were built from
   (:class:`_Snapshot`), compared on each call, and rebuilt when any bit differs. Equal
@@ -54,6 +55,7 @@ import numpy as np
 import torch
 
 from ..._chain import mpo_halves
+from ..._compat.torch import version_of
 from ...plan import MachineProfile
 
 __all__: list[str] = []
@@ -142,12 +144,12 @@ class _Stamps:
     __slots__ = ("stamps",)
 
     def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
-        self.stamps = [(t, t._version, t.data_ptr()) for t in tensors]
+        self.stamps = [(t, version_of(t), t.data_ptr()) for t in tensors]
 
     def same(self, tensors: Sequence[torch.Tensor]) -> bool:
         """True while ``tensors`` are the same objects, storage and version counters."""
         return len(tensors) == len(self.stamps) and all(
-            t is a and t._version == v and t.data_ptr() == p
+            t is a and version_of(t) == v and t.data_ptr() == p
             for t, (a, v, p) in zip(tensors, self.stamps))
 
 

@@ -44,9 +44,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from ..._compat.peft import LayerHooks
 from ..layer import AdditiveLinear
 
 __all__ = ["LoRTAIndex", "LoRTALayer", "LoRTALinear"]
@@ -88,7 +88,7 @@ class LoRTAIndex(nn.Module):
         )
 
 
-class LoRTALayer(BaseTunerLayer):
+class LoRTALayer(LayerHooks):
     """peft tuner-layer state of LoRTA: per adapter, the projection's :class:`LoRTAIndex`."""
 
     adapter_layer_names = ("lorta_index",)
@@ -99,7 +99,7 @@ class LoRTALayer(BaseTunerLayer):
         self.lorta_index = nn.ModuleDict({})
         #: factor name -> the tuner's container (a plain list: not registered here)
         self._lorta_factors = [dict(factors)]
-        self._disable_adapters = False
+        self.start_enabled()
         self.merged_adapters: list[str] = []
         self.kwargs = kwargs
         self.in_features = int(base_layer.in_features)
@@ -162,7 +162,7 @@ class LoRTALinear(AdditiveLinear, LoRTALayer):
     ) -> None:
         super().__init__()
         LoRTALayer.__init__(self, base_layer, factors)
-        self._active_adapter = adapter_name
+        self.mark_active(adapter_name)
         self.update_layer(adapter_name, config, index)
 
     def __repr__(self) -> str:

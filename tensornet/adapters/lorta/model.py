@@ -98,7 +98,7 @@ class LoRTAModel(SharedStateTuner):
         dims = {k: v for k, v in d.items() if k not in ("layer", "proj")}
         return layers, total, {"shared_params": total, "gqa": gqa, **dims}
 
-    def _create_and_replace(
+    def create_and_replace(
         self,
         config: LoRTAConfig,
         adapter_name: str,
@@ -108,6 +108,7 @@ class LoRTAModel(SharedStateTuner):
         current_key: str,
         **optional_kwargs: Any,
     ) -> None:
+        """Build the LoRTA layer of ``target`` (or add the adapter to it); factors made once."""
         if adapter_name not in self.lorta_A:
             self._build_factors(config, adapter_name)
         rec = self._targets[current_key].record["lorta"]
@@ -128,7 +129,7 @@ class LoRTAModel(SharedStateTuner):
         new = LoRTALinear(target, adapter_name, self._factors(), config, index)
         if adapter_name not in self.active_adapters:
             new.requires_grad_(False)  # an added adapter is not trainable until activated
-        self._replace_module(parent, target_name, new, target)
+        self.replace_module(parent, target_name, new, target)
 
     def _factors(self) -> dict[str, nn.ParameterDict]:
         return {name: getattr(self, f"lorta_{name}") for name in FACTORS}

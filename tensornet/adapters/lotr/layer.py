@@ -20,16 +20,16 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from torch.nn import functional as F
 
+from ..._compat.peft import LayerHooks
 from ..layer import AdditiveLinear
 
 __all__ = ["LoTRLayer", "LoTRLinear"]
 
 
-class LoTRLayer(BaseTunerLayer):
+class LoTRLayer(LayerHooks):
     """peft tuner-layer state of LoTR: per adapter, the layer's core ``G`` and its kind."""
 
     adapter_layer_names = ("lotr_G",)
@@ -43,7 +43,7 @@ class LoTRLayer(BaseTunerLayer):
         self.lotr_scale: dict[str, float] = {}
         #: the tuner's ``lotr_A`` and ``lotr_B`` (a plain list: not registered here)
         self._lotr_shared = list(shared)
-        self._disable_adapters = False
+        self.start_enabled()
         self.merged_adapters: list[str] = []
         self.kwargs = kwargs
         self.in_features = int(base_layer.in_features)
@@ -78,10 +78,11 @@ class LoTRLayer(BaseTunerLayer):
         h = F.linear(h, g) * self.lotr_scale[adapter]
         return F.linear(h, a)
 
-    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Any = None) -> None:
+    def move_to_base_device(self, adapter_name: str, device: Any = None) -> None:
+        """As peft moves an adapter to the base layer's device; the cores keep their flags."""
         # peft re-wraps a moved ParameterDict entry as a new (trainable) Parameter
         flags = {k: p.requires_grad for k, p in self.lotr_G.items()}
-        super()._move_adapter_to_device_of_base_layer(adapter_name, device=device)
+        super().move_to_base_device(adapter_name, device=device)
         for k, flag in flags.items():
             self.lotr_G[k].requires_grad_(flag)
 
@@ -100,7 +101,7 @@ class LoTRLinear(AdditiveLinear, LoTRLayer):
     ) -> None:
         super().__init__()
         LoTRLayer.__init__(self, base_layer, shared)
-        self._active_adapter = adapter_name
+        self.mark_active(adapter_name)
         self.update_layer(adapter_name, config, kind, core)
 
     def __repr__(self) -> str:

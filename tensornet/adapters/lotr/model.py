@@ -88,7 +88,7 @@ class LoTRModel(SharedStateTuner):
         )
         return layers, total, {"shared_params": total - r * r * len(targets)}
 
-    def _create_and_replace(
+    def create_and_replace(
         self,
         config: LoTRConfig,
         adapter_name: str,
@@ -98,6 +98,7 @@ class LoTRModel(SharedStateTuner):
         current_key: str,
         **optional_kwargs: Any,
     ) -> None:
+        """Build the LoTR layer of ``target`` (or add the adapter to it); pairs made once."""
         if adapter_name not in self.lotr_A:
             self._build_pairs(config, adapter_name)
         t = self._targets[current_key]
@@ -109,7 +110,7 @@ class LoTRModel(SharedStateTuner):
         new = LoTRLinear(target, adapter_name, (self.lotr_A, self.lotr_B), config, kind, core)
         if adapter_name not in self.active_adapters:
             new.requires_grad_(False)  # an added adapter is not trainable until activated
-        self._replace_module(parent, target_name, new, target)
+        self.replace_module(parent, target_name, new, target)
 
     def _build_pairs(self, config: LoTRConfig, adapter_name: str) -> None:
         """``A`` and ``B`` of every kind the adapter's targets hold (drawn, or placeholders)."""
