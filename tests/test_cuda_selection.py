@@ -20,7 +20,8 @@ from transformers.training_args import ParallelMode
 from tensornet.cli._args import device_arg
 from tensornet.cli.finetune import resolve_device
 from tensornet.errors import ConfigError, UsageError
-from tensornet.finetune.trainer import TrainConfig, _arguments, _callbacks
+from tensornet.finetune.callbacks import callback_classes
+from tensornet.finetune.trainer import TrainConfig, _arguments
 
 
 @pytest.fixture
@@ -146,7 +147,7 @@ def test_step_times_wait_for_the_gpu(monkeypatch, device, syncs):
     calls = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    _, meter_cls = _callbacks()
+    _, meter_cls = callback_classes()
     meter = meter_cls(torch.device(device), lambda event, info: None)
     meter.on_step_begin(None, _State(), None)
     meter.on_step_end(None, _State(), None)

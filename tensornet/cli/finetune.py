@@ -101,7 +101,7 @@ def resolve_device(text: str) -> str:
     """
     import torch
 
-    from ..finetune.trainer import is_launched
+    from ..finetune.devices import is_launched
 
     if text == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -241,7 +241,7 @@ def _method_error(method: str, exc: Exception) -> UsageError:
 
 
 def _check_resume(out: Path, key: dict[str, Any]) -> None:
-    from ..finetune.trainer import BEST_FILE, CHECKPOINT_DIR, last_checkpoint
+    from ..finetune.callbacks import BEST_FILE, CHECKPOINT_DIR, last_checkpoint
 
     marker = out / RUN_MARKER
     if not marker.is_file():
@@ -389,7 +389,7 @@ def _methods_arg(text: str) -> list[str]:
 def _cmd_finetune(args: argparse.Namespace) -> int:
     _silence_other_ranks()
     setup(args)
-    from ..finetune.trainer import wait_for_everyone
+    from ..finetune.devices import wait_for_everyone
 
     device = resolve_device(args.device)
     opts = resolve_options(args, [args.method])
@@ -432,7 +432,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
                        resume=args.resume, callback=progress)
     except KeyboardInterrupt:
         progress.close()
-        from ..finetune.trainer import last_checkpoint
+        from ..finetune.callbacks import last_checkpoint
 
         where = ("; continue from the last checkpoint with the same command and --resume"
                  if last_checkpoint(out) is not None else " (no checkpoint was written)")
@@ -502,7 +502,7 @@ def _compare(args: argparse.Namespace, out: Path, methods: Sequence[str],
 def _cmd_compare(args: argparse.Namespace) -> int:
     _silence_other_ranks()
     setup(args)
-    from ..finetune.trainer import wait_for_everyone
+    from ..finetune.devices import wait_for_everyone
 
     device = resolve_device(args.device)
     opts = resolve_options(args, args.methods)

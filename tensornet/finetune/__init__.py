@@ -4,10 +4,11 @@
 ``tasks`` builds the data (the built-in ``arithmetic`` task or a local data file);
 ``methods`` prepares a model for a method (DoTA, DoTA-Random, QDoTA, LoTR, LoRTA, and
 peft's LoRA, DoRA, PiSSA, QPiSSA and QLoRA, or full fine-tuning); ``trainer`` runs the
-paper's recipe on ``transformers.Trainer`` (checkpoints, resume, DDP); ``evaluate`` the
-test accuracy; ``compare`` several methods and seeds on the same data and budget;
-``checks`` what a run checks before it writes anything (the model folder, its tokenizer,
-a checkpoint to resume from).
+paper's recipe on ``transformers.Trainer`` (checkpoints, resume, DDP), with the
+``callbacks`` that keep the best model and measure the run, on the processes and GPU of
+``devices``; ``evaluate`` the test accuracy; ``compare`` several methods and seeds on
+the same data and budget; ``checks`` what a run checks before it writes anything (the
+model folder, its tokenizer, a checkpoint to resume from).
 """
 
 import importlib

@@ -25,11 +25,13 @@ from typing import Any
 
 import numpy as np
 
+from .callbacks import Callback
+from .devices import is_main_process, wait_for_everyone
 from .evaluate import evaluate_accuracy
 from .io import save_figure_atomic, write_text_atomic
 from .methods import DEFAULT_LR, MethodOptions, build_method
 from .tasks import Splits
-from .trainer import Callback, TrainConfig, is_main_process, train, wait_for_everyone
+from .trainer import TrainConfig, train
 
 __all__ = [
     "RESULTS_FILE",

@@ -5,15 +5,11 @@ The recipe (appendix B): AdamW, a cosine learning-rate schedule with a warmup ra
 Everything a training loop needs (the optimizer and schedule, mixed precision with float32
 master weights, gradient clipping, DDP/FSDP under ``torchrun`` or ``accelerate launch``,
 checkpoints with the optimizer/scheduler/RNG states and exact resume) is the Trainer's.
-What it does not do is here, as callbacks:
-
-* keeping the best model by validation loss *in memory* (the Trainer only loads the best
-  checkpoint back, which needs a checkpoint at every evaluation; a full fine-tuning
-  checkpoint of SmolLM2 is 1.6 GB with its optimizer state) and persisting it into each
-  checkpoint, so that a resumed run ends on the same best model;
-* the step time (measured after the GPU has finished the step's work) and peak memory of
-  the run (:class:`MemoryMeter`);
-* the events a progress display needs (:data:`Callback`).
+This module is the glue: the run's settings (:class:`TrainConfig`), the Trainer's
+arguments, and the run itself (:func:`train`). What the Trainer does not do (the best
+model kept by validation loss, step times, peak memory, progress events) is done by the
+callbacks of :mod:`tensornet.finetune.callbacks`; which processes train and on which GPU
+is :mod:`tensornet.finetune.devices`.
 
 One process trains on one device: ``cuda:N`` (or ``cuda``, the current GPU) is GPU N alone,
 never ``torch.nn.DataParallel`` over every visible GPU, which is what transformers does by
@@ -30,10 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import re
-import shutil
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -43,6 +36,22 @@ import torch
 
 from .._compat.hf import pin_one_gpu, warmup_steps
 from ..errors import ConfigError
+from .callbacks import (
+    BEST_FILE,
+    CHECKPOINT_DIR,
+    Callback,
+    MemoryMeter,
+    callback_classes,
+    last_checkpoint,
+)
+from .devices import (
+    DEVICE_PATTERN,
+    gpu_index,
+    is_launched,
+    is_main_process,
+    wait_for_everyone,
+    world_size,
+)
 from .evaluate import pad_id
 from .methods import BuiltMethod, save_trained
 from .tasks import IGNORE_INDEX, DataError, Example, collate, encode_example
@@ -61,50 +70,7 @@ __all__ = [
     "BEST_FILE",
 ]
 
-#: Folder (under a run's folder) of the Trainer's checkpoints.
-CHECKPOINT_DIR = "checkpoints"
-#: The best trainable state so far, written into every checkpoint by :class:`_BestModel`.
-BEST_FILE = "tensornet_best.pt"
-
-#: A progress callback receives an event name and a dict of numbers.
-Callback = Callable[[str, dict[str, Any]], None]
-
 Precision = Literal["no", "bf16", "fp16"]
-
-#: ``cpu``, ``cuda`` (the current GPU; under torchrun each process's own) or ``cuda:N``.
-_DEVICE = re.compile(r"cpu|cuda(?::(\d+))?")
-
-
-def world_size() -> int:
-    """Number of training processes (``WORLD_SIZE`` set by torchrun / accelerate)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def is_launched() -> bool:
-    """True under ``torchrun`` / ``accelerate launch``, where each process has its own GPU.
-
-    accelerate goes distributed when ``LOCAL_RANK`` is set, even for a single process.
-    """
-    return world_size() > 1 or int(os.environ.get("LOCAL_RANK", "-1")) != -1
-
-
-def is_main_process() -> bool:
-    """True in the process that writes the run folder (rank 0, or the only process)."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def wait_for_everyone(device: str = "cpu") -> None:
-    """Barrier of all training processes (a no-op in a single process).
-
-    The first call under torchrun / accelerate sets up accelerate's process group (gloo
-    on the CPU, NCCL on CUDA), the one the Trainer then uses.
-    """
-    if world_size() == 1:
-        return
-    from accelerate import PartialState
-
-    PartialState(cpu=device == "cpu", backend="gloo" if device == "cpu" else None)
-    PartialState().wait_for_everyone()
 
 
 @dataclass(frozen=True)
@@ -173,7 +139,7 @@ class TrainConfig:
             raise ConfigError(f"`lr` must be a positive number; got {self.lr!r}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"`warmup_ratio` must be in [0, 1); got {self.warmup_ratio!r}")
-        if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device):
+        if not isinstance(self.device, str) or not DEVICE_PATTERN.fullmatch(self.device):
             raise ConfigError(
                 f"`device` must be 'cpu', 'cuda' or 'cuda:N' (N a GPU index, e.g. 'cuda:1'); "
                 f"got {self.device!r}"
@@ -221,163 +187,6 @@ class TrainResult:
         return out
 
 
-def _cuda_index(device: str) -> int | None:
-    """N of ``"cuda:N"``; None for ``"cuda"`` and ``"cpu"``."""
-    found = _DEVICE.fullmatch(device)
-    return int(found.group(1)) if found and found.group(1) is not None else None
-
-
-def _step_clock(device: str | torch.device) -> Callable[[], float]:
-    """``time.perf_counter``, read once ``device`` has finished the work queued on it.
-
-    CUDA kernels run asynchronously: without the synchronization a step's time would be the
-    time to queue its kernels, and whatever the GPU had not finished would be charged to
-    the next step or to none. On the CPU the plain clock. Chosen once, per run.
-    """
-    device = torch.device(device)
-    if device.type != "cuda":
-        return time.perf_counter
-
-    def clock() -> float:
-        torch.cuda.synchronize(device)
-        return time.perf_counter()
-
-    return clock
-
-
-class MemoryMeter:
-    """Peak memory of a run: ``torch.cuda.max_memory_allocated`` on GPU, peak RSS on CPU.
-
-    On Linux the kernel's peak RSS (``VmHWM``) is reset at :meth:`start` when
-    ``/proc/self/clear_refs`` allows it; otherwise the RSS is sampled at each
-    :meth:`sample` call and the maximum kept. On a GPU the counters are those of
-    ``device`` (of the current GPU for ``"cuda"`` without an index).
-    """
-
-    def __init__(self, device: str | torch.device) -> None:
-        self.device = torch.device(device)
-        self.cuda = self.device.type == "cuda"
-        self.kind = "cuda_max_allocated" if self.cuda else "rss"
-        self._hwm = False
-        self._max = 0
-
-    @staticmethod
-    def _status(field_name: str) -> int:
-        try:
-            with open("/proc/self/status", encoding="ascii") as fh:
-                for line in fh:
-                    if line.startswith(field_name + ":"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return 0
-
-    def start(self) -> None:
-        """Reset the peak."""
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return
-        try:
-            with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
-                fh.write("5")
-            self._hwm = True
-        except OSError:
-            self._hwm = False
-        self._max = self._status("VmRSS")
-
-    def sample(self) -> None:
-        """Record the current memory (no-op where the kernel tracks the peak)."""
-        if not self.cuda and not self._hwm:
-            self._max = max(self._max, self._status("VmRSS"))
-
-    def peak(self) -> int:
-        """Peak bytes since :meth:`start`."""
-        if self.cuda:
-            return int(torch.cuda.max_memory_allocated(self.device))
-        if self._hwm:
-            return max(self._status("VmHWM"), self._max)
-        self.sample()
-        return self._max
-
-
-def _callbacks() -> Any:
-    from transformers import TrainerCallback
-
-    class BestModel(TrainerCallback):
-        """Keep the trainable parameters of the lowest validation loss; persist them."""
-
-        def __init__(self, named: list[tuple[str, torch.nn.Parameter]]) -> None:
-            self.named = named
-            self.best = math.inf
-            self.best_step = 0
-            self.state: dict[str, torch.Tensor] | None = None
-
-        def on_evaluate(self, args: Any, state: Any, control: Any, metrics: Any = None,
-                        **kwargs: Any) -> None:
-            loss = (metrics or {}).get("eval_loss")
-            if loss is not None and loss < self.best:
-                self.best, self.best_step = float(loss), int(state.global_step)
-                self.state = {n: p.detach().to("cpu", copy=True) for n, p in self.named}
-
-        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if not state.is_world_process_zero:
-                return
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            # the last file of a checkpoint, and atomic: its presence marks the checkpoint
-            # complete (last_checkpoint)
-            part = folder / (BEST_FILE + ".part")
-            torch.save({"best": self.best, "best_step": self.best_step, "state": self.state},
-                       part)
-            os.replace(part, folder / BEST_FILE)
-            _drop_other_checkpoints(folder)
-
-        def restore_from(self, checkpoint: Path) -> None:
-            saved = torch.load(checkpoint / BEST_FILE, map_location="cpu", weights_only=True)
-            self.best, self.best_step, self.state = (
-                saved["best"], saved["best_step"], saved["state"]
-            )
-
-        def load_best(self) -> None:
-            if self.state is None:
-                return
-            with torch.no_grad():
-                for n, p in self.named:
-                    p.copy_(self.state[n].to(p.device))
-
-    class Meter(TrainerCallback):
-        """Step times and peak memory; relays the events to a progress callback."""
-
-        def __init__(self, device: str | torch.device, emit: Callback) -> None:
-            self.meter = MemoryMeter(device)
-            self.clock = _step_clock(device)
-            self.emit = emit
-            self.times: list[float] = []
-            self.t0 = 0.0
-
-        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            self.meter.start()
-            self.emit("start", {"step": state.global_step, "steps": state.max_steps})
-
-        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            self.t0 = self.clock()
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            self.times.append(self.clock() - self.t0)
-            self.meter.sample()
-
-        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None,
-                   **kw: Any) -> None:
-            logs = logs or {}
-            if "loss" in logs:
-                self.emit("step", {"step": state.global_step, "loss": float(logs["loss"]),
-                                   "lr": float(logs.get("learning_rate", math.nan))})
-            if "eval_loss" in logs:
-                self.emit("eval", {"step": state.global_step,
-                                   "val_loss": float(logs["eval_loss"])})
-
-    return BestModel, Meter
-
-
 def encode_all(
     tokenizer: Any, examples: Sequence[Example], max_length: int, *, split: str
 ) -> list[dict[str, list[int]]]:
@@ -402,72 +211,6 @@ def encode_all(
             f"tokens); give a max length above {shortest}"
         )
     return kept
-
-
-def last_checkpoint(out_dir: str | os.PathLike[str]) -> Path | None:
-    """The newest complete Trainer checkpoint of the run in ``out_dir``, or None.
-
-    A checkpoint is complete once the Trainer has written its state
-    (``trainer_state.json``) and :class:`_BestModel` its :data:`BEST_FILE`, the last file of
-    a save, written atomically. A save interrupted half-way (a killed run) leaves a folder
-    without them; it is skipped, so ``--resume`` takes the last complete one (transformers'
-    ``get_last_checkpoint`` picks the newest folder whatever it holds).
-    """
-    folder = Path(out_dir) / CHECKPOINT_DIR
-    if not folder.is_dir():
-        return None
-    found = []
-    for path in folder.iterdir():
-        step = re.fullmatch(r"checkpoint-(\d+)", path.name)
-        if step and (path / "trainer_state.json").is_file() and (path / BEST_FILE).is_file():
-            found.append((int(step.group(1)), path))
-    return max(found)[1] if found else None
-
-
-def _drop_other_checkpoints(kept: Path) -> None:
-    """Remove every checkpoint folder beside ``kept``, once ``kept`` is complete.
-
-    The Trainer's own rotation (``save_total_limit``) deletes the previous checkpoint
-    before :class:`_BestModel` has marked the new one complete: a run killed in between
-    would have none to resume from. Here the previous one goes only after the new one is
-    whole; a stale, partial folder of an interrupted save goes too. Each is renamed out of
-    sight first, so a removal cut short leaves no half-deleted checkpoint behind.
-    """
-    for path in kept.parent.iterdir():
-        if path != kept and re.fullmatch(r"checkpoint-\d+", path.name) and path.is_dir():
-            trash = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-
-
-def _gpu_index(device: str) -> int | None:
-    """The one GPU a single process trains on (None: the CPU, or torchrun's choice).
-
-    Raises
-    ------
-    ConfigError
-        For ``cuda:N`` under torchrun / accelerate launch, without CUDA, or past the last GPU.
-    """
-    if device == "cpu":
-        return None
-    index = _cuda_index(device)
-    if is_launched():
-        if index is not None:
-            raise ConfigError(
-                f"`device` = {device!r} under torchrun / accelerate launch ({world_size()} "
-                f"process(es)): each process trains on the GPU of its LOCAL_RANK; give 'cuda'"
-            )
-        return None
-    if not torch.cuda.is_available():
-        raise ConfigError(f"`device` = {device!r}, but torch finds no CUDA device; give 'cpu'")
-    count = torch.cuda.device_count()
-    if index is not None and index >= count:
-        raise ConfigError(
-            f"`device` = {device!r}, but torch sees {count} CUDA device(s): 'cuda:0' to "
-            f"'cuda:{count - 1}'"
-        )
-    # read now: building TrainingArguments makes cuda:0 the current device
-    return torch.cuda.current_device() if index is None else index
 
 
 def _one_gpu(args: Any, index: int) -> None:
@@ -510,7 +253,7 @@ def _arguments(config: TrainConfig, out: Path, *, evaluate: bool, resume: bool) 
             f"`batch_size` = {config.batch_size} (the global batch) must be a multiple of "
             f"the {world} training processes"
         )
-    index = _gpu_index(config.device)
+    index = gpu_index(config.device)
     args = TrainingArguments(
         output_dir=str(out / CHECKPOINT_DIR),
         max_steps=config.steps,
@@ -528,7 +271,7 @@ def _arguments(config: TrainConfig, out: Path, *, evaluate: bool, resume: bool) 
         eval_on_start=evaluate and not resume,
         save_strategy="steps" if config.checkpoint_every else "no",
         save_steps=config.checkpoint_every or 1,
-        save_total_limit=None,  # _BestModel drops the older ones once a save is complete
+        save_total_limit=None,  # BestModel drops the older ones once a save is complete
         logging_strategy="steps",
         logging_steps=1,
         report_to=[],
@@ -611,7 +354,7 @@ def train(
     if resume and checkpoint is None:
         raise ConfigError(f"--resume: no checkpoint under {out / CHECKPOINT_DIR}")
     args = _arguments(config, out, evaluate=bool(val_enc), resume=resume)
-    best_cb, meter_cb = _callbacks()
+    best_cb, meter_cb = callback_classes()
     best = best_cb(built.trainable_named_parameters())
     meter = meter_cb(args.device, emit)  # the GPU it really is: cuda:N, or LOCAL_RANK's
     if checkpoint is not None:
