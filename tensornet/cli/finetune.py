@@ -272,7 +272,9 @@ def _check_resume(out: Path, key: dict[str, Any]) -> None:
 
 def _splits(args: argparse.Namespace) -> Any:
     from ..errors import DataError
-    from ..finetune.tasks import arithmetic_splits, load_data_file, split_examples
+    from ..finetune.arithmetic import arithmetic_splits
+    from ..finetune.datafiles import load_data_file
+    from ..finetune.examples import split_examples
 
     if args.data:
         fields = (args.prompt_field or "prompt", args.response_field or "response")
@@ -299,7 +301,7 @@ def _splits(args: argparse.Namespace) -> Any:
 def _check_max_length(tokenizer: Any, splits: Any, max_length: int) -> None:
     """Refuse a --max-length that leaves a split no response token, before any output."""
     from ..errors import DataError
-    from ..finetune.trainer import encode_all
+    from ..finetune.tokens import encode_all
 
     for name, part in (("training", splits.train), ("validation", splits.validation)):
         try:
@@ -531,7 +533,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     import torch
     from peft import PeftModel
 
-    from ..finetune.tasks import format_prompt
+    from ..finetune.tokens import format_prompt
 
     start = time.perf_counter()
     device = resolve_device(args.device)

@@ -1,7 +1,8 @@
 """Fine-tuning with DoTA and its baselines: data, methods, the Trainer run, comparisons.
 
 ``defaults`` holds the methods, their options, ranks, targets and learning rates;
-``tasks`` builds the data (the built-in ``arithmetic`` task or a local data file);
+``tasks`` gathers the data: ``examples`` (the data model and the split), the built-in
+``arithmetic`` task, a user's ``datafiles`` and ``tokens`` (tokenization and batches);
 ``methods`` prepares a model for a method (DoTA, DoTA-Random, QDoTA, LoTR, LoRTA, and
 peft's LoRA, DoRA, PiSSA, QPiSSA and QLoRA, or full fine-tuning); ``trainer`` runs the
 paper's recipe on ``transformers.Trainer`` (checkpoints, resume, DDP), with the
@@ -24,14 +25,14 @@ _WHERE = {
     "build_method": "methods",
     "check_method": "methods",
     "save_trained": "methods",
-    "DataError": "tasks",
-    "Example": "tasks",
-    "Splits": "tasks",
-    "arithmetic_splits": "tasks",
-    "extract_answer": "tasks",
-    "load_jsonl": "tasks",
-    "load_data_file": "tasks",
-    "split_examples": "tasks",
+    "DataError": "examples",
+    "Example": "examples",
+    "Splits": "examples",
+    "arithmetic_splits": "arithmetic",
+    "extract_answer": "examples",
+    "load_jsonl": "datafiles",
+    "load_data_file": "datafiles",
+    "split_examples": "examples",
     "TrainConfig": "trainer",
     "TrainResult": "trainer",
     "evaluate_accuracy": "evaluate",

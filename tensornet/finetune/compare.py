@@ -28,9 +28,9 @@ import numpy as np
 from .callbacks import Callback
 from .devices import is_main_process, wait_for_everyone
 from .evaluate import evaluate_accuracy
+from .examples import Splits
 from .io import save_figure_atomic, write_text_atomic
 from .methods import DEFAULT_LR, MethodOptions, build_method
-from .tasks import Splits
 from .trainer import TrainConfig, train
 
 __all__ = [

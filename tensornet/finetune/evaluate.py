@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from .tasks import Example, extract_answer, format_prompt
+from .examples import Example, extract_answer
+from .tokens import format_prompt
 
 __all__ = ["evaluate_accuracy"]
 

@@ -53,8 +53,9 @@ from .devices import (
     world_size,
 )
 from .evaluate import pad_id
+from .examples import Example
 from .methods import BuiltMethod, save_trained
-from .tasks import IGNORE_INDEX, DataError, Example, collate, encode_example
+from .tokens import collate, encode_all
 
 __all__ = [
     "TrainConfig",
@@ -185,32 +186,6 @@ class TrainResult:
             self.trainable_params / self.total_params if self.total_params else 0.0
         )
         return out
-
-
-def encode_all(
-    tokenizer: Any, examples: Sequence[Example], max_length: int, *, split: str
-) -> list[dict[str, list[int]]]:
-    """Encode ``examples``, dropping those that keep no response token at ``max_length``.
-
-    An example whose prompt fills ``max_length`` has no token to learn from (every label is
-    ``-100``); it is left out. A split none of whose examples keeps a response token
-    would train on nothing (and read a validation loss of 0.0): that is refused.
-
-    Raises
-    ------
-    DataError
-        If no example of a non-empty split keeps a response token.
-    """
-    encoded = [encode_example(tokenizer, ex, max_length=max_length) for ex in examples]
-    kept = [e for e in encoded if any(t != IGNORE_INDEX for t in e["labels"])]
-    if encoded and not kept:
-        shortest = min(sum(t == IGNORE_INDEX for t in e["labels"]) for e in encoded)
-        raise DataError(
-            f"`max_length` = {max_length} leaves no response token in any of the "
-            f"{len(encoded)} {split} examples (the shortest prompt takes {shortest} "
-            f"tokens); give a max length above {shortest}"
-        )
-    return kept
 
 
 def _one_gpu(args: Any, index: int) -> None:
