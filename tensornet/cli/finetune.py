@@ -450,8 +450,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 def _finish_finetune(args: argparse.Namespace, built: Any, tokenizer: Any, splits: Any,
                      result: Any, lr: float, out: Path, t0: float) -> None:
+    from .._atomic import write_text_atomic
     from ..finetune.evaluate import evaluate_accuracy
-    from ..finetune.io import write_text_atomic
 
     acc, preds = evaluate_accuracy(built.model, tokenizer, splits.test,
                                    max_new_tokens=args.max_new_tokens)

@@ -19,10 +19,10 @@ from typing import Any
 
 from torch import nn
 
+from .._atomic import save_figure_atomic, write_text_atomic
 from ..adapters import LLAMA_TARGETS, plan_dota
 from ..adapters.base import dense_weight
 from ..decompose import mpo_decompose
-from .io import save_figure_atomic, write_text_atomic
 
 __all__ = ["LayerDecomposition", "DecomposeReport", "decompose_model", "write_report"]
 

@@ -25,11 +25,11 @@ from typing import Any
 
 import numpy as np
 
+from .._atomic import save_figure_atomic, write_text_atomic
 from .callbacks import Callback
 from .devices import is_main_process, wait_for_everyone
 from .evaluate import evaluate_accuracy
 from .examples import Splits
-from .io import save_figure_atomic, write_text_atomic
 from .methods import DEFAULT_LR, MethodOptions, build_method
 from .trainer import TrainConfig, train
 

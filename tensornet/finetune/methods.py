@@ -61,13 +61,13 @@ from typing import Literal
 import torch
 from torch import nn
 
+from .._atomic import atomic_dir
 from ..adapters import LLAMA_TARGETS, apply, plan
 from ..adapters import METHODS as TENSOR_METHODS
 from ..adapters.base import count_parameters, find_targets, set_submodule
 from ..adapters.dota.layer import nf4_linear
 from ..errors import ConfigError
 from .defaults import DEFAULT_LR, DEFAULT_OPTIONS, METHODS
-from .io import atomic_dir
 
 __all__ = [
     "METHODS",
