@@ -303,7 +303,7 @@ def test_hand_built_mpo_object():
 
 def test_pairwise_torch_execution_matches_opt_einsum():
     # the path executor used under torch.compile computes what opt_einsum's expression does
-    from tensornet.adapters.dota.layer import _run_path
+    from tensornet.adapters.dota.route import _run_path
     from tensornet.plan import _expression, _plan_cached
     from tensornet.profiles import DEFAULT_PROFILE
 

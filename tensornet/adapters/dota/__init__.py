@@ -5,7 +5,8 @@ One peft method, ``PeftType.DOTA``; tensornet's method table names its three var
 
 from .._registry import register
 from .config import LLAMA_TARGETS, DoTAConfig
-from .layer import DoTALayer, DoTALinear, chain_sum, random_cores, release_scratch
+from .cores import chain_sum, random_cores
+from .layer import DoTALayer, DoTALinear, release_scratch
 from .model import DoTAModel
 
 __all__ = [

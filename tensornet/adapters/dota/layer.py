@@ -17,7 +17,7 @@ by the strategy the cost model picks (:mod:`.cost`):
 
 What a forward pass needs beyond the tensors (the terms' split, ``T_init``'s halves in
 the compute dtype, the strategy per batch size) is prepared once per set of active
-adapters, compute dtype and device kind (:class:`_Route`) and dropped when the layer's
+adapters, compute dtype and device kind (:class:`.route._Route`) and dropped when the layer's
 state changes (an adapter added, loaded, deleted, merged; a move to another device or
 dtype; ``train()``/``eval()``), so a call runs only the kernels. Whatever is computed
 from the values of the tensors (halves) is reused only behind a bitwise content check
@@ -32,7 +32,6 @@ base can be 4-bit) and adds ``MPO(T)``; disabled, it adds ``MPO(T_init)`` back, 
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -41,18 +40,18 @@ import torch
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
-from ..._chain import halves_split, mpo_halves
 from ..._compat.peft import BufferDict, LayerHooks
 from ..._compat.torch import ModuleHooks, own_buffers, own_parameters
 from ...errors import ConfigError, DTypeError
-from ...formats import MPO
 from ...plan import ContractionPlan, plan_mpo_matmul
 from ...tensorize import cores_to_matrix
 from ..base import compute_dtype, dense_weight, is_4bit
 from ..layer import mixed_batch, shift_weight
+from .cores import chain_sum, random_cores
 from .cost import profile_for, residual_strategy
 from .kernels import DenseMPOLinear, kernels_for, release_scratch
-from .serving import _ServingOperands, reuse_policy, validator
+from .route import _contract, _Route
+from .serving import _ServingOperands, reuse_policy
 
 __all__ = [
     "DoTALayer",
@@ -62,99 +61,6 @@ __all__ = [
     "release_scratch",
     "residual_strategy",
 ]
-
-
-def _run_path(equation: str, path: Sequence[Sequence[int]], operands: Sequence[Any]) -> Any:
-    """Contract ``operands`` pairwise along ``path`` with ``torch.einsum``.
-
-    The contraction a :class:`~tensornet.ContractionPlan` runs (path in opt_einsum's
-    linear format), in plain torch calls that torch.compile traces; opt_einsum's own
-    dispatch does not trace.
-    """
-    inputs, out = equation.split("->")
-    terms, ops = inputs.split(","), list(operands)
-    for pair in path:
-        picked = sorted(pair, reverse=True)
-        group_ops = [ops.pop(k) for k in picked]
-        group_terms = [terms.pop(k) for k in picked]
-        keep = set("".join(terms)) | set(out)
-        joined = dict.fromkeys("".join(group_terms))
-        result = "".join(ch for ch in joined if ch in keep)
-        ops.append(torch.einsum(f"{','.join(group_terms)}->{result}", *group_ops))
-        terms.append(result)
-    return ops[0] if terms[0] == out else torch.einsum(f"{terms[0]}->{out}", ops[0])
-
-
-def _contract(
-    plan: ContractionPlan, x: torch.Tensor, cores: Sequence[torch.Tensor]
-) -> torch.Tensor:
-    """``x @ MPO(cores).T`` along ``plan``'s path (the plan the layer costed)."""
-    if not torch.compiler.is_compiling():
-        return plan(x, cores, strategy="contract")
-    in_modes = [s[2] for s in plan.core_shapes]
-    lead = x.shape[:-1]
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        y = _run_path(plan.equation, plan.path, (x.reshape(-1, *in_modes), *cores))
-    return y.reshape(*lead, plan.out_features)
-
-
-def random_cores(
-    out_modes: Sequence[int],
-    in_modes: Sequence[int],
-    ranks: Sequence[int],
-    *,
-    generator: torch.Generator | None = None,
-    zero_last: bool = True,
-) -> list[torch.Tensor]:
-    """Cores of the DoTA-Random baseline: Gaussian, the last one zero (float32, CPU).
-
-    Core ``k`` is drawn with variance ``1 / R_{k-1}`` (the first with ``1 / in_features``),
-    so that the product of the first ``N-1`` cores maps an input of unit scale to unit
-    scale, as peft's LoRA ``A`` does; the zero last core makes ``MPO(T) = 0`` at start.
-
-    Examples
-    --------
-    >>> cores = random_cores((2, 2), (3, 2), (1, 4, 1))
-    >>> [tuple(c.shape) for c in cores], bool((cores[-1] == 0).all())
-    ([(1, 2, 3, 4), (4, 2, 2, 1)], True)
-    """
-    n = len(out_modes)
-    in_features = math.prod(in_modes)
-    cores = []
-    for k in range(n):
-        shape = (ranks[k], out_modes[k], in_modes[k], ranks[k + 1])
-        if k == n - 1 and zero_last:
-            cores.append(torch.zeros(shape))
-        else:
-            std = (1.0 / in_features if k == 0 else 1.0 / ranks[k]) ** 0.5
-            cores.append(torch.randn(shape, generator=generator) * std)
-    return cores
-
-
-def chain_sum(chains: Sequence[tuple[float, Sequence[torch.Tensor]]]) -> list[torch.Tensor]:
-    """Cores of one MPO equal to ``sum_i sign_i * MPO(chain_i)`` (bonds add up).
-
-    The core's arithmetic in the format (:class:`tensornet.MPO`'s ``+`` and scalar ``*``),
-    which keeps the autograd graph: gradients flow back to every chain's cores.
-
-    Examples
-    --------
-    >>> a = random_cores((2, 3), (2, 2), (1, 3, 1), zero_last=False)
-    >>> b = random_cores((2, 3), (2, 2), (1, 2, 1), zero_last=False)
-    >>> s = chain_sum([(1.0, a), (-1.0, b)])
-    >>> [tuple(c.shape) for c in s]
-    [(1, 2, 2, 5), (5, 3, 2, 1)]
-    >>> bool(torch.allclose(cores_to_matrix(s), cores_to_matrix(a) - cores_to_matrix(b)))
-    True
-    """
-    if len(chains) == 1 and chains[0][0] == 1:
-        return list(chains[0][1])
-    total = None
-    for sign, cores in chains:
-        term = MPO(tuple(cores))
-        term = term if sign == 1 else sign * term
-        total = term if total is None else total + term
-    return list(total.cores)  # type: ignore[union-attr]
 
 
 #: Why QDoTA takes no mixed-adapter batch (the tuner's refusal and the layer's)
@@ -437,7 +343,7 @@ class DoTALayer(LayerHooks):
 
     def _route(self, adapters: tuple[str, ...], disabled: bool, ct: torch.dtype,
                x: torch.Tensor, kind: str, sources: list[torch.Tensor]) -> _Route:
-        """The prepared :class:`_Route` for these adapters, dtype and device (made once).
+        """The prepared :class:`.route._Route` for these adapters, dtype and device (made once).
 
         Made again when the layer's tensors (``sources``, :meth:`_sources`) are other
         objects than the route's (cores replaced by new Parameters).
@@ -447,115 +353,6 @@ class DoTALayer(LayerHooks):
         if route is None or not route.holds(sources):
             route = self._routes[key] = _Route(self, adapters, disabled, ct, kind, sources)
         return route
-
-
-class _Route:
-    """What a forward pass of a set of active adapters needs, prepared once.
-
-    The terms' common split (so that their halves concatenate along the bond), the
-    trainable terms' cores, the constant terms' halves (DoTA's ``-T_init``, or QDoTA's
-    ``+T_init`` when disabled), signs folded in, in the compute dtype, and per ``(rows,
-    grad mode)`` the strategy and plan the cost model picks. The layer drops its routes
-    whenever its state changes (:meth:`DoTALayer._forget`), and makes one again when its
-    tensors are other objects (:meth:`holds`).
-
-    The constant halves are read through :meth:`constant`, which keeps them only as
-    long as the stored ``T_init`` holds the very bits they were built from (on the CPU;
-    on an accelerator they are rebuilt on each call): :mod:`.serving` says why neither
-    identity nor version counters can tell (a write through ``.data`` bumps none).
-    """
-
-    __slots__ = ("layer", "adapters", "disabled", "ct", "kind", "split", "trainable",
-                 "const", "terms", "choices", "sources")
-
-    def __init__(self, layer: DoTALayer, adapters: tuple[str, ...], disabled: bool,
-                 ct: torch.dtype, kind: str, sources: list[torch.Tensor]) -> None:
-        self.layer, self.adapters, self.disabled, self.ct, self.kind = (
-            layer, adapters, disabled, ct, kind)
-        self.sources = tuple(sources)
-        self.terms = layer.delta_terms(adapters, disabled=disabled)
-        first = self.terms[0][1]
-        self.split = halves_split([tuple(int(d) for d in c.shape) for c in first])
-        # a term is trainable where it is the adapter's own T (a Parameter), constant
-        # where it is a stored T_init buffer
-        self.trainable = [cores for _, cores in self.terms
-                          if isinstance(cores[0], nn.Parameter)]
-        #: per grad mode: the constant halves and what checks them (None: rebuilt)
-        self.const: dict[bool, tuple[Any, Any]] = {}
-        self.choices: dict[tuple[int, bool], tuple[str, ContractionPlan | None]] = {}
-
-    def holds(self, sources: list[torch.Tensor]) -> bool:
-        """True while the layer's tensors are the objects this route was made from."""
-        return len(sources) == len(self.sources) and all(
-            a is b for a, b in zip(sources, self.sources))
-
-    def _const_sources(self) -> list[torch.Tensor]:
-        """The stored tensors the constant halves are built from (``T_init``)."""
-        if self.layer.quantized:
-            return self.layer.init_cores(self.adapters[0]) if self.disabled else []
-        return [t for a in self.adapters for t in self.layer.init_cores(a)]
-
-    def _build_const(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The constant terms' halves side by side, signs folded in, in the compute dtype.
-
-        Contracted in at least float32 from the stored tensors as they are now.
-        """
-        const = [(sign, cores) for sign, cores in
-                 self.layer.delta_terms(self.adapters, disabled=self.disabled)
-                 if not isinstance(cores[0], nn.Parameter)]
-        if not const:
-            return None
-        with torch.no_grad(), torch.autocast(device_type=const[0][1][0].device.type,
-                                             enabled=False):
-            halves = [mpo_halves([c.detach().to(_wide(c.dtype)) for c in cores], self.split)
-                      for _, cores in const]
-            left = torch.cat([h[0] for h in halves], 2).to(self.ct)
-            right = torch.cat([h[1] if s == 1 else h[1] * s
-                               for (s, _), h in zip(const, halves)], 0).to(self.ct)
-        return left.contiguous(), right.contiguous()
-
-    def constant(self, grad: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The constant halves of the stored ``T_init`` as it is now.
-
-        Kept across calls as :func:`.serving.reuse_policy` says for the device kind and
-        grad mode: behind a bitwise content check on the CPU, rebuilt on each call on an
-        accelerator without grad, kept on version counters there in training steps.
-        """
-        policy = reuse_policy(self.kind, grad=grad)
-        if policy == "rebuild":
-            return self._build_const()
-        sources = self._const_sources()
-        kept = self.const.get(grad)
-        if kept is None or not kept[1].same(sources):
-            kept = self.const[grad] = (self._build_const(), validator(policy, sources))
-        return kept[0]
-
-    def choose(self, rows: int, training: bool) -> tuple[str, ContractionPlan | None]:
-        """The strategy and plan for ``rows`` rows (costed once per size and grad mode)."""
-        found = self.choices.get((rows, training))
-        if found is None:
-            found = self.choices[(rows, training)] = self.layer.choose_strategy(
-                self.terms[0][1], rows, training, self.adapters[0], kind=self.kind, dtype=self.ct
-            )
-        return found
-
-    def halves(self, device_type: str) -> list[torch.Tensor]:
-        """The trainable terms' halves ``L_1, R_1, ...`` in the compute dtype (autograd).
-
-        Contracted in the cores' dtype (autocast off: it would round the small products
-        to its dtype), then rounded once to the compute dtype.
-        """
-        out = []
-        with torch.autocast(device_type=device_type, enabled=False):
-            for cores in self.trainable:
-                left, right = mpo_halves(list(cores), self.split)
-                out += (left.to(self.ct), right.to(self.ct))
-        return out
-
-
-def _wide(dtype: torch.dtype) -> torch.dtype:
-    """At least float32: the precision the halves are contracted in before rounding."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def dense_device(module: nn.Module) -> torch.device:

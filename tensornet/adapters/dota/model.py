@@ -13,7 +13,8 @@ from ...params import mpo_num_params
 from ..base import LayerReport, compute_dtype, dense_weight, is_4bit
 from ..tuner import Target, TensornetTuner
 from .config import DoTAConfig
-from .layer import DoTALayer, DoTALinear, random_cores
+from .cores import random_cores
+from .layer import DoTALayer, DoTALinear
 
 __all__ = ["DoTAModel"]
 

@@ -9,7 +9,7 @@ signed sum (:class:`_ServingOperands`), in the layer's compute dtype.
 Why reused operands cannot be stale
 -----------------------------------
 Operands prepared from tensors (these halves, and ``T_init``'s halves that every forward
-pass uses, :class:`~.layer._Route`) are only as good as the check that the tensors still
+pass uses, :class:`~.route._Route`) are only as good as the check that the tensors still
 hold the values they were built from. Tensor identity, storage and version counter
 (``tensornet._compat.torch.version_of``) do not make that check: a write through
 ``p.data`` (hand-written update loops, EMA, model soups, reference-model syncs) bumps no

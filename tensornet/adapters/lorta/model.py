@@ -11,7 +11,8 @@ from torch import nn
 from ...errors import ConfigError
 from ..base import LayerReport
 from ..config import TensornetConfig
-from ..tuner import SharedStateTuner, Target
+from ..shared_state import SharedStateTuner
+from ..tuner import Target
 from .config import FACTORS, LoRTAConfig, factor_shapes, lorta_num_params
 from .layer import LoRTAIndex, LoRTALayer, LoRTALinear
 

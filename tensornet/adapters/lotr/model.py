@@ -10,7 +10,8 @@ from torch import nn
 
 from ...errors import ConfigError
 from ..base import LayerReport
-from ..tuner import SharedStateTuner, Target
+from ..shared_state import SharedStateTuner
+from ..tuner import Target
 from .config import LoTRConfig, kind_of, lotr_num_params
 from .layer import LoTRLayer, LoTRLinear
 
