@@ -35,7 +35,9 @@ from typing import Any
 from peft.tuners._buffer_dict import BufferDict
 
 # _ExcludedModule: what _check_target_module_exists returns for a key that
-# ``exclude_modules`` removes (truthy, so it must be told apart from a match).
+# ``exclude_modules`` removes (truthy, so it must be told apart from a match). If it
+# moves, the import fails; if peft returned something else, excluded modules would be
+# validated as targets (test_target_matching_and_exclusion).
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule
 
 __all__ = [
@@ -104,7 +106,8 @@ def is_excluded(match: Any) -> bool:
 
 def adapter_names_of(layer: BaseTunerLayer) -> list[str]:
     """Every adapter name a peft tuner layer holds, in any of its containers."""
-    # (peft: what its delete_adapter uses to pick the adapter left active)
+    # (peft: what its delete_adapter uses to pick the adapter left active; if it moves,
+    # undoing a failed injection and the tuner's device move raise AttributeError)
     return layer._all_available_adapter_names()
 
 
@@ -154,7 +157,7 @@ class TunerHooks(BaseTuner):
                             target_name: str, parent: Any, current_key: str,
                             **optional_kwargs: Any) -> None:
         # (peft: inject_adapter calls it once per matched module, to build or update that
-        # module's tuner layer; abstract in BaseTuner)
+        # module's tuner layer; abstract in BaseTuner, so a rename fails every build)
         self.create_and_replace(peft_config, adapter_name, target, target_name, parent,
                                 current_key, **optional_kwargs)
 
@@ -176,11 +179,13 @@ class TunerHooks(BaseTuner):
         Truthy for a match; an excluded module is truthy too (:func:`is_excluded`).
         """
         # (peft: the rule inject_adapter selects modules with; tensornet validates the
-        # same modules before peft touches any)
+        # same modules before peft touches any. If it moved, validation would fail with
+        # AttributeError; if its rule changed, peft's own matching changes with it)
         return cls._check_target_module_exists(config, key)
 
     def _pre_injection_hook(self, model: Any, config: Any, adapter_name: str) -> None:
-        # (peft: inject_adapter, before the first layer of a new adapter is built)
+        # (peft: inject_adapter, before the first layer of a new adapter is built; if
+        # peft stops calling it, LoTR/LoRTA find no shared containers and fail to build)
         super()._pre_injection_hook(model, config, adapter_name)
         self.before_injection(model, config, adapter_name)
 
@@ -190,7 +195,9 @@ class TunerHooks(BaseTuner):
     # -- running -----------------------------------------------------------------------
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> AbstractContextManager:
         # (peft: PeftModel.forward / generate enter it, with the call's arguments, where
-        # the tuner has it; returned, not wrapped: one plain call per model call)
+        # the tuner has it; returned, not wrapped: one plain call per model call. If peft
+        # stops calling it, ``adapter_names`` (mixed batches) silently stops reaching the
+        # layers: CALLED_BY_NAME's test)
         return self.forward_context(*args, **kwargs)
 
     @contextmanager
@@ -199,7 +206,8 @@ class TunerHooks(BaseTuner):
         yield
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
-        # (peft: enable_adapter_layers(), disable_adapter_layers(), disable_adapter())
+        # (peft: enable_adapter_layers(), disable_adapter_layers(), disable_adapter(); if
+        # peft stops calling it, LoTR/LoRTA's shared factors keep training while disabled)
         super()._enable_adapter_layers(enabled)
         self.after_enable(enabled)
 
@@ -207,7 +215,8 @@ class TunerHooks(BaseTuner):
         """Called after the layers' adapters were enabled or disabled."""
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
-        # (peft: inject_adapter, after building an adapter)
+        # (peft: inject_adapter, after building an adapter; if peft stops calling it,
+        # LoTR/LoRTA's shared bf16/fp16 factors stay uncast and the layers' flags change)
         self.cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
 
     def cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool) -> None:
@@ -216,7 +225,8 @@ class TunerHooks(BaseTuner):
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Any = None) -> None:
         # (peft: set_peft_model_state_dict calls it on every module that has it, the tuner
-        # included, after a low_cpu_mem_usage load)
+        # included, after a low_cpu_mem_usage load; if peft stops, LoTR/LoRTA's shared
+        # factors stay on the device they were read to: CALLED_BY_NAME's test)
         self.move_to_base_device(adapter_name, device)
 
     def move_to_base_device(self, adapter_name: str, device: Any = None) -> None:
@@ -226,7 +236,8 @@ class TunerHooks(BaseTuner):
     def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False,
                                      safe_merge: bool = False,
                                      adapter_names: list[str] | None = None) -> Any:
-        # (peft: merge_and_unload() and unload() come here)
+        # (peft: merge_and_unload() and unload() come here; if peft stops, safe_merge
+        # checks layer by layer again and QDoTA's unload() is no longer refused)
         self.before_unload(merge=merge, safe_merge=safe_merge, adapter_names=adapter_names)
         return super()._unload_and_optionally_merge(
             merge=merge, progressbar=progressbar, safe_merge=safe_merge,
@@ -242,7 +253,9 @@ class TunerHooks(BaseTuner):
     def _get_adapter_state_dict(cls, model: Any, config: Any, adapter_name: str,
                                 state_dict: Any, unwanted_adapter_names: Any) -> Any:
         # (peft: save_pretrained / get_peft_model_state_dict select the adapter's tensors
-        # through it, before the config is written; peft >= 0.21)
+        # through it, before the config is written; peft >= 0.21. If peft stops, files are
+        # saved without the manifest (loads then skip its digests) and with the base
+        # records of whichever model the config object last described)
         cls.before_save(model, config, adapter_name)
         tensors = super()._get_adapter_state_dict(
             model=model, config=config, adapter_name=adapter_name, state_dict=state_dict,
@@ -268,7 +281,8 @@ class TunerHooks(BaseTuner):
     def _remap_adapter_state_dict_for_load(cls, model: Any, config: Any, adapter_name: str,
                                            state_dict: Any) -> Any:
         # (peft: set_peft_model_state_dict calls it on every load path, before the first
-        # load_state_dict; peft >= 0.21)
+        # load_state_dict; peft >= 0.21. If peft stops, files load unchecked: no manifest,
+        # base, shape or finiteness check)
         tensors = cls.check_loaded(model, config, adapter_name, state_dict)
         remapped = super()._remap_adapter_state_dict_for_load(
             model=model, config=config, adapter_name=adapter_name, state_dict=tensors
@@ -291,6 +305,8 @@ class LayerHooks(BaseTunerLayer):
 
     def start_enabled(self) -> None:
         """Start with the adapters enabled (what peft's ``disable_adapters`` reads)."""
+        # (peft: the property reads it; the class default is False too, so a rename would
+        # only show when a layer is disabled: LAYER_STATE's test)
         self._disable_adapters = False
 
     def mark_active(self, adapter_name: str | list[str]) -> None:
@@ -299,11 +315,14 @@ class LayerHooks(BaseTunerLayer):
         peft's public ``set_adapter`` also sets ``requires_grad``; a layer being built
         names its first adapter before that adapter's weights exist.
         """
+        # (peft: ``active_adapter(s)`` read it; if renamed, a new layer would report
+        # peft's default "default" and run the wrong adapter: LAYER_STATE's test)
         self._active_adapter = adapter_name
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Any = None) -> None:
         # (peft: its layers' update_layer and set_peft_model_state_dict call it, to put
-        # an adapter's weights on the base layer's device and float dtype)
+        # an adapter's weights on the base layer's device and float dtype; if it is
+        # renamed, LoTR's cores lose their requires_grad flags after such a move)
         self.move_to_base_device(adapter_name, device)
 
     def move_to_base_device(self, adapter_name: str, device: Any = None) -> None:

@@ -40,11 +40,13 @@ def version_of(tensor: torch.Tensor) -> int:
 
 def own_parameters(module: nn.Module) -> dict[str, Any]:
     """The module's own parameters by name (not its children's): the module's live dict."""
+    # (if renamed: AttributeError on DoTA's forward pass, at once, not a silent error)
     return module._parameters
 
 
 def own_buffers(module: nn.Module) -> dict[str, Any]:
     """The module's own buffers by name (not its children's): the module's live dict."""
+    # (if renamed: AttributeError on DoTA's forward pass and merge, at once)
     return module._buffers
 
 
@@ -53,7 +55,8 @@ class ModuleHooks(nn.Module):
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         # (torch: .to(), .cuda(), .cpu(), .half(), .float(), ... call it on every module,
-        # with the function that converts a tensor)
+        # with the function that converts a tensor; if torch stopped, DoTA would keep
+        # routes prepared for the old device or dtype)
         self.before_convert()
         return super()._apply(fn, *args, **kwargs)
 
@@ -62,7 +65,9 @@ class ModuleHooks(nn.Module):
 
     def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
         # (torch: load_state_dict calls it on every module with the whole state dict and
-        # the module's key prefix, before the module's children)
+        # the module's key prefix, before the module's children; if torch stopped, DoTA
+        # would keep routes of the old tensors and a restored QDoTA never builds its
+        # residual)
         self.before_load_state(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args)
 
