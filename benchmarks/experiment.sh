@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The comparison on the offline SmolLM2-135M-Instruct: every method with seeds 0,1,2 on the
 # same data and budget (transformers' Trainer, bf16 autocast, float32 trained weights),
-# plus a DoTA rank sweep (R = 8, 16, 32).
+# plus a DoTA rank sweep (R = 8, 16, 32). Every method of tensornet.method_table has its
+# line (tests/test_method_table.py checks it).
 # One `tensornet compare` process per method (a crash loses one method, not the run); a
 # method whose results.json exists is skipped, so re-running the script resumes.
 # Usage: benchmarks/experiment.sh [OUT]   (default runs/experiment), then
@@ -35,6 +36,8 @@ run full        --methods full
 run qdota       --methods qdota --rank 16
 run qlora       --methods qlora --lora-rank 32
 run qpissa      --methods qpissa --lora-rank 32
+run lotr        --methods lotr --rank 16
+run lorta       --methods lorta --rank 16
 run dota-r8     --methods dota --rank 8
 run dota-r32    --methods dota --rank 32
 echo "== done: $(date -u +%H:%M:%S)"

@@ -22,7 +22,6 @@ from torch import nn
 from tensornet.adapters import LLAMA_TARGETS, tiny_llama
 from tensornet.adapters.base import dense_weight, is_4bit
 from tensornet.adapters.dota.layer import nf4_linear
-from tensornet.finetune import defaults, methods
 from tensornet.finetune.methods import MethodOptions, build_method, save_trained
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -95,18 +94,6 @@ def _reference(config: LoraConfig, dtype: torch.dtype = torch.float32) -> nn.Mod
 def _config(**kw) -> LoraConfig:
     return LoraConfig(r=RANK, lora_alpha=RANK, lora_dropout=0.0,
                       target_modules=list(LLAMA_TARGETS), task_type="CAUSAL_LM", **kw)
-
-
-# --------------------------------------------------------------------------- the tables
-
-
-def test_every_baseline_has_a_recipe_and_the_papers_learning_rate():
-    assert set(methods._BASELINES) | {"full"} == set(defaults.BASELINES)
-    assert set(defaults.METHODS) == set(defaults.DEFAULT_LR)
-    assert defaults.DEFAULT_LR["qpissa"] == 1e-4  # appendix B, quantization settings
-    assert defaults.DEFAULT_LR["dora"] == defaults.DEFAULT_LR["lora"] == 3e-4  # LoRA's, math
-    for method in ("dora", "qpissa"):
-        assert f"\n{method} " in methods.__doc__  # the docstring table lists it
 
 
 # --------------------------------------------------------------------------- DoRA

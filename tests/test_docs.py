@@ -84,7 +84,6 @@ def test_readme_adapter_example_runs():
     assert not any(type(m).__name__ == "DoTALinear" for m in fresh.modules())
 
 
-
 # Every page with ``>>>`` examples; guide/distributed.rst (several processes: its runnable
 # counterpart is tests/test_distributed.py) and guide/parameter-counts.rst (a generated
 # table, checked below) have none.
@@ -177,12 +176,3 @@ def test_parameter_count_formulas():
     ]
 
 
-def test_main_job_method_table_matches_the_defaults():
-    # the methods table of the command's guide page lists every method of
-    # tensornet.finetune.defaults with its default learning rate, and nothing else
-    from tensornet.finetune.defaults import DEFAULT_LR
-
-    text = (GUIDE / "main-job.rst").read_text()
-    table = text.split("=============  ====", 2)
-    rows = re.findall(r"^([a-z-]+) {2,}.*? {2,}(\d+e-\d+)", table[2], flags=re.M)
-    assert dict(rows) == {m: f"{lr:.0e}".replace("e-0", "e-") for m, lr in DEFAULT_LR.items()}

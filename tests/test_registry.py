@@ -14,7 +14,6 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils.peft_types import PeftType
 
 from tensornet.adapters import (
-    METHODS,
     TESTED_PEFT,
     DoTAConfig,
     DoTAModel,
@@ -40,13 +39,6 @@ def test_each_method_is_a_member_of_peft_type_and_in_peft_mappings(name):
     assert PEFT_TYPE_TO_CONFIG_MAPPING[member] is config_cls
     assert PEFT_TYPE_TO_TUNER_MAPPING[member] is model_cls
     assert config_cls().peft_type is member
-
-
-def test_the_method_table_names_every_variant_once():
-    assert sorted(METHODS) == ["dota", "dota-random", "lorta", "lotr", "qdota"]
-    assert METHODS["qdota"].config().quantize == "nf4"
-    assert METHODS["dota-random"].config().init == "random"
-    assert METHODS["dota"].config(rank=8).rank == 8
 
 
 def test_saved_config_names_its_type_and_peft_reads_it_back(tmp_path):

@@ -21,9 +21,18 @@ count an adapter on a model built on the meta device, and ``lotr_num_params`` /
 :func:`tensornet.mpo_num_params`).
 """
 
+import importlib
+
+from ..method_table import METHOD_TABLE
 from ._registry import METHODS, TESTED_PEFT, check_peft
 
 check_peft()
+
+# Each tensornet method's folder registers its peft tuner (``register(...)``); the folders
+# are the method table's, so adding a method needs no line here.
+for _folder in dict.fromkeys(s.peft_type for s in METHOD_TABLE if s.kind == "tensornet"):
+    importlib.import_module(f".{_folder}", __name__)
+del _folder
 
 from .base import AdapterReport, LayerReport  # noqa: E402
 from .dota import LLAMA_TARGETS, DoTAConfig, DoTALinear, DoTAModel, random_cores  # noqa: E402

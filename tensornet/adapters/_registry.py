@@ -1,4 +1,7 @@
-"""The one table of tensornet's peft methods, and their registration with peft.
+"""tensornet's peft methods: their registration with peft, and the peft versions tested.
+
+The methods are the tensornet rows of :data:`tensornet.method_table.METHOD_TABLE`; each
+method's folder registers its tuner with one line, ``register(name, Config, Model)``.
 
 peft's ``register_peft_method`` accepts only names that are members of its ``PeftType``
 enum, which lists peft's own methods. tensornet adds its members to that enum (a
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError, PeftVersionError
+from ..method_table import METHOD_TABLE
 
 __all__ = [
     "INSTALL_HINT", "TESTED_PEFT", "METHODS", "Method", "check_peft", "peft_type", "register",
@@ -59,7 +63,7 @@ class Method:
         return self.config_cls(**{**dict(self.overrides), **fields})
 
 
-#: name -> Method, filled by :func:`register` (in the order the methods were registered).
+#: name -> Method, filled by :func:`register` from the method table (in registration order).
 METHODS: dict[str, Method] = {}
 
 
@@ -124,23 +128,36 @@ def peft_type(name: str) -> Any:
     return member
 
 
-def register(
-    name: str, config_cls: Any, model_cls: Any, *, methods: dict[str, dict[str, Any]]
-) -> None:
-    """Register one peft tuner and the tensornet methods built on it.
+def register(name: str, config_cls: Any, model_cls: Any) -> None:
+    """Register one peft tuner; the method table's rows on it become :data:`METHODS`.
+
+    The one registration line of a method's folder (``tensornet/adapters/<name>/``).
 
     Parameters
     ----------
     name : str
-        The peft method name, lower case (``"dota"``): ``PeftType.DOTA``.
+        The peft method name, lower case (``"dota"``): ``PeftType.DOTA``; the table's
+        ``peft_type`` of the methods built on it.
     config_cls, model_cls
         The config (a ``PeftConfig``) and tuner (a ``BaseTuner``) classes.
-    methods : dict
-        tensornet method name -> config overrides, e.g. ``{"qdota": {"quantize": "nf4"}}``.
+
+    Raises
+    ------
+    ConfigError
+        If no row of :data:`tensornet.method_table.METHOD_TABLE` is a tensornet method on
+        ``name`` (a tuner nothing would use), or a row's targets are not the config's.
     """
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
     from peft.utils import register_peft_method
 
+    rows = [s for s in METHOD_TABLE if s.kind == "tensornet" and s.peft_type == name]
+    if not rows:
+        raise ConfigError(f"no row of tensornet.method_table.METHOD_TABLE is a tensornet "
+                          f"method on the peft method {name!r}: add one there")
+    for spec in rows:
+        if tuple(config_cls.default_targets) != spec.targets:
+            raise ConfigError(f"{config_cls.__name__}.default_targets is not the targets of "
+                              f"{spec.name!r} in tensornet.method_table.METHOD_TABLE")
     member = peft_type(name.upper())
     known = PEFT_TYPE_TO_TUNER_MAPPING.get(member)
     if known is None:
@@ -149,5 +166,5 @@ def register(
         )
     elif known is not model_cls:  # pragma: no cover - another package took the name
         raise ConfigError(f"peft already has a method {name!r} ({known.__qualname__})")
-    for method, overrides in methods.items():
-        METHODS[method] = Method(method, name, config_cls, model_cls, tuple(overrides.items()))
+    for spec in rows:
+        METHODS[spec.name] = Method(spec.name, name, config_cls, model_cls, spec.settings)

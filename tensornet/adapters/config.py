@@ -26,6 +26,7 @@ from peft.config import PeftConfig
 
 from .._atomic import write_text_atomic
 from ..errors import AdapterFileError, ConfigError
+from ..method_table import LLAMA_TARGETS
 from .files import (
     MANIFEST_KEY,
     WEIGHTS_NAME,
@@ -46,8 +47,6 @@ __all__ = [
     "check_seed",
 ]
 
-#: The paper's targets on LLaMA: q_proj, k_proj, v_proj, up_proj and down_proj.
-LLAMA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 
 #: Keys of the saved tensors start with this (``PeftModel`` -> ``BaseTuner`` -> model).
 MODEL_PREFIX = "base_model.model."

@@ -26,6 +26,7 @@ from ..finetune.defaults import (
     METHOD_OPTIONS,
     METHODS,
 )
+from ..method_table import method_spec
 from ._args import (
     device_arg,
     int_list_arg,
@@ -131,7 +132,7 @@ def _precision(args: argparse.Namespace, device: str) -> str:
 
 def _load_dtype(method: str, dtype: str) -> str:
     """Full fine-tuning trains every weight: float32 master weights, autocast computes."""
-    return "float32" if method == "full" else dtype
+    return "float32" if method_spec(method).kind == "full" else dtype
 
 
 def _load(model: str | None, dtype: str) -> tuple[Any, Any]:

@@ -1,25 +1,11 @@
 """The fine-tuning methods: build a trainable model for a method, and save its adapter.
 
-=============  ==============================================================  ===========
-method         what trains                                                     default lr
-=============  ==============================================================  ===========
-dota           MPO cores of q, k, v, up, down (:func:`tensornet.adapters.apply_dota`)  3e-4
-dota-random    the same cores, Gaussian-initialized, residual not subtracted   3e-4
-qdota          DoTA with the frozen residual in NF4 (``quantize="nf4"``)       1e-4
-lotr           LoTR, factors shared per kind of target, ``r = rank`` (16)      3e-4
-lorta          LoRTA, one CP decomposition of q, k, v, o, ``r = rank`` (16)    3e-4
-lora           peft LoRA, ``r = lora_rank`` (32), ``alpha = r``                3e-4
-dora           peft DoRA (``use_dora=True``), ``r = lora_rank`` (32)           3e-4
-pissa          peft PiSSA (``init_lora_weights="pissa_niter_4"``), r = 16      1e-4
-qpissa         PiSSA at full precision, then the residual in NF4, r = 32       1e-4
-qlora          peft LoRA on NF4 bitsandbytes ``Linear4bit`` bases              1e-5
-full           every parameter                                                 1e-5
-=============  ==============================================================  ===========
-
-The learning rates are the DoTA paper's (appendix B: math for DoTA/LoRA/PiSSA/full,
-the quantization settings for QDoTA/QLoRA/QPiSSA); DoRA has none there and takes
-LoRA's (see :data:`tensornet.finetune.defaults.DEFAULT_LR`). LoRA, DoRA, PiSSA and QLoRA
-are Hugging Face peft's own implementations; no dropout anywhere (the paper's recipe).
+The methods, what trains in each, their default learning rates (the DoTA paper's,
+appendix B), the options they read and their targets are the rows of
+:data:`tensornet.method_table.METHOD_TABLE` (the methods table of the command's guide page
+shows it). tensornet's methods are built with :func:`tensornet.adapters.apply`; LoRA,
+DoRA, PiSSA and QLoRA are Hugging Face peft's own implementations, built from the row's
+settings on a ``LoraConfig``; no dropout anywhere (the paper's recipe).
 
 QLoRA does not go through transformers' ``load_in_4bit`` path: the target ``nn.Linear``
 layers are replaced by bitsandbytes NF4 ``Linear4bit`` layers
@@ -56,7 +42,6 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import nn
@@ -67,6 +52,7 @@ from ..adapters import METHODS as TENSOR_METHODS
 from ..adapters.base import count_parameters, find_targets, set_submodule
 from ..adapters.dota.layer import nf4_linear
 from ..errors import ConfigError
+from ..method_table import MethodSpec, method_spec
 from .defaults import DEFAULT_LR, DEFAULT_OPTIONS, METHODS
 
 __all__ = [
@@ -198,13 +184,14 @@ def build_method(
     for p in model.parameters():
         p.requires_grad_(False)
     initial = None
-    if method in TENSOR_METHODS:  # a tensornet peft method: built by get_peft_model
+    spec = method_spec(method)
+    if spec.kind == "tensornet":  # a tensornet peft method: built by get_peft_model
         model = apply(model, _tensor_config(method, opts))
-    elif method == "full":
+    elif spec.kind == "full":
         for p in model.parameters():
             p.requires_grad_(True)
     else:
-        model, initial = _peft_model(model, _BASELINES[method], opts)
+        model, initial = _peft_model(model, spec, opts)
     trainable, total = count_parameters(model)
     return BuiltMethod(method, model, trainable, total, initial)
 
@@ -238,7 +225,8 @@ def check_method(model: nn.Module, method: str, options: MethodOptions | None = 
     opts = options or MethodOptions()
     if method not in METHODS:
         raise ConfigError(f"`method` must be one of {', '.join(METHODS)}; got {method!r}")
-    if method in TENSOR_METHODS:
+    spec = method_spec(method)
+    if spec.kind == "tensornet":
         report = plan(model, _tensor_config(method, opts))
         weights = sum(lay.out_features * lay.in_features for lay in report.layers)
         attained = any(opts.rank in lay.ranks for lay in report.layers)  # not capped
@@ -248,8 +236,7 @@ def check_method(model: nn.Module, method: str, options: MethodOptions | None = 
                 f"parameters, more than the {weights:,} weights of the {len(report.layers)} "
                 f"layers it adapts; give a smaller rank"
             )
-    elif method != "full":
-        spec = _BASELINES[method]
+    elif spec.kind == "peft":
         r = getattr(opts, spec.rank_option)
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ConfigError(f"`{spec.rank_option}` must be a positive int; got {r!r}")
@@ -275,35 +262,18 @@ def _tensor_config(method: str, opts: MethodOptions) -> object:
     entry = TENSOR_METHODS[method]
     names = {f.name for f in dataclasses.fields(entry.config_cls)}
     wanted = {"rank": opts.rank, "num_cores": opts.num_cores, "seed": opts.seed}
-    if tuple(entry.config_cls.default_targets) == LLAMA_TARGETS:  # LoRTA: attention only
+    if "targets" in method_spec(method).options:  # not LoRTA: attention only
         wanted["target_modules"] = list(opts.target_modules)
     return entry.config(**{k: v for k, v in wanted.items() if k in names})
 
 
-@dataclass(frozen=True)
-class _Baseline:
-    """How a peft baseline is built: its rank option, LoRA init, DoRA, what is NF4."""
-
-    rank_option: Literal["lora_rank", "pissa_rank"]
-    init: Literal[True, "pissa_niter_4"] = True
-    use_dora: bool = False
-    quantize: Literal[None, "base", "residual"] = None
-
-
-#: The peft baselines: every name of :data:`~tensornet.finetune.defaults.BASELINES` but ``full``.
-_BASELINES: dict[str, _Baseline] = {
-    "lora": _Baseline("lora_rank"),
-    "dora": _Baseline("lora_rank", use_dora=True),
-    "pissa": _Baseline("pissa_rank", init="pissa_niter_4"),
-    "qpissa": _Baseline("lora_rank", init="pissa_niter_4", quantize="residual"),
-    "qlora": _Baseline("lora_rank", quantize="base"),
-}
-
-
 def _peft_model(
-    model: nn.Module, spec: _Baseline, opts: MethodOptions
+    model: nn.Module, spec: MethodSpec, opts: MethodOptions
 ) -> tuple[nn.Module, dict[str, torch.Tensor] | None]:
-    """The peft model of a baseline, and its initial adapter when the init is not zero."""
+    """The baseline's peft model and its initial adapter (``None`` when the init is zero).
+
+    The model is built from a ``LoraConfig`` with the table row's settings.
+    """
     from peft import LoraConfig, get_peft_model
     from peft.utils import get_peft_model_state_dict
 
@@ -311,21 +281,17 @@ def _peft_model(
     r = getattr(opts, spec.rank_option)
     if spec.quantize == "base":
         quantize_linears_nf4(model, targets)
+    settings = dict(spec.settings)
     config = LoraConfig(
-        r=r,
-        lora_alpha=r,
-        lora_dropout=0.0,
-        target_modules=targets,
-        init_lora_weights=spec.init,
-        use_dora=spec.use_dora,
-        task_type="CAUSAL_LM",
+        r=r, lora_alpha=r, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM",
+        **settings,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(opts.seed)
         peft_model = get_peft_model(model, config)
     if spec.quantize == "residual":
         _quantize_residuals_nf4(peft_model)
-    if spec.init is True:
+    if settings.get("init_lora_weights", True) is True:
         return peft_model, None
     initial = {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
     return peft_model, initial
@@ -377,7 +343,7 @@ def save_trained(built: BuiltMethod, path: str | os.PathLike[str]) -> Path:
 
 
 def _save_into(built: BuiltMethod, folder: Path) -> None:
-    if built.method == "full":
+    if method_spec(built.method).kind == "full":
         from safetensors.torch import save_file
 
         state = {k: v.detach().contiguous() for k, v in built.model.state_dict().items()}

@@ -20,13 +20,4 @@ __all__ = [
     "release_scratch",
 ]
 
-register(
-    "dota",
-    DoTAConfig,
-    DoTAModel,
-    methods={
-        "dota": {},
-        "dota-random": {"init": "random"},
-        "qdota": {"quantize": "nf4"},
-    },
-)
+register("dota", DoTAConfig, DoTAModel)  # dota, dota-random, qdota: tensornet.method_table

@@ -13,4 +13,4 @@ from .model import LoRTAModel
 __all__ = ["ATTENTION_TARGETS", "LoRTAConfig", "LoRTAIndex", "LoRTALayer", "LoRTALinear",
            "LoRTAModel"]
 
-register("lorta", LoRTAConfig, LoRTAModel, methods={"lorta": {}})
+register("lorta", LoRTAConfig, LoRTAModel)

@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 
 from ..._validate import check_positive_int, check_rank_int
 from ...errors import ConfigError
+from ...method_table import ATTENTION_TARGETS  # in the order of ``C_matrix``'s rows
 from .._registry import peft_type
 from ..config import (
     TUNER_PREFIX,
@@ -17,9 +18,6 @@ from ..config import (
 )
 
 __all__ = ["ATTENTION_TARGETS", "FACTORS", "LoRTAConfig", "lorta_num_params"]
-
-#: LoRTA's targets: the four attention projections, in the order of ``C_matrix``'s rows.
-ATTENTION_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 #: The CP factors, in the order they are drawn (``C_kv_head`` only with grouped-query
 #: attention and K or V adapted).

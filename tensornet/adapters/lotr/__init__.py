@@ -11,4 +11,4 @@ from .model import LoTRModel
 
 __all__ = ["LoTRConfig", "LoTRLayer", "LoTRLinear", "LoTRModel"]
 
-register("lotr", LoTRConfig, LoTRModel, methods={"lotr": {}})
+register("lotr", LoTRConfig, LoTRModel)
