@@ -158,7 +158,10 @@ _PRIVATE_ATTR = re.compile(r"\b(?:bnb|bnbf|bitsandbytes|transformers)(?:\.\w+)*\
 #: transformers' internals the shims of _compat/hf.py reach, on objects of any name
 #: (``args._n_gpu``, ``vars(args)["_setup_devices"]``, ``model.hf_quantizer.remove_...``)
 HF_INTERNALS = ("_setup_devices", "_n_gpu", "remove_quantization_config")
-_HF_INTERNAL = re.compile(r"""(?:\.|\[\s*["'])(""" + "|".join(HF_INTERNALS) + r")\b")
+#: bitsandbytes' internal switches of a CPU Linear4bit (not underscored, still internal)
+BNB_INTERNALS = ("support_avx512bf16_for_cpu", "packing_format_for_cpu")
+_HF_INTERNAL = re.compile(
+    r"""(?:\.|\[\s*["'])(""" + "|".join(HF_INTERNALS + BNB_INTERNALS) + r")\b")
 
 
 def test_no_foreign_private_name_outside_the_compat_layer():

@@ -40,6 +40,7 @@ import torch
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
+from ..._compat.bnb import keep_one_cpu_kernel
 from ..._compat.peft import BufferDict, LayerHooks
 from ..._compat.torch import ModuleHooks, own_buffers, own_parameters
 from ...errors import ConfigError, DTypeError
@@ -578,8 +579,5 @@ def nf4_linear(
     )
     if bias is not None:
         layer.bias = nn.Parameter(bias.detach().to(compute_dtype), requires_grad=False)
-    # bitsandbytes would repack the weight for another CPU kernel on the first inference
-    # forward, whose results differ from the training path's; one kernel keeps the
-    # layer's outputs the same in train and eval mode and after a reload
-    layer.support_avx512bf16_for_cpu = False
+    keep_one_cpu_kernel(layer)  # same outputs in train and eval mode, and after a reload
     return layer.to(device)  # quantizes there (Params4bit.to)
