@@ -125,6 +125,20 @@ def plan(model: nn.Module, config: TensornetConfig) -> AdapterReport:
     >>> report = plan(model, DoTAConfig(rank=8, num_cores=3))
     >>> report.method, len(report.layers), report.trainable_params
     ('dota', 10, 16640)
+
+    The three methods at their defaults on LLaMA-2-7B (as in the tables of
+    :doc:`/guide/parameter-counts`):
+
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> from tensornet.adapters import LoRTAConfig, LoTRConfig
+    >>> cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+    ...                   num_attention_heads=32, vocab_size=32000)
+    >>> with torch.device("meta"):
+    ...     llama2 = LlamaForCausalLM(cfg)
+    >>> [plan(llama2, c).trainable_params for c in (DoTAConfig(), LoTRConfig(), LoRTAConfig())]
+    [10043392, 917504, 68672]
+    >>> f"{100 * plan(llama2, DoTAConfig()).trainable_share:.3f}%"
+    '0.149%'
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"`model` must be a torch.nn.Module; got {type(model).__name__}")
@@ -182,15 +196,10 @@ def plan_dota(
 
     Examples
     --------
-    >>> import torch
-    >>> from transformers import LlamaConfig, LlamaForCausalLM
-    >>> cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-    ...                   num_attention_heads=32, vocab_size=32000)
-    >>> with torch.device("meta"):
-    ...     llama2 = LlamaForCausalLM(cfg)
-    >>> report = plan_dota(llama2)          # the paper's defaults: N=5, R=16
-    >>> report.trainable_params, f"{100 * report.trainable_share:.3f}%"
-    (10043392, '0.149%')
+    >>> from tensornet.adapters import tiny_llama
+    >>> report = plan_dota(tiny_llama(), num_cores=3)   # LLaMA-2-7B: see :func:`plan`
+    >>> report.layers[0].out_modes, report.layers[0].in_modes, report.trainable_params
+    ((4, 4, 4), (4, 4, 4), 53504)
     """
     return plan(model, resolve_config(config, DoTAConfig, overrides))
 
@@ -243,15 +252,10 @@ def plan_lotr(
 
     Examples
     --------
-    >>> import torch
-    >>> from transformers import LlamaConfig, LlamaForCausalLM
-    >>> cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-    ...                   num_attention_heads=32, vocab_size=32000)
-    >>> with torch.device("meta"):
-    ...     llama2 = LlamaForCausalLM(cfg)
-    >>> report = plan_lotr(llama2)          # r = 16 on q, k, v, up, down
-    >>> report.trainable_params, f"{100 * report.trainable_share:.4f}%"
-    (917504, '0.0136%')
+    >>> from tensornet.adapters import tiny_llama
+    >>> report = plan_lotr(tiny_llama(), rank=4)   # LLaMA-2-7B: see :func:`plan`
+    >>> report.trainable_params, report.extra["shared_params"]
+    (2976, 2816)
     """
     return plan(model, resolve_config(config, LoTRConfig, overrides))
 
@@ -303,13 +307,8 @@ def plan_lorta(
 
     Examples
     --------
-    >>> import torch
-    >>> from transformers import LlamaConfig, LlamaForCausalLM
-    >>> cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-    ...                   num_attention_heads=32, vocab_size=32000)
-    >>> with torch.device("meta"):
-    ...     llama2 = LlamaForCausalLM(cfg)
-    >>> plan_lorta(llama2).trainable_params        # r = 16: 16 (4096 + 128 + 32 + 4 + 32)
-    68672
+    >>> from tensornet.adapters import tiny_llama
+    >>> plan_lorta(tiny_llama(), rank=4).trainable_params   # 4 (64 + 16 + 4 + 2 + 4 + 2)
+    368
     """
     return plan(model, resolve_config(config, LoRTAConfig, overrides))
