@@ -1,8 +1,9 @@
 """Result objects: :class:`MPO` (tensor-train matrix) and :class:`TensorTrain`.
 
 Both also compute in the format (rounding, canonical forms, sums, inner products and
-norms, never the dense matrix): the methods are defined once below, shared by the two
-classes, over the kernels of :mod:`tensornet.ttops`.
+norms, never the dense matrix): what they share (the fields and their checks, the
+parameter count and these operations, over the kernels of :mod:`tensornet.ttops`) is
+defined once, on their private base class ``_CoreChain``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
@@ -89,9 +90,9 @@ def _cores_of(obj: Any, name: str) -> tuple[Any, ...]:
 
 
 # ---------------------------------------------------------------------------------------
-# Operations in the format (tensornet.ttops), shared by MPO and TensorTrain: each function
-# below is assigned in both class bodies, so that it is documented on both pages. An MPO
-# works on its cores reshaped to (R_{k-1}, I_k J_k, R_k).
+# Operations in the format (tensornet.ttops), shared by MPO and TensorTrain through their
+# base class _CoreChain (documented on both classes' pages: docs' class-train template). An
+# MPO works on its cores reshaped to (R_{k-1}, I_k J_k, R_k).
 
 _Train = TypeVar("_Train", "MPO", "TensorTrain")
 
@@ -307,7 +308,53 @@ def _mul(self: _Train, c: Any) -> _Train:
 
 
 @dataclass(frozen=True, eq=False)
-class MPO:
+class _CoreChain:
+    """What :class:`MPO` and :class:`TensorTrain` share: cores, error fields, operations.
+
+    The chain of cores (checked), the error fields of a decomposition, the parameter count
+    and the operations in the format. A subclass sets ``_order`` (axes of a core) and
+    ``_what`` (its name in messages), and gives ``_tt_cores`` / ``_from_tt_cores`` (its
+    cores as, and from, 3-D train cores), ``_modes`` and ``_describe_modes``.
+    """
+
+    cores: tuple[Any, ...]
+    error_bound: float | None = None
+    relative_error: float | None = None
+    singular_values: tuple[np.ndarray, ...] | None = field(default=None, repr=False)
+    ranks: tuple[int, ...] = field(init=False)
+
+    _order: ClassVar[int]
+    _what: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        cores, ranks = _check_chain(self.cores, self._order, self._what)
+        _check_error_fields(self)
+        object.__setattr__(self, "cores", cores)
+        object.__setattr__(self, "ranks", ranks)
+
+    @property
+    def num_params(self) -> int:
+        """Total number of core entries (for an MPO, the DoTA paper's ``rho``)."""
+        return int(sum(int(np.prod(c.shape)) for c in self.cores))
+
+    # operations in the format (the module-level functions above)
+    __array_ufunc__ = None  # numpy defers ``np.float64(2) * x`` to __rmul__
+    round = _round
+    canonicalize = _canonicalize
+    inner = _inner
+    norm = _norm
+    __add__ = _add
+    __sub__ = _sub
+    __neg__ = _neg
+    __mul__ = _mul
+    __rmul__ = _mul
+
+    def _error_repr(self) -> str:
+        return "n/a" if self.relative_error is None else f"{self.relative_error:.3e}"
+
+
+@dataclass(frozen=True, eq=False)
+class MPO(_CoreChain):
     """A matrix product operator (tensor-train matrix) approximating a weight matrix.
 
     Returned by :func:`tensornet.mpo_decompose`; can also be built from cores.
@@ -367,17 +414,8 @@ class MPO:
     ((1, 8, 1), 2.0, (1, 1, 1))
     """
 
-    cores: tuple[Any, ...]
-    error_bound: float | None = None
-    relative_error: float | None = None
-    singular_values: tuple[np.ndarray, ...] | None = field(default=None, repr=False)
-    ranks: tuple[int, ...] = field(init=False)
-
-    def __post_init__(self) -> None:
-        cores, ranks = _check_chain(self.cores, 4, "an MPO")
-        _check_error_fields(self)
-        object.__setattr__(self, "cores", cores)
-        object.__setattr__(self, "ranks", ranks)
+    _order = 4
+    _what = "an MPO"
 
     @property
     def num_cores(self) -> int:
@@ -400,11 +438,6 @@ class MPO:
         return int(np.prod(self.out_modes)), int(np.prod(self.in_modes))
 
     @property
-    def num_params(self) -> int:
-        """Total number of core entries (the paper's ``rho``)."""
-        return int(sum(int(np.prod(c.shape)) for c in self.cores))
-
-    @property
     def compression_ratio(self) -> float:
         """Dense entries divided by :attr:`num_params`."""
         rows, cols = self.shape
@@ -423,18 +456,6 @@ class MPO:
         from tensorly.tt_matrix import TTMatrix
 
         return TTMatrix(list(self.cores))
-
-    # operations in the format (module-level functions above, shared with TensorTrain)
-    __array_ufunc__ = None  # numpy defers ``np.float64(2) * x`` to __rmul__
-    round = _round
-    canonicalize = _canonicalize
-    inner = _inner
-    norm = _norm
-    __add__ = _add
-    __sub__ = _sub
-    __neg__ = _neg
-    __mul__ = _mul
-    __rmul__ = _mul
 
     def _tt_cores(self) -> tuple[Any, ...]:
         return tuple(c.reshape(c.shape[0], -1, c.shape[3]) for c in self.cores)
@@ -460,16 +481,15 @@ class MPO:
         return cls(_cores_of(tt_matrix, "tt_matrix"))
 
     def __repr__(self) -> str:
-        err = "n/a" if self.relative_error is None else f"{self.relative_error:.3e}"
         return (
             f"MPO(shape={self.shape}, out_modes={list(self.out_modes)}, "
             f"in_modes={list(self.in_modes)}, ranks={list(self.ranks)}, "
-            f"num_params={self.num_params}, relative_error={err})"
+            f"num_params={self.num_params}, relative_error={self._error_repr()})"
         )
 
 
 @dataclass(frozen=True, eq=False)
-class TensorTrain:
+class TensorTrain(_CoreChain):
     """A tensor train approximating an N-d array.
 
     Returned by :func:`tensornet.tt_decompose`; can also be built from cores.
@@ -505,27 +525,13 @@ class TensorTrain:
     ((3, 4), (1, 2, 1), (3, 4))
     """
 
-    cores: tuple[Any, ...]
-    error_bound: float | None = None
-    relative_error: float | None = None
-    singular_values: tuple[np.ndarray, ...] | None = field(default=None, repr=False)
-    ranks: tuple[int, ...] = field(init=False)
-
-    def __post_init__(self) -> None:
-        cores, ranks = _check_chain(self.cores, 3, "a tensor train")
-        _check_error_fields(self)
-        object.__setattr__(self, "cores", cores)
-        object.__setattr__(self, "ranks", ranks)
+    _order = 3
+    _what = "a tensor train"
 
     @property
     def shape(self) -> tuple[int, ...]:
         """Mode sizes ``d_1..d_N`` of the represented tensor."""
         return tuple(int(c.shape[1]) for c in self.cores)
-
-    @property
-    def num_params(self) -> int:
-        """Total number of core entries."""
-        return int(sum(int(np.prod(c.shape)) for c in self.cores))
 
     def to_dense(self) -> Any:
         """Contract the cores into the full tensor."""
@@ -540,18 +546,6 @@ class TensorTrain:
         from tensorly.tt_tensor import TTTensor
 
         return TTTensor(list(self.cores))
-
-    # operations in the format (module-level functions above, shared with MPO)
-    __array_ufunc__ = None  # numpy defers ``np.float64(2) * x`` to __rmul__
-    round = _round
-    canonicalize = _canonicalize
-    inner = _inner
-    norm = _norm
-    __add__ = _add
-    __sub__ = _sub
-    __neg__ = _neg
-    __mul__ = _mul
-    __rmul__ = _mul
 
     def _tt_cores(self) -> tuple[Any, ...]:
         return self.cores
@@ -571,8 +565,7 @@ class TensorTrain:
         return cls(_cores_of(tt_tensor, "tt_tensor"))
 
     def __repr__(self) -> str:
-        err = "n/a" if self.relative_error is None else f"{self.relative_error:.3e}"
         return (
             f"TensorTrain(shape={self.shape}, ranks={list(self.ranks)}, "
-            f"num_params={self.num_params}, relative_error={err})"
+            f"num_params={self.num_params}, relative_error={self._error_repr()})"
         )
