@@ -116,10 +116,29 @@ class TensornetTuner(TunerHooks):
         """``(layer reports, trainable parameters, extra)`` of the adapter on ``targets``."""
         raise NotImplementedError
 
+    def build_layer(self, config: Any, adapter_name: str, target: nn.Module,
+                    key: str) -> nn.Module | None:
+        """The method's layer around ``target`` (module ``key``) with the new adapter.
+
+        None when ``target`` is such a layer already: the adapter is added to it.
+        """
+        raise NotImplementedError
+
     def _drop_shared(self, adapter_name: str) -> None:
         """Remove the adapter's model-level (shared) state, if the method has any."""
 
     # -- the framework ------------------------------------------------------------------
+    def create_and_replace(self, config: Any, adapter_name: str, target: nn.Module,
+                           target_name: str, parent: nn.Module, current_key: str,
+                           **optional_kwargs: Any) -> None:
+        """Build the layer of ``target`` (:meth:`build_layer`) and put it in its place."""
+        new = self.build_layer(config, adapter_name, target, current_key)
+        if new is None:  # the adapter went into the layer ``target`` already is
+            return
+        if adapter_name not in self.active_adapters:
+            new.requires_grad_(False)  # an added adapter is not trainable until activated
+        self.replace_module(parent, target_name, new, target)
+
     @classmethod
     def is_supported(cls, module: nn.Module) -> bool:
         """True for a layer type the method adapts."""

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
@@ -86,27 +84,15 @@ class DoTAModel(TensornetTuner):
                                       t.record.get("relative_error")))
         return tuple(layers), sum(lay.num_params for lay in layers), {}
 
-    def create_and_replace(
-        self,
-        config: DoTAConfig,
-        adapter_name: str,
-        target: nn.Module,
-        target_name: str,
-        parent: nn.Module,
-        current_key: str,
-        **optional_kwargs: Any,
-    ) -> None:
-        """Build the DoTA layer of ``target`` (or add the adapter to it): cores from its record."""
-        t = self._targets[current_key]
+    def build_layer(self, config: DoTAConfig, adapter_name: str, target: nn.Module,
+                    key: str) -> DoTALinear | None:
+        """The DoTA layer of ``target`` (or the adapter added to it): cores from its record."""
         restoring = self._placeholders
-        cores, init = _initial_cores(t, config, restoring=restoring)
+        cores, init = _initial_cores(self._targets[key], config, restoring=restoring)
         if isinstance(target, DoTALinear):
             target.update_layer(adapter_name, config, cores, init, restoring=restoring)
-            return
-        new = DoTALinear(target, adapter_name, config, cores, init, restoring=restoring)
-        if adapter_name not in self.active_adapters:
-            new.requires_grad_(False)  # an added adapter is not trainable until activated
-        self.replace_module(parent, target_name, new, target)
+            return None
+        return DoTALinear(target, adapter_name, config, cores, init, restoring=restoring)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Delete as peft's ``delete_adapter`` does; a QDoTA adapter is refused first.

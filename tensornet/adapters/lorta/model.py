@@ -99,20 +99,12 @@ class LoRTAModel(SharedStateTuner):
         dims = {k: v for k, v in d.items() if k not in ("layer", "proj")}
         return layers, total, {"shared_params": total, "gqa": gqa, **dims}
 
-    def create_and_replace(
-        self,
-        config: LoRTAConfig,
-        adapter_name: str,
-        target: nn.Module,
-        target_name: str,
-        parent: nn.Module,
-        current_key: str,
-        **optional_kwargs: Any,
-    ) -> None:
-        """Build the LoRTA layer of ``target`` (or add the adapter to it); factors made once."""
+    def build_layer(self, config: LoRTAConfig, adapter_name: str, target: nn.Module,
+                    key: str) -> LoRTALinear | None:
+        """The LoRTA layer of ``target`` (or the adapter added to it); factors made once."""
         if adapter_name not in self.lorta_A:
             self._build_factors(config, adapter_name)
-        rec = self._targets[current_key].record["lorta"]
+        rec = self._targets[key].record["lorta"]
         proj = rec["proj"]
         kv = proj in ("k_proj", "v_proj")
         index = LoRTAIndex(
@@ -126,11 +118,8 @@ class LoRTAModel(SharedStateTuner):
         )
         if isinstance(target, LoRTALinear):
             target.update_layer(adapter_name, config, index)
-            return
-        new = LoRTALinear(target, adapter_name, self._factors(), config, index)
-        if adapter_name not in self.active_adapters:
-            new.requires_grad_(False)  # an added adapter is not trainable until activated
-        self.replace_module(parent, target_name, new, target)
+            return None
+        return LoRTALinear(target, adapter_name, self._factors(), config, index)
 
     def _factors(self) -> dict[str, nn.ParameterDict]:
         return {name: getattr(self, f"lorta_{name}") for name in FACTORS}

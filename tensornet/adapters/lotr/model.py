@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import nn
@@ -89,29 +88,17 @@ class LoTRModel(SharedStateTuner):
         )
         return layers, total, {"shared_params": total - r * r * len(targets)}
 
-    def create_and_replace(
-        self,
-        config: LoTRConfig,
-        adapter_name: str,
-        target: nn.Module,
-        target_name: str,
-        parent: nn.Module,
-        current_key: str,
-        **optional_kwargs: Any,
-    ) -> None:
-        """Build the LoTR layer of ``target`` (or add the adapter to it); pairs made once."""
+    def build_layer(self, config: LoTRConfig, adapter_name: str, target: nn.Module,
+                    key: str) -> LoTRLinear | None:
+        """The LoTR layer of ``target`` (or the adapter added to it); pairs made once."""
         if adapter_name not in self.lotr_A:
             self._build_pairs(config, adapter_name)
-        t = self._targets[current_key]
-        core = _initial_core(t, config, placeholder=self._placeholders)
-        kind = kind_of(current_key)
+        core = _initial_core(self._targets[key], config, placeholder=self._placeholders)
+        kind = kind_of(key)
         if isinstance(target, LoTRLinear):
             target.update_layer(adapter_name, config, kind, core)
-            return
-        new = LoTRLinear(target, adapter_name, (self.lotr_A, self.lotr_B), config, kind, core)
-        if adapter_name not in self.active_adapters:
-            new.requires_grad_(False)  # an added adapter is not trainable until activated
-        self.replace_module(parent, target_name, new, target)
+            return None
+        return LoTRLinear(target, adapter_name, (self.lotr_A, self.lotr_B), config, kind, core)
 
     def _build_pairs(self, config: LoTRConfig, adapter_name: str) -> None:
         """``A`` and ``B`` of every kind the adapter's targets hold (drawn, or placeholders)."""
