@@ -1,4 +1,4 @@
-"""tensornet.adapters.models: tiny random LLaMA, offline SmolLM2 loading and its cache."""
+"""tensornet.models: tiny random LLaMA, offline SmolLM2 loading and its cache."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from tokenizers import Tokenizer, pre_tokenizers
 from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
 
-from tensornet.adapters import models
-from tensornet.adapters.models import DEFAULT_MODEL, default_cache_dir, load_pretrained, tiny_llama
 from tensornet.errors import ConfigError, DTypeError
+from tensornet.models import DEFAULT_MODEL, default_cache_dir, load_pretrained, tiny_llama
+from tensornet.models import loading as models
 
 MARKER = models._MARKER
 

@@ -34,6 +34,7 @@ for _folder in dict.fromkeys(s.peft_type for s in METHOD_TABLE if s.kind == "ten
     importlib.import_module(f".{_folder}", __name__)
 del _folder
 
+from ..models import DEFAULT_MODEL, load_pretrained, tiny_llama  # noqa: E402
 from .base import AdapterReport, LayerReport  # noqa: E402
 from .dota import LLAMA_TARGETS, DoTAConfig, DoTALinear, DoTAModel, random_cores  # noqa: E402
 from .entry import (  # noqa: E402
@@ -51,7 +52,6 @@ from .lorta import ATTENTION_TARGETS, LoRTAConfig, LoRTALinear, LoRTAModel  # no
 from .lorta.config import lorta_num_params  # noqa: E402
 from .lotr import LoTRConfig, LoTRLinear, LoTRModel  # noqa: E402
 from .lotr.config import lotr_num_params  # noqa: E402
-from .models import DEFAULT_MODEL, load_pretrained, tiny_llama  # noqa: E402
 
 __all__ = [
     "ATTENTION_TARGETS",

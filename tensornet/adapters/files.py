@@ -296,7 +296,7 @@ def write_model_card(folder: str | os.PathLike, config: object) -> None:
     shape = ", ".join(f"{k} = {getattr(config, k)}" for k in ("rank", "num_cores")
                       if getattr(config, k, None) is not None)
     from .. import __version__
-    from .models import describe_base
+    from ..models import describe_base
 
     path = getattr(config, "base_model_name_or_path", None)
     base = f"`{path}`" if path else "its base model"

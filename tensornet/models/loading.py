@@ -59,7 +59,7 @@ def default_cache_dir() -> pathlib.Path:
 
     Examples
     --------
-    >>> from tensornet.adapters.models import default_cache_dir
+    >>> from tensornet.models import default_cache_dir
     >>> isinstance(default_cache_dir(), pathlib.Path)
     True
     """
@@ -78,7 +78,7 @@ def describe_base(name_or_path: str | os.PathLike[str] | None) -> str | None:
 
     Examples
     --------
-    >>> from tensornet.adapters.models import describe_base
+    >>> from tensornet.models import describe_base
     >>> describe_base("/no/such/folder") is None
     True
     """
@@ -141,7 +141,7 @@ def load_pretrained(
     Examples
     --------
     >>> import torch
-    >>> from tensornet.adapters.models import load_pretrained
+    >>> from tensornet.models import load_pretrained
     >>> model, tokenizer = load_pretrained()  # doctest: +SKIP
     >>> model.config.hidden_size, model.config.num_hidden_layers  # doctest: +SKIP
     (576, 30)
@@ -217,7 +217,7 @@ def tiny_llama(
     Examples
     --------
     >>> import torch
-    >>> from tensornet.adapters.models import tiny_llama
+    >>> from tensornet.models import tiny_llama
     >>> model = tiny_llama()
     >>> model.model.layers[0].self_attn.k_proj
     Linear(in_features=64, out_features=32, bias=False)
