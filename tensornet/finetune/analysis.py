@@ -13,14 +13,14 @@ import io
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from .._atomic import save_figure_atomic, write_text_atomic
-from ..adapters import LLAMA_TARGETS, plan_dota
+from ..adapters import LLAMA_TARGETS, LayerReport, plan_dota
 from ..adapters.base import dense_weight
 from ..decompose import mpo_decompose
 
@@ -31,20 +31,26 @@ CSV_FILE = "decompose.csv"
 PLOT_FILE = "error_vs_rank.png"
 
 
-@dataclass(frozen=True)
-class LayerDecomposition:
-    """One layer's MPO at the chosen ``N`` and ``R``."""
+@dataclass(frozen=True, kw_only=True)
+class LayerDecomposition(LayerReport):
+    """One layer's MPO at the chosen ``N`` and ``R``.
 
-    name: str
+    The adapters' :class:`~tensornet.adapters.LayerReport` (here with the decomposition's
+    ranks, parameters and relative error) and the kind of the layer (``"q"``, ``"up"``,
+    ...), a keyword argument.
+    """
+
     kind: str
-    out_features: int
-    in_features: int
-    out_modes: tuple[int, ...]
-    in_modes: tuple[int, ...]
-    ranks: tuple[int, ...]
-    num_params: int
-    dense_params: int
-    relative_error: float
+
+    @property
+    def dense_params(self) -> int:
+        """Entries of the dense weight, ``out_features * in_features``."""
+        return self.out_features * self.in_features
+
+
+#: The keys of a layer's entry in ``decompose.json``, in their order.
+_LAYER_KEYS = ("name", "kind", "out_features", "in_features", "out_modes", "in_modes", "ranks",
+               "num_params", "dense_params", "relative_error")
 
 
 @dataclass
@@ -75,7 +81,7 @@ class DecomposeReport:
             "tol": self.tol,
             "total_model_params": self.total_params,
             "mpo_params": self.mpo_params,
-            "layers": [asdict(lay) for lay in self.layers],
+            "layers": [{k: getattr(lay, k) for k in _LAYER_KEYS} for lay in self.layers],
             "sweep": {
                 k: [{"rank": r, "params": p, "relative_error": e} for r, p, e in pts]
                 for k, pts in self.sweep.items()
@@ -123,9 +129,9 @@ def decompose_model(
         first_of_kind.setdefault(kind, (lay.name, weight))
         report.layers.append(
             LayerDecomposition(
-                lay.name, kind, lay.out_features, lay.in_features, tuple(lay.out_modes),
+                lay.name, lay.out_features, lay.in_features, tuple(lay.out_modes),
                 tuple(lay.in_modes), tuple(mpo.ranks), int(mpo.num_params),
-                lay.out_features * lay.in_features, float(mpo.relative_error),
+                float(mpo.relative_error), kind=kind,
             )
         )
     for kind, (name, weight) in first_of_kind.items():
