@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_dir", "write_text_atomic", "save_figure_atomic"]
+__all__ = ["atomic_dir", "atomic_figure", "write_text_atomic", "save_figure_atomic"]
 
 
 def _umask() -> int:
@@ -75,6 +75,26 @@ def save_figure_atomic(fig: Any, path: str | os.PathLike[str], **kwargs: Any) ->
     with _temporary_file(path) as tmp:
         fig.savefig(tmp, **kwargs)
     return path
+
+
+@contextmanager
+def atomic_figure(path: str | os.PathLike[str], *, dpi: int = 120) -> Iterator[Any]:
+    """Yield the axes of a new 6.5 x 4.2 in matplotlib figure (Agg backend).
+
+    When the block succeeds the figure is saved to ``path`` (:func:`save_figure_atomic`);
+    it is closed in any case.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), constrained_layout=True)
+    try:
+        yield ax
+        save_figure_atomic(fig, path, dpi=dpi)
+    finally:
+        plt.close(fig)
 
 
 @contextmanager

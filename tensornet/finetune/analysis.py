@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from .._atomic import save_figure_atomic, write_text_atomic
+from .._atomic import atomic_figure, write_text_atomic
 from ..adapters import LLAMA_TARGETS, LayerReport, plan_dota
 from ..adapters.base import dense_weight
 from ..decompose import mpo_decompose
@@ -179,24 +179,16 @@ def write_report(report: DecomposeReport, out_dir: str | os.PathLike[str]) -> di
 
 
 def _plot(report: DecomposeReport, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.2), constrained_layout=True)
-    for i, (kind, pts) in enumerate(report.sweep.items()):
-        ax.plot([p[0] for p in pts], [p[2] for p in pts], "o-", color=f"C{i}",
-                label=f"{kind} ({report.sweep_layers[kind]})")
-    ax.set_xscale("log", base=2)
-    ticks = sorted({p[0] for pts in report.sweep.values() for p in pts})
-    ax.set_xticks(ticks, labels=[str(t) for t in ticks])
-    ax.minorticks_off()
-    ax.set(xlabel="rank cap R", ylabel="relative error ||W - MPO||_F / ||W||_F")
-    ax.set_title(f"{report.model}: MPO error vs rank (N={report.num_cores})", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    try:
-        return save_figure_atomic(fig, path, dpi=120)
-    finally:
-        plt.close(fig)
+    with atomic_figure(path) as ax:
+        for i, (kind, pts) in enumerate(report.sweep.items()):
+            ax.plot([p[0] for p in pts], [p[2] for p in pts], "o-", color=f"C{i}",
+                    label=f"{kind} ({report.sweep_layers[kind]})")
+        ax.set_xscale("log", base=2)
+        ticks = sorted({p[0] for pts in report.sweep.values() for p in pts})
+        ax.set_xticks(ticks, labels=[str(t) for t in ticks])
+        ax.minorticks_off()
+        ax.set(xlabel="rank cap R", ylabel="relative error ||W - MPO||_F / ||W||_F")
+        ax.set_title(f"{report.model}: MPO error vs rank (N={report.num_cores})", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return path

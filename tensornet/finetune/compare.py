@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .._atomic import save_figure_atomic, write_text_atomic
+from .._atomic import atomic_figure, write_text_atomic
 from .callbacks import Callback
 from .devices import is_main_process, wait_for_everyone
 from .evaluate import evaluate_accuracy
@@ -236,63 +236,46 @@ def markdown_table(summary: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_val_loss(runs: Sequence[dict[str, Any]], path: str | os.PathLike[str]) -> Path:
     """Validation loss against step per method: mean over seeds, band of one std."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.2), constrained_layout=True)
     by_method: dict[str, list[dict[str, Any]]] = {}
     for r in runs:
         by_method.setdefault(r["method"], []).append(r)
-    for i, (method, rs) in enumerate(by_method.items()):
-        steps = sorted({s for r in rs for s, _ in r["val_loss"]})
-        table = [dict(r["val_loss"]) for r in rs]
-        mean, std = [], []
-        for s in steps:
-            m, d = _mean_std([t.get(s, math.nan) for t in table])
-            mean.append(m)
-            std.append(d)
-        mean_a, std_a = np.array(mean), np.array(std)
-        ax.plot(steps, mean_a, "o-", ms=3, color=f"C{i}", label=f"{method} (n={len(rs)})")
-        if len(rs) > 1:
-            ax.fill_between(steps, mean_a - std_a, mean_a + std_a, color=f"C{i}", alpha=0.2)
-    ax.set(xlabel="step", ylabel="validation loss (per response token)")
-    ax.set_title("validation loss vs step (mean ± std over seeds)", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    try:
-        return save_figure_atomic(fig, path, dpi=120)
-    finally:
-        plt.close(fig)
+    with atomic_figure(path) as ax:
+        for i, (method, rs) in enumerate(by_method.items()):
+            steps = sorted({s for r in rs for s, _ in r["val_loss"]})
+            table = [dict(r["val_loss"]) for r in rs]
+            mean, std = [], []
+            for s in steps:
+                m, d = _mean_std([t.get(s, math.nan) for t in table])
+                mean.append(m)
+                std.append(d)
+            mean_a, std_a = np.array(mean), np.array(std)
+            ax.plot(steps, mean_a, "o-", ms=3, color=f"C{i}", label=f"{method} (n={len(rs)})")
+            if len(rs) > 1:
+                ax.fill_between(steps, mean_a - std_a, mean_a + std_a, color=f"C{i}", alpha=0.2)
+        ax.set(xlabel="step", ylabel="validation loss (per response token)")
+        ax.set_title("validation loss vs step (mean ± std over seeds)", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return Path(path)
 
 
 def plot_accuracy_vs_params(
     summary: Sequence[dict[str, Any]], path: str | os.PathLike[str]
 ) -> Path:
     """Test accuracy against trainable parameters (log x axis), one point per method."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.2), constrained_layout=True)
-    for i, r in enumerate(summary):
-        ax.errorbar(
-            [r["trainable_params"]], [r["test_accuracy"]],
-            yerr=[r["test_accuracy_std"]] if len(r["seeds"]) > 1 else None,
-            fmt="o", color=f"C{i}", capsize=3, label=r["method"],
-        )
-        ax.annotate(r["method"], (r["trainable_params"], r["test_accuracy"]),
-                    textcoords="offset points", xytext=(5, 5), fontsize=8)
-    ax.set_xscale("log")
-    ax.set(xlabel="trainable parameters (log scale)", ylabel="test accuracy (exact match)")
-    ax.set_title("accuracy vs trainable parameters", fontsize=10)
-    ax.grid(alpha=0.3)
-    try:
-        return save_figure_atomic(fig, path, dpi=120)
-    finally:
-        plt.close(fig)
+    with atomic_figure(path) as ax:
+        for i, r in enumerate(summary):
+            ax.errorbar(
+                [r["trainable_params"]], [r["test_accuracy"]],
+                yerr=[r["test_accuracy_std"]] if len(r["seeds"]) > 1 else None,
+                fmt="o", color=f"C{i}", capsize=3, label=r["method"],
+            )
+            ax.annotate(r["method"], (r["trainable_params"], r["test_accuracy"]),
+                        textcoords="offset points", xytext=(5, 5), fontsize=8)
+        ax.set_xscale("log")
+        ax.set(xlabel="trainable parameters (log scale)", ylabel="test accuracy (exact match)")
+        ax.set_title("accuracy vs trainable parameters", fontsize=10)
+        ax.grid(alpha=0.3)
+    return Path(path)
