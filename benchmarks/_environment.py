@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -95,6 +96,18 @@ def print_environment(env: dict[str, Any], versions: Mapping[str, str] | None = 
     print(f"# torch threads     {env['torch_threads']} (interop {env['torch_interop_threads']})")
     for pool in env["thread_pools"]:
         print(f"# thread pool       {pool}")
+
+
+def print_overall(env: dict[str, Any], overall: bool, *, quick: bool) -> None:
+    """The closing lines: the load average at the end, and the run's verdict."""
+    print(f"\n# load avg at end {env['load_avg_end']}")
+    print(f"# overall: {'PASS' if overall else 'FAIL'}"
+          f"{' (QUICK smoke run: sizes are not the goal sizes)' if quick else ''}")
+
+
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The command line's options, JSON-ready (paths as strings)."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
 
 
 def write_json(path: Path | None, result: dict[str, Any]) -> None:

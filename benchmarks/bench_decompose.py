@@ -24,7 +24,6 @@ test on small matrices (its numbers mean nothing).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -36,7 +35,8 @@ from typing import Any
 import numpy as np
 import tensorly as tl
 import torch
-from _environment import environment, print_environment
+from _environment import environment, print_environment, print_overall, settings, write_json
+from _shapes import FULL_SHAPES, QUICK_SHAPES
 from tensorly.decomposition import tensor_train_matrix
 from tensorly.tt_matrix import tt_matrix_to_matrix
 
@@ -48,17 +48,6 @@ GOAL_ERR_DIFF_PCT = 0.1  # (tensornet_err - tensorly_err) / tensorly_err * 100, 
 GOAL_MODEL_SECONDS = 120.0  # all layers of LLaMA-2-7B, at most
 LLAMA_LAYERS = 32
 
-# (name, out_modes, in_modes); W has shape (prod(out_modes), prod(in_modes)) = (out, in)
-FULL_CASES = [
-    ("a 4096x4096 (q/k/v)", (4, 4, 8, 8, 4), (4, 4, 8, 8, 4)),
-    ("b 4096x11008 (down_proj)", (4, 4, 8, 8, 4), (4, 4, 43, 4, 4)),
-    ("c 11008x4096 (up_proj)", (4, 4, 43, 4, 4), (4, 4, 8, 8, 4)),
-]
-QUICK_CASES = [
-    ("a 1024x1024 (quick)", (4, 4, 4, 4, 4), (4, 4, 4, 4, 4)),
-    ("b 1024x2752 (quick)", (4, 4, 4, 4, 4), (4, 4, 43, 2, 2)),
-    ("c 2752x1024 (quick)", (4, 4, 43, 2, 2), (4, 4, 4, 4, 4)),
-]
 # The five DoTA target matrices of one LLaMA-2-7B layer: (name, out_features, in_features).
 FULL_LAYER = [
     ("q_proj", 4096, 4096),
@@ -334,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# {line}")
     sys.stdout.flush()
 
-    cases = QUICK_CASES if args.quick else FULL_CASES
+    cases = QUICK_SHAPES if args.quick else FULL_SHAPES
     layer_spec = QUICK_LAYER if args.quick else FULL_LAYER
     matrices: dict[tuple[int, int, int], torch.Tensor] = {}
     generation: dict[str, float] = {}
@@ -397,15 +386,13 @@ def main(argv: list[str] | None = None) -> int:
     if layer is not None:
         verdicts.append(layer["pass"])
     overall = all(verdicts)
-    print(f"\n# load avg at end {env['load_avg_end']}")
-    print(f"# overall: {'PASS' if overall else 'FAIL'}"
-          f"{' (QUICK smoke run: sizes are not the goal sizes)' if args.quick else ''}")
+    print_overall(env, overall, quick=args.quick)
 
     if args.json is not None:
         payload = {
             "benchmark": "bench_decompose",
             "environment": env,
-            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "settings": settings(args),
             "goals": {"speedup_min": GOAL_SPEEDUP, "error_diff_pct_max": GOAL_ERR_DIFF_PCT,
                       "model_seconds_max": GOAL_MODEL_SECONDS},
             "alpha_note": ALPHA_NOTE,
@@ -414,9 +401,7 @@ def main(argv: list[str] | None = None) -> int:
             "generation_seconds": generation,
             "pass": overall,
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(payload, indent=2) + "\n")
-        print(f"# wrote {args.json}")
+        write_json(args.json, payload)
     return 0
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -30,8 +29,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from _environment import environment, print_environment
+from _environment import environment, print_environment, print_overall, settings, write_json
 from _measure import best_round_robin
+from _shapes import FULL_SHAPES, QUICK_SHAPES
 
 from tensornet import calibrate, mpo_matmul, plan_mpo_matmul, profile_for
 
@@ -39,17 +39,6 @@ GOAL_RATIO = 1.10  # t_picked / min(t_dense, t_contract), at most
 CHECK_BATCH = 32  # rows of x for the correctness check against x @ W.T
 CHECK_RTOL = 1e-4  # relative Frobenius error allowed against the float64 reference
 
-# (name, out_modes, in_modes); W has shape (prod(out_modes), prod(in_modes)) = (out, in)
-FULL_SHAPES = [
-    ("a 4096x4096 (q/k/v)", (4, 4, 8, 8, 4), (4, 4, 8, 8, 4)),
-    ("b 4096x11008 (down_proj)", (4, 4, 8, 8, 4), (4, 4, 43, 4, 4)),
-    ("c 11008x4096 (up_proj)", (4, 4, 43, 4, 4), (4, 4, 8, 8, 4)),
-]
-QUICK_SHAPES = [
-    ("a 1024x1024 (quick)", (4, 4, 4, 4, 4), (4, 4, 4, 4, 4)),
-    ("b 1024x2752 (quick)", (4, 4, 4, 4, 4), (4, 4, 43, 2, 2)),
-    ("c 2752x1024 (quick)", (4, 4, 43, 2, 2), (4, 4, 4, 4, 4)),
-]
 FULL_BATCHES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
 QUICK_BATCHES = [1, 8, 64, 512]
 
@@ -267,24 +256,20 @@ def main(argv: list[str] | None = None) -> int:
           f"{worst['worst_batch']}); goal <= {GOAL_RATIO:.2f}")
     print(f"  worst auto/min (auto timed directly): {worst_auto[1]['ratio_auto']:.3f} "
           f"({worst_auto[0]}, batch {worst_auto[1]['batch']})")
-    print(f"\n# load avg at end {env['load_avg_end']}")
-    print(f"# overall: {'PASS' if overall else 'FAIL'}"
-          f"{' (QUICK smoke run: sizes are not the goal sizes)' if args.quick else ''}")
+    print_overall(env, overall, quick=args.quick)
 
     if args.json is not None:
         payload = {
             "benchmark": "bench_plan",
             "environment": env,
-            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "settings": settings(args),
             "goals": {"ratio_max": GOAL_RATIO, "check_rtol": CHECK_RTOL},
             "shapes": results,
             "worst_ratio": worst["worst_ratio"],
             "worst_auto_ratio": worst_auto[1]["ratio_auto"],
             "pass": overall,
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(payload, indent=2) + "\n")
-        print(f"# wrote {args.json}")
+        write_json(args.json, payload)
     return 0
 
 
