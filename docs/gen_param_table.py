@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+from functools import partial
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -32,34 +33,15 @@ from tensornet.adapters import plan_dota, plan_lorta, plan_lotr
 TABLE = pathlib.Path(__file__).resolve().parent / "guide" / "parameter-counts.txt"
 
 #: Published configurations (config.json of each checkpoint), the sizes that matter here.
+SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+         "num_attention_heads", "num_key_value_heads", "tie_word_embeddings")
 MODELS: dict[str, dict] = {
-    "LLaMA-2-7B": dict(
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        tie_word_embeddings=False,
-    ),
-    "LLaMA-3-8B": dict(
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        tie_word_embeddings=False,
-    ),
-    "SmolLM2-135M": dict(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        tie_word_embeddings=True,
-    ),
+    name: dict(zip(SIZES, values))
+    for name, values in {
+        "LLaMA-2-7B": (32000, 4096, 11008, 32, 32, 32, False),
+        "LLaMA-3-8B": (128256, 4096, 14336, 32, 32, 8, False),
+        "SmolLM2-135M": (49152, 576, 1536, 30, 9, 3, True),
+    }.items()
 }
 
 #: (column title, method, rank); DoTA always with N = 5 cores. Two tables: the matrix
@@ -84,16 +66,13 @@ def count(name: str, methods: tuple = METHODS) -> tuple[int, list[int]]:
         model = LlamaForCausalLM(LlamaConfig(**MODELS[name]))
     base = sum(p.numel() for p in model.parameters())  # tied embeddings counted once
     layers = plan_dota(model).layers  # the five targets of every layer, with their shapes
+    planners = {"dota": partial(plan_dota, num_cores=5), "lotr": plan_lotr, "lorta": plan_lorta}
     out = []
     for _, method, rank in methods:
         if method == "lora":
             out.append(sum(rank * (lay.in_features + lay.out_features) for lay in layers))
-        elif method == "dota":
-            out.append(plan_dota(model, num_cores=5, rank=rank).trainable_params)
-        elif method == "lotr":
-            out.append(plan_lotr(model, rank=rank).trainable_params)
         else:
-            out.append(plan_lorta(model, rank=rank).trainable_params)
+            out.append(planners[method](model, rank=rank).trainable_params)
     return base, out
 
 
