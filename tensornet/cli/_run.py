@@ -23,7 +23,7 @@ from typing import Any
 
 from ..errors import TensornetError, UsageError
 from ..finetune.defaults import DEFAULT_MODEL_NAME
-from .decompose import model_name
+from ._model import model_name
 
 __all__ = [
     "RUN_MARKER",

@@ -35,6 +35,7 @@ from ._args import (
     seed_arg,
     set_shown_defaults,
 )
+from ._model import add_model_args, load, model_name, setup
 from ._run import (
     RUN_MARKER,
     Progress,
@@ -48,7 +49,7 @@ from ._run import (
     prepare_out,
     silence_other_ranks,
 )
-from .decompose import add_decompose_args, add_model_args, decompose, load, model_name, setup
+from .decompose import add_decompose_args, decompose
 
 __all__ = ["add_commands", "RUN_MARKER"]
 
