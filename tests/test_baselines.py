@@ -20,7 +20,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from tensornet.adapters import LLAMA_TARGETS, tiny_llama
-from tensornet.adapters.base import dense_weight, is_4bit
+from tensornet.adapters.base import dense_weight, find_targets, is_4bit
 from tensornet.adapters.dota.layer import nf4_linear
 from tensornet.finetune.methods import MethodOptions, build_method, save_trained
 
@@ -246,3 +246,19 @@ def test_saving_leaves_a_pissa_model_training_as_before(tmp_path):
     assert list(built.model.peft_config) == ["default"]
     after = _state(built.model)
     assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+
+
+@pytest.mark.parametrize("targets", [
+    ("q_proj", "v_proj"),
+    ("layers.1.mlp.up_proj", "down_proj"),
+    r".*\.layers\.0\.self_attn\.(q|k)_proj",
+])
+def test_find_targets_selects_what_peft_adapts(targets):
+    # the baselines' target check and quantization use find_targets: it must select the
+    # modules peft's own LoraConfig adapts, for names and for a regular expression
+    model = tiny_llama()
+    mine = find_targets(model, targets)
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=targets))
+    adapted = [n.removeprefix("base_model.model.") for n, m in peft_model.named_modules()
+               if isinstance(m, LoraLayer)]
+    assert mine == adapted and mine

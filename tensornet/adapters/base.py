@@ -7,9 +7,9 @@ duplicates peft's lifecycle (injection, save/load, merge), which the methods use
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -90,21 +90,21 @@ class AdapterReport:
 
 
 def find_targets(model: nn.Module, target_modules: Sequence[str] | str) -> list[str]:
-    """Qualified names of the modules that ``target_modules`` selects (peft's rules).
+    """Qualified names of the modules that ``target_modules`` selects, by peft's own rule.
 
-    A sequence selects a module whose name equals an entry or ends with ``"." + entry``;
-    a string is a regular expression that must match the whole name.
+    peft's ``check_target_module_exists`` decides (a sequence selects a module whose name
+    equals an entry or ends with ``"." + entry``; a string is a regular expression matched
+    against the whole name), so a baseline built here adapts exactly the layers
+    ``LoraConfig(target_modules=...)`` would.
     """
-    names = []
-    for name, _ in model.named_modules():
-        if not name:
-            continue
-        if isinstance(target_modules, str):
-            hit = re.fullmatch(target_modules, name) is not None
-        else:
-            hit = any(name == t or name.endswith("." + t) for t in target_modules)
-        if hit:
-            names.append(name)
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    selection = SimpleNamespace(
+        target_modules=target_modules, target_parameters=None, exclude_modules=None,
+        modules_to_save=None, layers_to_transform=None, layers_pattern=None,
+    )
+    names = [name for name, _ in model.named_modules()
+             if name and check_target_module_exists(selection, name)]
     if not names:
         sample = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)})
         raise ConfigError(
