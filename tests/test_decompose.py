@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorly as tl
 import torch
+from core_helpers import random_cores
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tensorly.decomposition import tensor_train, tensor_train_matrix
@@ -230,13 +231,6 @@ def realizable_ranks(out_modes, in_modes, caps):
     return tuple(r)
 
 
-def random_mpo(rng, out_modes, in_modes, ranks):
-    return [
-        rng.standard_normal((ranks[k], out_modes[k], in_modes[k], ranks[k + 1]))
-        for k in range(len(out_modes))
-    ]
-
-
 @pytest.mark.parametrize(
     ("out_modes", "in_modes", "ranks"),
     [
@@ -251,7 +245,7 @@ def test_exact_recovery_of_known_ranks(out_modes, in_modes, ranks):
     assert realizable_ranks(out_modes, in_modes, ranks[1:-1]) == ranks
     assert all(r <= f for r, f in zip(ranks, eq1_capped(out_modes, in_modes)))
     rng = np.random.default_rng(sum(ranks))
-    cores = random_mpo(rng, out_modes, in_modes, ranks)
+    cores = random_cores(rng, out_modes, in_modes, ranks)
     W = tn.cores_to_matrix(cores)
     mpo = mpo_decompose(W, (out_modes, in_modes), list(ranks[1:-1]))
     assert mpo.ranks == ranks
@@ -272,7 +266,7 @@ def test_exact_recovery_property(case, caps):
     out_modes, in_modes, _, seed = case
     n = len(out_modes)
     ranks = realizable_ranks(out_modes, in_modes, caps[: n - 1])
-    cores = random_mpo(np.random.default_rng(seed), out_modes, in_modes, ranks)
+    cores = random_cores(np.random.default_rng(seed), out_modes, in_modes, ranks)
     W = tn.cores_to_matrix(cores)
     mpo = mpo_decompose(W, (out_modes, in_modes), list(ranks[1:-1]))
     assert mpo.ranks == ranks
@@ -859,7 +853,7 @@ def test_a_rank_can_be_chosen_from_the_spectrum():
     # W of exact MPO ranks (1, 3, 1) plus noise: the spectrum of the one unfolding shows the
     # gap after 3 values, and the discarded mass predicts the error of each rank
     rng = np.random.default_rng(0)
-    cores = random_mpo(rng, (12, 12), (12, 12), (1, 3, 1))
+    cores = random_cores(rng, (12, 12), (12, 12), (1, 3, 1))
     W = tn.cores_to_matrix(cores) + 1e-3 * rng.standard_normal((144, 144))
     sigma = mpo_decompose(W, ((12, 12), (12, 12)), 1, full_spectrum=True).singular_values[0]
     assert len(sigma) == 144

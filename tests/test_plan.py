@@ -8,6 +8,8 @@ import string
 import numpy as np
 import pytest
 import torch
+from core_helpers import mpo_shapes
+from core_helpers import random_cores as _random_cores
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,11 +22,7 @@ STRATEGIES = ["dense", "contract", "auto"]
 
 
 def random_cores(seed, out_modes, in_modes, ranks, lib="numpy"):
-    rng = np.random.default_rng(seed)
-    cores = [
-        rng.standard_normal((ranks[k], out_modes[k], in_modes[k], ranks[k + 1]))
-        for k in range(len(out_modes))
-    ]
+    cores = _random_cores(np.random.default_rng(seed), out_modes, in_modes, ranks)
     if lib == "torch":
         return [torch.from_numpy(c).float() for c in cores]
     return cores
@@ -64,37 +62,38 @@ def as64(x):
 
 @st.composite
 def mpo_and_batch(draw):
-    n = draw(st.integers(1, 4))
-    out_modes = draw(st.lists(st.integers(1, 4), min_size=n, max_size=n))
-    in_modes = draw(st.lists(st.integers(1, 4), min_size=n, max_size=n))
-    inner = draw(st.lists(st.integers(1, 4), min_size=n - 1, max_size=n - 1))
+    out_modes, in_modes, ranks = draw(mpo_shapes())
     lead = draw(st.sampled_from([(), (1,), (5,), (2, 3), (2, 1, 3), (0,)]))
     seed = draw(st.integers(0, 2**32 - 1))
-    return out_modes, in_modes, [1, *inner, 1], lead, seed
+    return out_modes, in_modes, ranks, lead, seed
+
+
+def drawn_inputs(case, kind):
+    """Cores and batch ``x`` of a drawn case, the einsum reference, and the tolerances."""
+    out_modes, in_modes, ranks, lead, seed = case
+    lib = "torch" if kind == "torch32" else "numpy"
+    cores = random_cores(seed, out_modes, in_modes, ranks, lib)
+    x_np = np.random.default_rng(seed + 1).standard_normal((*lead, math.prod(in_modes)))
+    x = torch.from_numpy(x_np).float() if lib == "torch" else x_np
+    reference = einsum_apply(as64(x), cores)
+    # float32 products over at most 4^4 terms of unit-variance numbers
+    scale = float(np.abs(reference).max(initial=0.0)) + 1.0
+    rtol, atol = (1e-12, 1e-12 * scale) if lib == "numpy" else (1e-4, 1e-5 * scale)
+    return cores, x, reference, rtol, atol
 
 
 @FAST
 @given(mpo_and_batch(), st.sampled_from(["numpy64", "torch32"]))
 def test_all_strategies_equal_dense_matmul_and_einsum(case, kind):
-    out_modes, in_modes, ranks, lead, seed = case
-    lib = "torch" if kind == "torch32" else "numpy"
-    cores = random_cores(seed, out_modes, in_modes, ranks, lib)
-    cols, rows = math.prod(in_modes), math.prod(out_modes)
-    rng = np.random.default_rng(seed + 1)
-    x_np = rng.standard_normal((*lead, cols))
-    x = torch.from_numpy(x_np).float() if lib == "torch" else x_np
+    cores, x, reference, rtol, atol = drawn_inputs(case, kind)
     W = cores_to_matrix(cores)
     expected = as64(x @ W.T)
-    reference = einsum_apply(as64(x), cores)
-    # float32 products over at most 4^4 terms of unit-variance numbers
-    scale = float(np.abs(reference).max(initial=0.0)) + 1.0
-    rtol, atol = (1e-12, 1e-12 * scale) if lib == "numpy" else (1e-4, 1e-5 * scale)
     np.testing.assert_allclose(expected, reference, rtol=rtol, atol=atol)
     for strategy in STRATEGIES:
         y = mpo_matmul(x, cores, strategy=strategy)
         assert type(y) is type(x)
         assert y.dtype == x.dtype
-        assert tuple(y.shape) == (*lead, rows)
+        assert tuple(y.shape) == reference.shape
         np.testing.assert_allclose(as64(y), expected, rtol=rtol, atol=atol)
         np.testing.assert_allclose(as64(y), reference, rtol=rtol, atol=atol)
 
@@ -354,14 +353,8 @@ def test_dota_layer_under_torch_compile_matches_eager(strategy):
 @FAST
 @given(mpo_and_batch(), st.sampled_from(["numpy64", "torch32"]))
 def test_a_plan_runs_both_strategies_like_einsum(case, kind):
-    out_modes, in_modes, ranks, lead, seed = case
-    lib = "torch" if kind == "torch32" else "numpy"
-    cores = random_cores(seed, out_modes, in_modes, ranks, lib)
-    x_np = np.random.default_rng(seed + 1).standard_normal((*lead, math.prod(in_modes)))
-    x = torch.from_numpy(x_np).float() if lib == "torch" else x_np
-    reference = einsum_apply(as64(x), cores)
-    scale = float(np.abs(reference).max(initial=0.0)) + 1.0
-    rtol, atol = (1e-12, 1e-12 * scale) if lib == "numpy" else (1e-4, 1e-5 * scale)
+    cores, x, reference, rtol, atol = drawn_inputs(case, kind)
+    lead = tuple(x.shape[:-1])
     plan = plan_mpo_matmul(cores, max(math.prod(lead), 1))
     assert plan.core_shapes == tuple(tuple(int(d) for d in c.shape) for c in cores)
     for strategy in (None, "dense", "contract"):
@@ -469,14 +462,7 @@ def test_dota_layer_runs_the_plan_it_costed(monkeypatch, strategy):
     model = apply_dota(holder, target_modules=["proj"], strategy=strategy, rank=4,
                        num_cores=5, init_weights=False, seed=0)
     layer = model.base_model.model.proj
-    ran = []
-    real_call = tn.ContractionPlan.__call__
-
-    def spy(self, xx, cc, *, strategy=None):
-        ran.append((self, strategy))
-        return real_call(self, xx, cc, strategy=strategy)
-
-    monkeypatch.setattr(tn.ContractionPlan, "__call__", spy)
+    ran = _spy_plans(monkeypatch)
     x = torch.randn(1, 1024)  # one row: the planner contracts
     # (with grad: without it, "auto" serves from cached half-chains, tests/test_serving.py)
     y = model(x).detach()

@@ -8,6 +8,7 @@ import string
 import numpy as np
 import pytest
 import torch
+from core_helpers import mpo_shapes, random_cores
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -227,27 +228,11 @@ def _einsum_reference(cores):
     return t.reshape(out_rows, -1)
 
 
-def _random_cores(rng, out_modes, in_modes, ranks):
-    return [
-        rng.standard_normal((ranks[k], out_modes[k], in_modes[k], ranks[k + 1]))
-        for k in range(len(out_modes))
-    ]
-
-
-@st.composite
-def mpo_shapes(draw):
-    n = draw(st.integers(1, 4))
-    out_modes = draw(st.lists(st.integers(1, 4), min_size=n, max_size=n))
-    in_modes = draw(st.lists(st.integers(1, 4), min_size=n, max_size=n))
-    inner = draw(st.lists(st.integers(1, 4), min_size=n - 1, max_size=n - 1))
-    return out_modes, in_modes, [1, *inner, 1]
-
-
 @FAST
 @given(mpo_shapes(), st.integers(0, 2**32 - 1))
 def test_cores_to_matrix_matches_einsum(shapes, seed):
     out_modes, in_modes, ranks = shapes
-    cores = _random_cores(np.random.default_rng(seed), out_modes, in_modes, ranks)
+    cores = random_cores(np.random.default_rng(seed), out_modes, in_modes, ranks)
     W = cores_to_matrix(cores)
     assert W.shape == (math.prod(out_modes), math.prod(in_modes))
     np.testing.assert_allclose(W, _einsum_reference(cores), rtol=1e-12, atol=1e-12)
@@ -255,7 +240,7 @@ def test_cores_to_matrix_matches_einsum(shapes, seed):
 
 def test_cores_to_matrix_torch_matches_einsum_and_keeps_grad():
     rng = np.random.default_rng(3)
-    cores_np = _random_cores(rng, (2, 3, 2), (3, 1, 2), (1, 2, 3, 1))
+    cores_np = random_cores(rng, (2, 3, 2), (3, 1, 2), (1, 2, 3, 1))
     cores = [torch.tensor(c, requires_grad=True) for c in cores_np]
     W = cores_to_matrix(cores)
     assert isinstance(W, torch.Tensor) and W.dtype == torch.float64
