@@ -24,8 +24,9 @@ from collections import OrderedDict
 from typing import Any
 
 import bitsandbytes as bnb
+import pytest
 import torch
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 from torch import nn
 
 from tensornet.adapters import (
@@ -175,6 +176,20 @@ def assert_untouched(model: nn.Module, before: dict) -> None:
         if value.device.type != "meta":
             assert torch.equal(value, value0), name
     assert after["attrs"] == before["attrs"]
+
+
+def assert_load_refused(folder: Any, error: Any, match: str | None = None,
+                        model: nn.Module | None = None) -> BaseException:
+    """``PeftModel.from_pretrained(model, folder)`` raises ``error`` and leaves ``model`` alone.
+
+    ``model`` defaults to a fresh ``tiny_llama()``; returns the exception raised.
+    """
+    model = tiny_llama() if model is None else model
+    before = snapshot(model)
+    with pytest.raises(error, match=match) as info:
+        PeftModel.from_pretrained(model, folder)
+    assert_untouched(model, before)
+    return info.value
 
 
 def to_nf4_base(model: nn.Module, compute_dtype: torch.dtype | None = None) -> nn.Module:

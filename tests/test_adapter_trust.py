@@ -14,7 +14,7 @@ import shutil
 
 import pytest
 import torch
-from dota_helpers import assert_untouched, logits, snapshot
+from dota_helpers import assert_load_refused, assert_untouched, logits, snapshot
 from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
@@ -210,11 +210,7 @@ def test_a_config_naming_another_method_is_refused(saved, tmp_path):
     record = json.loads((folder / CONFIG).read_text())
     record["peft_type"] = "LORTA"
     (folder / CONFIG).write_text(json.dumps(record))
-    model = tiny_llama()
-    before = snapshot(model)
-    with pytest.raises(AdapterFileError):
-        PeftModel.from_pretrained(model, folder)
-    assert_untouched(model, before)
+    assert_load_refused(folder, AdapterFileError)
 
 
 # ------------------------------------------------------------------ the whole base
@@ -238,11 +234,8 @@ OTHER_BASES = {
 @pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize("case", list(OTHER_BASES))
 def test_a_base_differing_outside_the_adapted_layers_is_refused(case, method, saved):
-    model = OTHER_BASES[case]()
-    before = snapshot(model)
-    with pytest.raises(AdapterMismatchError, match="outside the adapted layers"):
-        PeftModel.from_pretrained(model, saved[method] / "a")
-    assert_untouched(model, before)
+    assert_load_refused(saved[method] / "a", AdapterMismatchError, "outside the adapted layers",
+                        OTHER_BASES[case]())
 
 
 @pytest.mark.parametrize("method", ["dota", "lotr"])

@@ -12,10 +12,10 @@ import os
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from tiny_tokenizer import tiny_tokenizer
+from tiny_tokenizer import save_tiny_model
 from transformers import AutoModelForCausalLM
 
-from tensornet.adapters import DoTAConfig, LoTRConfig, tiny_llama
+from tensornet.adapters import DoTAConfig, LoTRConfig
 from tensornet.cli import main
 
 TARGETS = ["q_proj", "v_proj", "up_proj"]
@@ -24,10 +24,7 @@ IDS = torch.tensor([[1, 5, 9, 17, 33, 2, 7]])
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("base")
-    tiny_llama(seed=3).save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
+    return save_tiny_model(tmp_path_factory.mktemp("base"), seed=3)
 
 
 def _trained(model_dir, folder, config):
@@ -131,8 +128,7 @@ def test_bad_input_is_one_line_and_writes_nothing(model_dir, saved, tmp_path, ca
     (tmp_path / "full" / "keep.txt").write_text("mine")
     (tmp_path / "nomodel").mkdir()
     if name == "other-base":
-        tiny_llama(seed=4).save_pretrained(tmp_path / "other")
-        tiny_tokenizer().save_pretrained(tmp_path / "other")
+        save_tiny_model(tmp_path / "other", seed=4)
     if name == "lora-adapter":
         _lora_adapter(model_dir, tmp_path / "lora_in")
     before = {p: os.stat(p).st_mtime_ns for p in (saved, model_dir)}

@@ -30,7 +30,7 @@ import pytest
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 from peft import get_peft_model
-from tiny_tokenizer import tiny_tokenizer
+from tiny_tokenizer import save_tiny_model, tiny_tokenizer
 
 from tensornet.adapters import DoTAConfig, tiny_llama
 
@@ -51,8 +51,7 @@ def saved(tmp_path_factory):
     """A tiny LLaMA folder, a DoTA adapter saved from it, and that adapter in memory."""
     root = tmp_path_factory.mktemp("lm_eval")
     base = root / "base"
-    tiny_llama().save_pretrained(base)
-    tiny_tokenizer().save_pretrained(base)
+    save_tiny_model(base)
     # init_weights=False: random cores (peft's test convention), so the adapter changes
     # the model's outputs without a training run
     model = get_peft_model(tiny_llama(), DoTAConfig(num_cores=3, rank=4, seed=0,

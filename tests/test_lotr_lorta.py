@@ -22,6 +22,7 @@ from dota_helpers import (
     LORTA_FACTORS,
     adapted,
     adapter_layers,
+    assert_load_refused,
     assert_untouched,
     expected_trainable,
     logits,
@@ -229,11 +230,7 @@ REFUSALS = {
 @pytest.mark.parametrize("case", list(REFUSALS))
 def test_mismatched_load_is_refused_and_model_untouched(case, saved):
     method, build, needle = REFUSALS[case]
-    model = build()
-    before = snapshot(model)
-    with pytest.raises((AdapterMismatchError, ConfigError), match=needle):
-        PeftModel.from_pretrained(model, saved[method][0])
-    assert_untouched(model, before)
+    assert_load_refused(saved[method][0], (AdapterMismatchError, ConfigError), needle, build())
 
 
 @pytest.mark.parametrize("method", ["lotr", "lorta"])
@@ -245,11 +242,7 @@ def test_damaged_file_is_refused_before_the_model_changes(method, saved, tmp_pat
     key = sorted(k for k in tensors if k.startswith(("base_model.lotr_", "base_model.lorta_")))[0]
     del tensors[key]
     save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
-    model = tiny_llama()
-    before = snapshot(model)
-    with pytest.raises(AdapterFileError, match="lacks"):
-        PeftModel.from_pretrained(model, tmp_path)
-    assert_untouched(model, before)
+    assert_load_refused(tmp_path, AdapterFileError, "lacks")
 
 
 # ============================================================ method-specific checks

@@ -20,7 +20,7 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
-from tiny_tokenizer import tiny_tokenizer
+from tiny_tokenizer import save_tiny_model
 
 from tensornet.adapters import tiny_llama
 from tensornet.adapters.files import MANIFEST_KEY
@@ -38,10 +38,7 @@ RUN = ["--method", "dota", "--rank", "4", "--num-cores", "3", "--steps", "4",
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_model")
-    tiny_llama().save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_model"))
 
 
 def _one_error_line(capsys, code: int) -> str:

@@ -17,9 +17,9 @@ import shutil
 import tempfile
 
 import peft_harness
-from tiny_tokenizer import tiny_tokenizer
+from tiny_tokenizer import save_tiny_model
 
-from tensornet.adapters import DoTAConfig, LoRTAConfig, LoTRConfig, tiny_llama
+from tensornet.adapters import DoTAConfig, LoRTAConfig, LoTRConfig
 
 custom = peft_harness.load("test_custom_models")
 decoder = peft_harness.load("test_decoder_models")
@@ -63,8 +63,7 @@ LLAMA_DOTA = {"num_cores": 3, "rank": 4, "seed": 0}
 def _llama_folder() -> str:
     folder = tempfile.mkdtemp(prefix="tensornet-tiny-llama-")
     atexit.register(shutil.rmtree, folder, True)
-    tiny_llama().save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
+    save_tiny_model(folder)
     return folder
 
 

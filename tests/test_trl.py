@@ -20,7 +20,7 @@ import torch
 import trl
 from peft import AutoPeftModelForCausalLM, PeftModel
 from safetensors.torch import load_file
-from tiny_tokenizer import tiny_tokenizer
+from tiny_tokenizer import save_tiny_model
 from transformers import AutoModelForCausalLM
 
 from tensornet.adapters import DoTAConfig, LoRTAConfig, LoTRConfig, tiny_llama
@@ -42,10 +42,7 @@ IDS = torch.randint(4, 128, (2, 12), generator=torch.Generator().manual_seed(3))
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     """A tiny LLaMA and its tokenizer, saved as a local model folder."""
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    tiny_llama().save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_llama"))
 
 
 @pytest.fixture(scope="module")

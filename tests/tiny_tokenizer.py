@@ -1,4 +1,4 @@
-"""A tiny byte-level BPE tokenizer trained in-process (no download), for tiny_llama folders."""
+"""A tiny byte-level BPE tokenizer trained in-process (no download), and tiny_llama folders."""
 
 from __future__ import annotations
 
@@ -25,3 +25,15 @@ def tiny_tokenizer(vocab_size: int = 128) -> Any:
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
         unk_token="<unk>",
     )
+
+
+def save_tiny_model(folder: Any, *, seed: int = 0) -> Any:
+    """Save ``tiny_llama(seed=seed)`` and :func:`tiny_tokenizer` as a local model folder.
+
+    Returns ``folder``, as given.
+    """
+    from tensornet.adapters import tiny_llama
+
+    tiny_llama(seed=seed).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
