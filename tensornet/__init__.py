@@ -8,6 +8,7 @@ methods and the adapters' own formulas live in :mod:`tensornet.adapters`; every
 exception class is in :mod:`tensornet.errors`.
 """
 
+from .calibration import calibrate
 from .decompose import mpo_decompose, tt_decompose
 from .errors import (
     ConfigError,
@@ -19,6 +20,7 @@ from .errors import (
     ToleranceError,
 )
 from .formats import MPO, TensorTrain
+from .matmul import mpo_matmul
 from .params import (
     compression_ratio,
     mpo_num_params,
@@ -27,8 +29,8 @@ from .params import (
     tt_num_params,
     tt_ranks,
 )
-from .plan import ContractionPlan, mpo_matmul, plan_mpo_matmul
-from .profiles import MachineProfile, calibrate, profile_for
+from .plan import ContractionPlan, plan_mpo_matmul
+from .profiles import MachineProfile, profile_for
 from .tensorize import cores_to_matrix, factorize, matrix_to_tensor, mpo_modes, tensor_to_matrix
 
 __version__ = "0.1.0"

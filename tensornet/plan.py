@@ -13,9 +13,9 @@ estimate from a three-term model (FLOPs at GEMM throughput, bytes moved at memor
 bandwidth, a fixed cost per kernel launch) whose constants are a
 :class:`~tensornet.profiles.MachineProfile`: fixed per device kind
 (:func:`~tensornet.profiles.profile_for`) or measured once per array library, device and
-dtype (:func:`~tensornet.profiles.calibrate`). A plan is what runs: calling it on ``x``
+dtype (:func:`~tensornet.calibration.calibrate`). A plan is what runs: calling it on ``x``
 and the cores executes its strategy along its path (as opt_einsum's ``ContractExpression``
-does), and :func:`mpo_matmul` plans and calls the plan in one step.
+does), and :func:`tensornet.matmul.mpo_matmul` plans and calls the plan in one step.
 """
 
 from __future__ import annotations
@@ -32,16 +32,13 @@ import opt_einsum as oe
 
 from ._backend import check_float, check_same_kind, is_torch, no_autocast
 from ._chain import combine_halves, mpo_halves
-from ._device import device_kind
 from ._validate import check_positive_int
 from .errors import ConfigError, DTypeError, ShapeError
 from .formats import MPO
-from .profiles import DEFAULT_PROFILE, MachineProfile, calibrate, profile_for
+from .profiles import DEFAULT_PROFILE, MachineProfile
 from .tensorize import check_cores
 
-# MachineProfile, calibrate and profile_for live in .profiles (imported here for the
-# planner, and still reachable as tensornet.plan.<name>)
-__all__ = ["ContractionPlan", "plan_mpo_matmul", "mpo_matmul"]
+__all__ = ["ContractionPlan", "plan_mpo_matmul"]
 
 Strategy = Literal["dense", "contract"]
 
@@ -177,7 +174,7 @@ class ContractionPlan:
         lead = tuple(x.shape[:-1])
         batch = math.prod(lead)
         if strategy == "dense":
-            return _dense_matmul(x, core_list)
+            return dense_matmul(x, core_list)
         else:
             in_modes = tuple(s[2] for s in shapes)
             expr = _expression(self.equation, self.path, ((batch, *in_modes), *shapes))
@@ -186,13 +183,13 @@ class ContractionPlan:
         return y.reshape(*lead, self.out_features)
 
 
-def _dense_matmul(x: Any, cores: Sequence[Any]) -> Any:
+def dense_matmul(x: Any, cores: Sequence[Any]) -> Any:
     """``x @ W.T`` through the dense ``W`` (checked arguments)."""
     W = combine_halves(*mpo_halves(cores))
     return (x.reshape(-1, W.shape[1]) @ W.T).reshape(*x.shape[:-1], W.shape[0])
 
 
-def _core_shapes(cores: Any) -> tuple[tuple[int, int, int, int], ...]:
+def core_shapes(cores: Any) -> tuple[tuple[int, int, int, int], ...]:
     if isinstance(cores, MPO):
         cores = cores.cores
     if is_torch(cores) or isinstance(cores, (np.ndarray, str, bytes)) or not isinstance(
@@ -306,7 +303,7 @@ def _path_cost(
 
 
 @functools.lru_cache(maxsize=1024)
-def _plan_cached(
+def plan_cached(
     shapes: tuple[tuple[int, int, int, int], ...],
     batch_size: int,
     itemsize: int,
@@ -412,7 +409,7 @@ def plan_mpo_matmul(
     >>> plan_mpo_matmul(shapes, 4096).dense_peak
     16777216
     """
-    shapes = _core_shapes(cores)
+    shapes = core_shapes(cores)
     batch_size = check_positive_int(batch_size, "batch_size")
     itemsize = check_positive_int(itemsize, "itemsize")
     if profile is not None and not isinstance(profile, MachineProfile):
@@ -420,86 +417,9 @@ def plan_mpo_matmul(
             f"`profile` must be None or a MachineProfile (see calibrate()); got "
             f"{type(profile).__name__}"
         )
-    return _plan_cached(shapes, batch_size, itemsize, profile or DEFAULT_PROFILE)
+    return plan_cached(shapes, batch_size, itemsize, profile or DEFAULT_PROFILE)
 
 
 @functools.lru_cache(maxsize=1024)
 def _expression(equation: str, path: tuple[tuple[int, ...], ...], shapes: tuple) -> Any:
     return oe.contract_expression(equation, *shapes, optimize=list(path))
-
-
-def mpo_matmul(
-    x: Any,
-    cores: Any,
-    *,
-    strategy: Literal["auto", "calibrated", "dense", "contract"] = "auto",
-) -> Any:
-    """Compute ``x @ W.T`` where ``W`` is given by MPO cores, by the cheaper strategy.
-
-    Plans with :func:`plan_mpo_matmul` and runs the plan (``plan(x, cores)``); to run a
-    plan costed once, or with a profile of your own, call the plan instead.
-
-    Parameters
-    ----------
-    x : numpy.ndarray or torch.Tensor
-        Floating input of shape ``(..., in_features)``.
-    cores : MPO or sequence of arrays
-        Cores ``(R_{k-1}, I_k, J_k, R_k)`` of ``x``'s array type, dtype and device.
-    strategy : {"auto", "calibrated", "dense", "contract"}
-        ``"auto"`` runs the plan's choice under the fixed constants of ``x``'s device
-        kind (:func:`profile_for`), as DoTA's layers decide: every process picks the same
-        path. ``"calibrated"`` runs the plan's choice under this machine's measured
-        profile (:func:`calibrate`: about a second the first time per library, device and
-        dtype). ``"contract"`` runs the contraction along the path planned with the fixed
-        constants; ``"dense"`` builds ``W``.
-
-    Returns
-    -------
-    array
-        ``(..., out_features)``; differentiable for torch tensors.
-
-    Raises
-    ------
-    DTypeError
-        ``x`` or a core is not a floating array, or the cores' array type, dtype or
-        device differ from ``x``'s.
-    ShapeError
-        The cores do not chain, or ``x``'s last dimension is not ``in_features``.
-    ConfigError
-        ``strategy`` is not one of the four.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from tensornet import mpo_decompose
-    >>> rng = np.random.default_rng(0)
-    >>> W = rng.standard_normal((16, 12))
-    >>> mpo = mpo_decompose(W, ((4, 4), (3, 4)))
-    >>> x = rng.standard_normal((5, 12))
-    >>> bool(np.allclose(mpo_matmul(x, mpo), x @ W.T))
-    True
-    >>> bool(np.allclose(mpo_matmul(x, mpo, strategy="contract"), x @ W.T))
-    True
-    """
-    if strategy not in ("auto", "calibrated", "dense", "contract"):
-        raise ConfigError(
-            "`strategy` must be one of 'auto', 'calibrated', 'dense', 'contract'; got "
-            f"{strategy!r}"
-        )
-    x = check_float(x, "x")
-    core_list = check_cores(cores.cores if isinstance(cores, MPO) else cores)
-    check_same_kind(core_list, "cores", like=x, like_name="x")
-    shapes = _core_shapes(core_list)
-    if strategy == "dense":  # nothing to plan
-        cols = math.prod(s[2] for s in shapes)
-        if x.ndim == 0 or x.shape[-1] != cols:
-            raise ShapeError(
-                f"`x` must have in_features={cols} as its last dimension; got shape "
-                f"{tuple(x.shape)}"
-            )
-        return _dense_matmul(x, core_list)
-    batch = max(math.prod(x.shape[:-1]) if x.ndim else 1, 1)
-    itemsize = x.element_size() if is_torch(x) else x.itemsize
-    profile = calibrate(x) if strategy == "calibrated" else profile_for(device_kind(x))
-    plan = _plan_cached(shapes, batch, itemsize, profile)
-    return plan(x, core_list, strategy="contract" if strategy == "contract" else None)

@@ -303,14 +303,14 @@ def test_hand_built_mpo_object():
 def test_pairwise_torch_execution_matches_opt_einsum():
     # the path executor used under torch.compile computes what opt_einsum's expression does
     from tensornet.adapters.dota.route import _run_path
-    from tensornet.plan import _expression, _plan_cached
+    from tensornet.plan import _expression, plan_cached
     from tensornet.profiles import DEFAULT_PROFILE
 
     gen = torch.Generator().manual_seed(0)
     shapes = ((1, 4, 3, 5), (5, 2, 4, 6), (6, 3, 2, 1))
     cores = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
     x = torch.randn(7, 3, 4, 2, generator=gen, dtype=torch.float64)
-    plan = _plan_cached(shapes, 7, 8, DEFAULT_PROFILE)
+    plan = plan_cached(shapes, 7, 8, DEFAULT_PROFILE)
     want = _expression(plan.equation, plan.path, ((7, 3, 4, 2), *shapes))(x, *cores)
     got = _run_path(plan.equation, plan.path, (x, *cores))
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
@@ -416,7 +416,7 @@ def test_mpo_matmul_auto_means_what_it_means_for_dota(monkeypatch, kind):
     # One meaning of "auto" across the library: the planner's choice under the fixed
     # constants of the device kind (tn.profile_for), as DoTA's layers decide; nothing is
     # measured, so every process picks the same path. "calibrated" measures.
-    import tensornet.plan as plan_module
+    import tensornet.matmul as matmul_module
     from tensornet._device import device_path
     from tensornet.adapters.dota.cost import profile_for as dota_profile_for
 
@@ -424,7 +424,7 @@ def test_mpo_matmul_auto_means_what_it_means_for_dota(monkeypatch, kind):
     cores = [torch.from_numpy(c) for c in random_cores(3, (4, 4, 4), (4, 4, 4), (1, 8, 8, 1))]
     x = torch.from_numpy(np.random.default_rng(0).standard_normal((32, 64)))
     want = plan_mpo_matmul(cores, 32, itemsize=8, profile=tn.profile_for(kind))
-    monkeypatch.setattr(plan_module, "calibrate", lambda like: pytest.fail("auto calibrated"))
+    monkeypatch.setattr(matmul_module, "calibrate", lambda like: pytest.fail("auto calibrated"))
     ran = _spy_plans(monkeypatch)
     with device_path(kind):
         y = mpo_matmul(x, cores)
@@ -479,17 +479,17 @@ def test_dota_layer_runs_the_plan_it_costed(monkeypatch, strategy):
 
 
 def test_calibrate_leaves_the_global_random_streams_alone(monkeypatch):
-    import tensornet.profiles as profiles
+    import tensornet.calibration as calibration
 
     measured = []
-    real_synchronizer = profiles._synchronizer
+    real_synchronizer = calibration._synchronizer
 
     def spy(device):
         measured.append(device)
         return real_synchronizer(device)
 
-    monkeypatch.setattr(profiles, "_synchronizer", spy)
-    profiles._calibrate_key.cache_clear()  # cached per key: measure again
+    monkeypatch.setattr(calibration, "_synchronizer", spy)
+    calibration._calibrate_key.cache_clear()  # cached per key: measure again
     # numpy's legacy global stream is the one a caller's np.random.* calls draw from
     torch_state, numpy_state = torch.random.get_rng_state(), np.random.get_state()  # noqa: NPY002
     profile = tn.calibrate(torch.zeros(1))
@@ -501,7 +501,7 @@ def test_calibrate_leaves_the_global_random_streams_alone(monkeypatch):
 
 
 def test_calibration_waits_for_the_measured_gpu_not_the_current_one(monkeypatch):
-    from tensornet.profiles import _synchronizer
+    from tensornet.calibration import _synchronizer
 
     calls = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
