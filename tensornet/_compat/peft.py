@@ -41,6 +41,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule
 
 __all__ = [
+    "selects",
     "CALLED_BY_NAME",
     "LAYER_CALLS",
     "LAYER_HOOKS",
@@ -328,3 +329,22 @@ class LayerHooks(BaseTunerLayer):
     def move_to_base_device(self, adapter_name: str, device: Any = None) -> None:
         """Move the adapter's weights to the base layer's device (and dtype), as peft does."""
         super()._move_adapter_to_device_of_base_layer(adapter_name, device=device)
+
+
+def selects(target_modules: Any, key: str) -> bool:
+    """True if peft's target rule selects the module named ``key`` for ``target_modules``.
+
+    peft's public ``check_target_module_exists`` takes a whole config; this passes an object
+    holding only the fields it reads (in peft 0.21), every one but ``target_modules`` off.
+    If peft reads another field, the call raises AttributeError, loudly
+    (tests/test_baselines.py compares the rule with the layers ``LoraConfig`` adapts).
+    """
+    from types import SimpleNamespace
+
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    selection = SimpleNamespace(
+        target_modules=target_modules, target_parameters=None, exclude_modules=None,
+        modules_to_save=None, layers_to_transform=None, layers_pattern=None,
+    )
+    return bool(check_target_module_exists(selection, key))

@@ -9,13 +9,13 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import nn
 
 from .._compat.bnb import dequantize_4bit, is_4bit
+from .._compat.peft import selects
 from .._device import device_kind
 from ..errors import ConfigError
 
@@ -97,14 +97,8 @@ def find_targets(model: nn.Module, target_modules: Sequence[str] | str) -> list[
     against the whole name), so a baseline built here adapts exactly the layers
     ``LoraConfig(target_modules=...)`` would.
     """
-    from peft.tuners.tuners_utils import check_target_module_exists
-
-    selection = SimpleNamespace(
-        target_modules=target_modules, target_parameters=None, exclude_modules=None,
-        modules_to_save=None, layers_to_transform=None, layers_pattern=None,
-    )
     names = [name for name, _ in model.named_modules()
-             if name and check_target_module_exists(selection, name)]
+             if name and selects(target_modules, name)]
     if not names:
         sample = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)})
         raise ConfigError(

@@ -186,7 +186,7 @@ def build_method(
     initial = None
     spec = method_spec(method)
     if spec.kind == "tensornet":  # a tensornet peft method: built by get_peft_model
-        model = apply(model, _tensor_config(method, opts))
+        model = apply(model, _tensor_config(spec, opts))
     elif spec.kind == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -227,7 +227,7 @@ def check_method(model: nn.Module, method: str, options: MethodOptions | None = 
         raise ConfigError(f"`method` must be one of {', '.join(METHODS)}; got {method!r}")
     spec = method_spec(method)
     if spec.kind == "tensornet":
-        report = plan(model, _tensor_config(method, opts))
+        report = plan(model, _tensor_config(spec, opts))
         weights = sum(lay.out_features * lay.in_features for lay in report.layers)
         attained = any(opts.rank in lay.ranks for lay in report.layers)  # not capped
         if attained and report.trainable_params > weights:
@@ -257,12 +257,12 @@ def check_method(model: nn.Module, method: str, options: MethodOptions | None = 
                 )
 
 
-def _tensor_config(method: str, opts: MethodOptions) -> object:
+def _tensor_config(spec: MethodSpec, opts: MethodOptions) -> object:
     """The method's config from the shared options (each takes the fields it has)."""
-    entry = TENSOR_METHODS[method]
+    entry = TENSOR_METHODS[spec.name]
     names = {f.name for f in dataclasses.fields(entry.config_cls)}
     wanted = {"rank": opts.rank, "num_cores": opts.num_cores, "seed": opts.seed}
-    if "targets" in method_spec(method).options:  # not LoRTA: attention only
+    if "targets" in spec.options:  # not LoRTA: attention only
         wanted["target_modules"] = list(opts.target_modules)
     return entry.config(**{k: v for k, v in wanted.items() if k in names})
 
