@@ -117,3 +117,16 @@ def write_json(path: Path | None, result: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"# wrote {path}")
+
+
+def finish(benchmark: str, args: argparse.Namespace, env: dict[str, Any], overall: bool,
+           **fields: Any) -> int:
+    """Close a run: the verdict lines, then, with ``--json``, every number in one file.
+
+    The file holds the benchmark's name, ``env``, the options, ``fields`` (in order) and
+    the verdict. Returns the exit status (0: a missed goal is a result, not a failure).
+    """
+    print_overall(env, overall, quick=args.quick)
+    write_json(args.json, {"benchmark": benchmark, "environment": env,
+                           "settings": settings(args), **fields, "pass": overall})
+    return 0

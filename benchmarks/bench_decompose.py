@@ -29,14 +29,13 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tensorly as tl
 import torch
-from _environment import environment, print_environment, print_overall, settings, write_json
-from _shapes import FULL_SHAPES, QUICK_SHAPES
+from _environment import environment, finish, print_environment
+from _shapes import FULL_SHAPES, QUICK_SHAPES, parser
 from tensorly.decomposition import tensor_train_matrix
 from tensorly.tt_matrix import tt_matrix_to_matrix
 
@@ -265,11 +264,8 @@ def run_layer(matrices: list[tuple[str, torch.Tensor, tuple[int, ...], tuple[int
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true",
-                   help="smoke test: small matrices, 1 repeat (numbers are meaningless)")
-    p.add_argument("--rank", type=int, default=16, help="MPO bond rank cap (default 16)")
+    p = parser(__doc__, rank="MPO bond rank cap (default 16)",
+               quick="smoke test: small matrices, 1 repeat (numbers are meaningless)")
     p.add_argument("--alpha", type=float, default=0.5,
                    help="power-law exponent of the test spectrum s_i = i^-alpha (default 0.5)")
     p.add_argument("--repeats", type=int, default=3,
@@ -280,15 +276,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="also time tensorly's numpy backend (slower)")
     p.add_argument("--layers", type=int, default=LLAMA_LAYERS,
                    help=f"layers to project the one-layer time to (default {LLAMA_LAYERS})")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: "
-                   "leave torch's choice)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where both libraries decompose (default cpu); cuda: the current GPU")
     p.add_argument("--check-spectrum", action="store_true",
                    help="verify the generated singular values by a float64 SVD (on in --quick)")
     p.add_argument("--skip-layer", action="store_true", help="skip the LLaMA-layer section")
-    p.add_argument("--json", type=Path, default=None, help="also write all numbers to this file")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA device here (torch "
@@ -381,23 +373,12 @@ def main(argv: list[str] | None = None) -> int:
     if layer is not None:
         verdicts.append(layer["pass"])
     overall = all(verdicts)
-    print_overall(env, overall, quick=args.quick)
-
-    if args.json is not None:
-        payload = {
-            "benchmark": "bench_decompose",
-            "environment": env,
-            "settings": settings(args),
-            "goals": {"speedup_min": GOAL_SPEEDUP, "error_diff_pct_max": GOAL_ERR_DIFF_PCT,
-                      "model_seconds_max": GOAL_MODEL_SECONDS},
-            "alpha_note": ALPHA_NOTE,
-            "cases": results,
-            "layer": layer,
-            "generation_seconds": generation,
-            "pass": overall,
-        }
-        write_json(args.json, payload)
-    return 0
+    return finish(
+        "bench_decompose", args, env, overall,
+        goals={"speedup_min": GOAL_SPEEDUP, "error_diff_pct_max": GOAL_ERR_DIFF_PCT,
+               "model_seconds_max": GOAL_MODEL_SECONDS},
+        alpha_note=ALPHA_NOTE, cases=results, layer=layer, generation_seconds=generation,
+    )
 
 
 if __name__ == "__main__":

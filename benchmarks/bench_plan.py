@@ -24,14 +24,13 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from _environment import environment, print_environment, print_overall, settings, write_json
+from _environment import environment, finish, print_environment
 from _measure import best_round_robin
-from _shapes import FULL_SHAPES, QUICK_SHAPES
+from _shapes import FULL_SHAPES, QUICK_SHAPES, parser
 
 from tensornet import calibrate, mpo_matmul, plan_mpo_matmul, profile_for
 
@@ -179,11 +178,8 @@ def print_row(r: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true",
-                   help="smoke test: small shapes and batches, 1 repeat (numbers are meaningless)")
-    p.add_argument("--rank", type=int, default=16, help="MPO bond rank (default 16)")
+    p = parser(__doc__, rank="MPO bond rank (default 16)",
+               quick="smoke test: small shapes and batches, 1 repeat (numbers are meaningless)")
     p.add_argument("--batches", type=int, nargs="+", default=None,
                    help=f"batch sizes (rows of x); default {FULL_BATCHES}")
     p.add_argument("--target-seconds", type=float, default=0.5,
@@ -191,10 +187,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-repeats", type=int, default=7,
                    help="fewest rounds (one call of each strategy per round; default 7)")
     p.add_argument("--max-repeats", type=int, default=200, help="default 200")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: "
-                   "leave torch's choice)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, default=None, help="also write all numbers to this file")
     args = p.parse_args(argv)
     if args.batches is None:
         args.batches = QUICK_BATCHES if args.quick else FULL_BATCHES
@@ -256,21 +248,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{worst['worst_batch']}); goal <= {GOAL_RATIO:.2f}")
     print(f"  worst auto/min (auto timed directly): {worst_auto[1]['ratio_auto']:.3f} "
           f"({worst_auto[0]}, batch {worst_auto[1]['batch']})")
-    print_overall(env, overall, quick=args.quick)
-
-    if args.json is not None:
-        payload = {
-            "benchmark": "bench_plan",
-            "environment": env,
-            "settings": settings(args),
-            "goals": {"ratio_max": GOAL_RATIO, "check_rtol": CHECK_RTOL},
-            "shapes": results,
-            "worst_ratio": worst["worst_ratio"],
-            "worst_auto_ratio": worst_auto[1]["ratio_auto"],
-            "pass": overall,
-        }
-        write_json(args.json, payload)
-    return 0
+    return finish(
+        "bench_plan", args, env, overall,
+        goals={"ratio_max": GOAL_RATIO, "check_rtol": CHECK_RTOL}, shapes=results,
+        worst_ratio=worst["worst_ratio"], worst_auto_ratio=worst_auto[1]["ratio_auto"],
+    )
 
 
 if __name__ == "__main__":

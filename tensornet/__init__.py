@@ -61,12 +61,7 @@ __all__ = [
     "matrix_to_tensor",
     "tensor_to_matrix",
     "cores_to_matrix",
-    # errors
-    "TensornetError",
-    "ShapeError",
-    "ConfigError",
-    "RankError",
-    "ToleranceError",
-    "DTypeError",
-    "NonFiniteError",
+    # errors (the core's; tensornet.errors defines every one)
+    "TensornetError", "ShapeError", "ConfigError", "RankError",
+    "ToleranceError", "DTypeError", "NonFiniteError",
 ]

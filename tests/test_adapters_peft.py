@@ -24,16 +24,14 @@ import json
 import shutil
 import warnings
 
+import dota_helpers as helpers
 import pytest
 import torch
 from dota_helpers import (
-    IDS,
     METHOD_NAMES,
-    METHODS,
     TINY_TARGETS,
     adapted,
     assert_untouched,
-    base_logits,
     cores,
     dota_layers,
     dtype_tolerance,
@@ -170,7 +168,7 @@ def test_named_adapters_do_not_disturb_each_other(saved):
     model.set_adapter("b")
     assert torch.equal(logits(model), b["logits"])
     with model.disable_adapter():
-        assert torch.equal(logits(model), base_logits())
+        assert torch.equal(logits(model), helpers.base_logits())
     model.set_adapter("default")
     assert torch.equal(logits(model), a["logits"])
 
@@ -186,7 +184,7 @@ def test_named_adapters_do_not_disturb_each_other(saved):
     assert torch.equal(logits(model), b["logits"])
     unloaded = model.unload()
     assert not dota_layers(unloaded)
-    assert torch.equal(logits(unloaded), base_logits())
+    assert torch.equal(logits(unloaded), helpers.base_logits())
 
 
 def test_an_added_adapter_trains_alone(saved):
@@ -233,7 +231,7 @@ def test_modules_to_save_trains_is_saved_and_restored(tmp_path):
     assert torch.equal(wrapper.original_module.weight, original)  # the base copy stays
     out = logits(model)
     with model.disable_adapter():
-        assert torch.equal(logits(model), base_logits())
+        assert torch.equal(logits(model), helpers.base_logits())
     model.save_pretrained(tmp_path)
     with safe_open(str(tmp_path / WEIGHTS), framework="pt") as fh:
         assert "base_model.model.model.norm.weight" in set(fh.keys())
@@ -481,12 +479,12 @@ def test_one_config_object_serves_two_models(tmp_path):
 
 
 def test_the_table_configs_are_never_changed_by_use():
-    data = {m: c.to_dict() for m, c in METHODS.items()}
+    data = {m: c.to_dict() for m, c in helpers.METHODS.items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for m in METHODS:
+        for m in helpers.METHODS:
             adapted(m)
-    assert {m: c.to_dict() for m, c in METHODS.items()} == data
+    assert {m: c.to_dict() for m, c in helpers.METHODS.items()} == data
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
@@ -503,9 +501,9 @@ def test_an_adapter_trained_on_float32_loads_onto_the_base_in_another_dtype(
     train(model, steps=1)
     model.save_pretrained(tmp_path)
     with torch.no_grad():
-        want = model(input_ids=IDS).logits.float()
+        want = model(input_ids=helpers.IDS).logits.float()
     other = PeftModel.from_pretrained(tiny_llama(dtype=dtype), tmp_path)
     with torch.no_grad():
-        got = other(input_ids=IDS).logits.float()
+        got = other(input_ids=helpers.IDS).logits.float()
     tol = 1e-6 if dtype == torch.float64 else dtype_tolerance(torch.bfloat16)
     assert (got - want).abs().max().item() <= max(tol, 2e-2 if method == "qdota" else 0)

@@ -49,7 +49,14 @@ from tensornet.adapters import (
     tiny_llama,
 )
 from tensornet.adapters.files import MANIFEST_KEY
-from tensornet.errors import AdapterFileError, AdapterMismatchError, ConfigError
+from tensornet.errors import (
+    AdapterFileError,
+    AdapterMismatchError,
+    ConfigError,
+    DTypeError,
+    RankError,
+    ShapeError,
+)
 
 METHOD_NAMES = list(METHODS)
 
@@ -271,6 +278,20 @@ def test_parameter_counts_match_the_core_formulas():
     model = apply_lorta(tiny_llama(), rank=4, target_modules=["q_proj", "o_proj"])
     assert model.get_nb_trainable_parameters()[0] == 4 * (64 + 16 + 4 + 2 + 2)
     assert tuple(model.base_model.lorta_C_matrix["default"].shape) == (2, 4)
+
+
+@pytest.mark.parametrize(("args", "error", "match"), [
+    (({}, 2, 4), ShapeError, "`shapes_by_kind` must be a non-empty mapping"),
+    (({"q": (4,)}, 2, 4), ShapeError, r"`shapes_by_kind\['q'\]` must be \(out_features, in"),
+    (({"q": (4, 4, 4)}, 2, 4), ShapeError, r"`shapes_by_kind\['q'\]` must be \(out_features"),
+    (({"q": (4, 0)}, 2, 4), ShapeError, r"`shapes_by_kind\['q'\]`"),
+    (({"q": (4, 4)}, 0, 4), ShapeError, "`num_layers` must be an int >= 1"),
+    (({"q": (4, 4)}, 2.5, 4), DTypeError, "`num_layers` must be an int >= 1"),
+    (({"q": (4, 4)}, 2, 0), RankError, "`rank` must be a positive int"),
+])
+def test_lotr_num_params_refuses_bad_input_with_a_tensornet_error(args, error, match):
+    with pytest.raises(error, match=match):
+        lotr_num_params(*args)
 
 
 def test_plan_on_meta_device_counts_without_weights():

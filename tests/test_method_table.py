@@ -15,7 +15,7 @@ import pytest
 from peft import LoraConfig
 from peft.utils.peft_types import PeftType
 
-from tensornet.adapters import METHODS, DoTAConfig, DoTAModel
+from tensornet.adapters import METHODS, DoTAConfig, DoTAModel, LoTRConfig
 from tensornet.adapters._registry import register
 from tensornet.errors import ConfigError
 from tensornet.finetune import defaults
@@ -83,6 +83,18 @@ def test_register_refuses_a_tuner_no_row_uses_before_touching_peft():
     with pytest.raises(ConfigError, match="no row of tensornet.method_table"):
         register("nosuch", DoTAConfig, DoTAModel)
     assert "NOSUCH" not in PeftType.__members__
+
+
+def test_register_refuses_a_config_of_another_peft_type():
+    # LoTR's config names PeftType.LOTR: it cannot be registered as the "dota" tuner
+    with pytest.raises(ConfigError, match="LoTRConfig.peft_name must be 'DOTA'"):
+        register("dota", LoTRConfig, DoTAModel)
+
+
+def test_every_config_sets_the_peft_type_it_names():
+    for method in METHODS.values():
+        config = method.config_cls()
+        assert config.peft_type.value == method.config_cls.peft_name == method.peft_type.upper()
 
 
 def test_register_refuses_a_config_whose_default_targets_are_not_the_rows(monkeypatch):

@@ -14,12 +14,9 @@ from tensornet import (
     ConfigError,
     RankError,
     ShapeError,
-    compression_ratio,
     mpo_num_params,
     mpo_ranks,
     rank_for_budget,
-    tt_num_params,
-    tt_ranks,
 )
 from tensornet.params import check_rank
 
@@ -102,11 +99,11 @@ def test_closed_form_with_every_bond_at_r(case):
 
 
 def test_tt_ranks_and_count():
-    assert tt_ranks((4, 5, 6)) == (1, 4, 6, 1)
-    assert tt_ranks((4, 5, 6), 2) == (1, 2, 2, 1)
-    assert tt_num_params((4, 5, 6), 2) == 4 * 2 + 2 * 5 * 2 + 2 * 6
+    assert tn.tt_ranks((4, 5, 6)) == (1, 4, 6, 1)
+    assert tn.tt_ranks((4, 5, 6), 2) == (1, 2, 2, 1)
+    assert tn.tt_num_params((4, 5, 6), 2) == 4 * 2 + 2 * 5 * 2 + 2 * 6
     # the MPO count is the TT count of the paired modes I_k J_k
-    assert mpo_num_params((2, 3, 4), (5, 1, 2), 3) == tt_num_params((10, 3, 8), 3)
+    assert mpo_num_params((2, 3, 4), (5, 1, 2), 3) == tn.tt_num_params((10, 3, 8), 3)
 
 
 @FAST
@@ -114,14 +111,14 @@ def test_tt_ranks_and_count():
 def test_compression_ratio_is_dense_over_count(case):
     out_modes, in_modes, rank = case
     dense = math.prod(out_modes) * math.prod(in_modes)
-    ratio = compression_ratio(out_modes, in_modes, rank)
+    ratio = tn.compression_ratio(out_modes, in_modes, rank)
     assert ratio == pytest.approx(dense / mpo_num_params(out_modes, in_modes, rank), rel=1e-15)
     # a single core (N = 1) is the dense matrix itself
-    assert compression_ratio(out_modes[:1], in_modes[:1]) == pytest.approx(1.0)
+    assert tn.compression_ratio(out_modes[:1], in_modes[:1]) == pytest.approx(1.0)
 
 
 def test_paper_compression_ratio():
-    assert compression_ratio((4,) * 5, (4,) * 5, 8) == pytest.approx(1024 * 1024 / 3328)
+    assert tn.compression_ratio((4,) * 5, (4,) * 5, 8) == pytest.approx(1024 * 1024 / 3328)
 
 
 @FAST

@@ -56,6 +56,13 @@ def random_train(kind, case, rng, lib="numpy", dtype="float64"):
 TRAINS = [("mpo", k) for k in range(len(MPO_CASES))] + [("tt", k) for k in range(len(TT_CASES))]
 
 
+def each_train(test):
+    """Run ``test(kind, case, lib, dtype)`` on every train of the cases, per library and dtype."""
+    for name, values in (("kind,case", TRAINS), ("dtype", DTYPES), ("lib", LIBS)):
+        test = pytest.mark.parametrize(name, values)(test)
+    return test
+
+
 def dense64(train):
     """The train's dense form, contracted in float64 from its cores."""
     cores = [c.detach().double().numpy() if torch.is_tensor(c) else c.astype(np.float64)
@@ -84,9 +91,7 @@ def rtol_for(dtype):
 # --------------------------------------------------------------------------- rounding
 
 
-@pytest.mark.parametrize("lib", LIBS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kind,case", TRAINS)
+@each_train
 def test_rounding_a_sum_back_to_the_original_ranks_is_exact(kind, case, lib, dtype):
     a = random_train(kind, case, np.random.default_rng(case), lib, dtype)
     s = a + a
@@ -264,9 +269,7 @@ def _unfold_right(core):
     return c.reshape(c.shape[0], -1)
 
 
-@pytest.mark.parametrize("lib", LIBS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kind,case", TRAINS)
+@each_train
 def test_canonical_form_is_orthogonal_around_the_center_and_unchanged(kind, case, lib, dtype):
     a = random_train(kind, case, np.random.default_rng(20 + case), lib, dtype)
     tol = 1e-12 if dtype == "float64" else 1e-5
@@ -306,9 +309,7 @@ def test_canonicalize_checks_the_center():
 # --------------------------------------------------------------------------- inner and norm
 
 
-@pytest.mark.parametrize("lib", LIBS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kind,case", TRAINS)
+@each_train
 def test_inner_and_norm_equal_the_dense_ones(kind, case, lib, dtype):
     rng = np.random.default_rng(30 + case)
     a = random_train(kind, case, rng, lib, dtype)
@@ -333,9 +334,7 @@ def test_the_norm_of_a_small_difference_is_accurate():
 # --------------------------------------------------------------------------- arithmetic
 
 
-@pytest.mark.parametrize("lib", LIBS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kind,case", TRAINS)
+@each_train
 def test_arithmetic_equals_the_dense_arithmetic(kind, case, lib, dtype):
     rng = np.random.default_rng(40 + case)
     a = random_train(kind, case, rng, lib, dtype)

@@ -145,7 +145,8 @@ def register(name: str, config_cls: Any, model_cls: Any) -> None:
     ------
     ConfigError
         If no row of :data:`tensornet.method_table.METHOD_TABLE` is a tensornet method on
-        ``name`` (a tuner nothing would use), or a row's targets are not the config's.
+        ``name`` (a tuner nothing would use), a row's targets are not the config's, or
+        the config's ``peft_name`` is not ``name`` in upper case.
     """
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
     from peft.utils import register_peft_method
@@ -154,6 +155,9 @@ def register(name: str, config_cls: Any, model_cls: Any) -> None:
     if not rows:
         raise ConfigError(f"no row of tensornet.method_table.METHOD_TABLE is a tensornet "
                           f"method on the peft method {name!r}: add one there")
+    if getattr(config_cls, "peft_name", None) != name.upper():
+        raise ConfigError(f"{config_cls.__name__}.peft_name must be {name.upper()!r}, the "
+                          f"PeftType member of the peft method {name!r}")
     for spec in rows:
         if tuple(config_cls.default_targets) != spec.targets:
             raise ConfigError(f"{config_cls.__name__}.default_targets is not the targets of "

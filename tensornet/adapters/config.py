@@ -27,6 +27,7 @@ from peft.config import PeftConfig
 from .._atomic import write_text_atomic
 from ..errors import AdapterFileError, ConfigError
 from ..method_table import LLAMA_TARGETS
+from ._registry import peft_type
 from .files import (
     MANIFEST_KEY,
     WEIGHTS_NAME,
@@ -91,9 +92,11 @@ class TensornetConfig(PeftConfig):
     base_fingerprint: str | None = None
     adapter_digest: str | None = None
 
-    #: the method's default targets and its peft prefix (class attributes, not fields)
-    default_targets: ClassVar[tuple[str, ...]] = ()
+    #: what a method's config class sets (class attributes, not fields): the member of
+    #: peft's ``PeftType`` it adds, the prefix of its parameters' names, its default targets
+    peft_name: ClassVar[str] = ""
     prefix: ClassVar[str] = ""
+    default_targets: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -121,6 +124,8 @@ class TensornetConfig(PeftConfig):
                     f"`{name}` is written by tensornet (leave it None); got "
                     f"{getattr(self, name)!r}"
                 )
+        if self.peft_name:
+            self.peft_type = peft_type(self.peft_name)
 
     # -- what a method supplies -------------------------------------------------------
     @property

@@ -11,7 +11,6 @@ from ..._validate import as_int_list, is_int
 from ...errors import ConfigError, ShapeError
 from ...params import Rank, check_rank, mpo_ranks
 from ...tensorize import factorize
-from .._registry import peft_type
 from ..config import LLAMA_TARGETS, MODEL_PREFIX, TensornetConfig
 
 __all__ = ["DoTAConfig", "LLAMA_TARGETS"]
@@ -88,6 +87,10 @@ class DoTAConfig(TensornetConfig):
     tensornet.errors.ConfigError: `init` must be one of 'mpo', 'random'; got 'svd'
     """
 
+    peft_name: ClassVar[str] = "DOTA"
+    prefix: ClassVar[str] = "dota_"
+    default_targets: ClassVar[tuple[str, ...]] = LLAMA_TARGETS
+
     num_cores: int = 5
     rank: Rank = 16
     modes: Mapping[int, Sequence[int]] | None = None
@@ -97,12 +100,8 @@ class DoTAConfig(TensornetConfig):
     strategy: Literal["auto", "dense", "contract"] = "auto"
     seed: int | None = None
 
-    default_targets: ClassVar[tuple[str, ...]] = LLAMA_TARGETS
-    prefix: ClassVar[str] = "dota_"
-
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.peft_type = peft_type("DOTA")
         n = self.num_cores
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 2:
             raise ConfigError(

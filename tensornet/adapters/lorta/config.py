@@ -9,7 +9,6 @@ from typing import Any, ClassVar
 from ..._validate import check_positive_int, check_rank_int
 from ...errors import ConfigError
 from ...method_table import ATTENTION_TARGETS  # in the order of ``C_matrix``'s rows
-from .._registry import peft_type
 from ..config import (
     TUNER_PREFIX,
     TensornetConfig,
@@ -58,16 +57,16 @@ class LoRTAConfig(TensornetConfig):
     ['q_proj', 'up_proj']
     """
 
+    peft_name: ClassVar[str] = "LORTA"
+    prefix: ClassVar[str] = "lorta_"
+    default_targets: ClassVar[tuple[str, ...]] = ATTENTION_TARGETS
+
     rank: int = 16
     scale: float = 1.0
     seed: int | None = None
 
-    default_targets: ClassVar[tuple[str, ...]] = ATTENTION_TARGETS
-    prefix: ClassVar[str] = "lorta_"
-
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.peft_type = peft_type("LORTA")
         tm = self.target_modules
         if (
             isinstance(tm, str)

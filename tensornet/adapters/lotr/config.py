@@ -8,7 +8,6 @@ from typing import ClassVar, Literal
 
 from ..._validate import check_modes, check_positive_int, check_rank_int
 from ...errors import ConfigError, ShapeError
-from .._registry import peft_type
 from ..config import (
     LLAMA_TARGETS,
     MODEL_PREFIX,
@@ -61,17 +60,17 @@ class LoTRConfig(TensornetConfig):
     tensornet.errors.ConfigError: `init` must be one of 'normal', 'orthogonal'; got 'uniform'
     """
 
+    peft_name: ClassVar[str] = "LOTR"
+    prefix: ClassVar[str] = "lotr_"
+    default_targets: ClassVar[tuple[str, ...]] = LLAMA_TARGETS
+
     rank: int = 16
     scale: float = 1.0
     init: Literal["normal", "orthogonal"] = "normal"
     seed: int | None = None
 
-    default_targets: ClassVar[tuple[str, ...]] = LLAMA_TARGETS
-    prefix: ClassVar[str] = "lotr_"
-
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.peft_type = peft_type("LOTR")
         self.rank = check_rank_int(self.rank, "rank")
         self.scale = check_scale(self.scale)
         if self.init not in _INITS:
@@ -128,14 +127,17 @@ def lotr_num_params(
     Returns
     -------
     int
-        The number of trainable parameters.
+        The number of trainable parameters (``A``, ``B`` per kind, ``G_l`` per layer and kind).
 
     Raises
     ------
     RankError
         If ``rank`` is not an int >= 1.
-    ShapeError, DTypeError
-        On bad shapes or ``num_layers``.
+    ShapeError
+        If ``shapes_by_kind`` is empty or not a mapping, a shape is not two ints >= 1, or
+        ``num_layers`` is < 1.
+    DTypeError
+        If ``num_layers`` is not an int.
 
     Examples
     --------
@@ -156,6 +158,10 @@ def lotr_num_params(
         )
     total = 0
     for kind, shape in shapes_by_kind.items():
-        out_f, in_f = check_modes(shape, f"shapes_by_kind[{kind!r}]")
+        dims = check_modes(shape, f"shapes_by_kind[{kind!r}]")
+        if len(dims) != 2:
+            raise ShapeError(f"`shapes_by_kind[{kind!r}]` must be (out_features, in_features); "
+                             f"got {shape!r}")
+        out_f, in_f = dims
         total += rank * (out_f + in_f) + num_layers * rank * rank
     return int(total)
