@@ -110,9 +110,9 @@ def truncated_svd(
     m, n = a.shape
     try:
         if m <= n:
-            u, _, discarded, sigma = top_from_gram(a @ a.T, cap, budget, ops, full)
+            u, _, discarded, sigma = top_from_gram(ops.gram(a), cap, budget, ops, full)
             return u, u.T @ a, discarded, sigma
-        v, _, discarded, sigma = top_from_gram(a.T @ a, cap, budget, ops, full)
+        v, _, discarded, sigma = top_from_gram(ops.gram(a.T), cap, budget, ops, full)
     except _Unresolved:
         if ops.eps(a) > EPS64:
             raise

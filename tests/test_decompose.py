@@ -881,3 +881,45 @@ def test_a_contiguous_weight_in_the_compute_dtype_is_read_in_place(module):
     assert (x == before).all()  # read, never written
     odd = x.T  # not contiguous: copied
     assert (ops.contiguous(odd, ops.compute_dtype(odd)) == odd).all()
+
+
+# ------------------------------------------------- the fused head's block, piece by piece
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
+@pytest.mark.parametrize("piece_bytes", [1, 3000, 10_000])
+@pytest.mark.parametrize(("out_modes", "in_modes", "transposed"), [
+    ((2, 3, 4, 5), (3, 2, 5, 2), False),   # pieces along the first rest axis
+    ((2, 2, 3, 2, 2), (2, 3, 2, 2, 3), True),  # a transposed W: nothing is contiguous
+])
+def test_the_block_read_in_pieces_gives_the_whole_reads_result(
+    monkeypatch, lib, dtype, piece_bytes, out_modes, in_modes, transposed
+):
+    # on the CPU path a large block is copied and multiplied a piece at a time; tiny piece
+    # sizes force that path (several pieces, several rest axes) on a small matrix, which
+    # must decompose as the one-copy path does
+    import tensornet.decompose as decompose_module
+
+    rows, cols = math.prod(out_modes), math.prod(in_modes)
+    a = np.random.default_rng(3).standard_normal((cols, rows) if transposed else (rows, cols))
+    a = a.T if transposed else a
+    W = a.astype(dtype) if lib == "numpy" else torch.from_numpy(a).to(getattr(torch, dtype))
+    rank = [1, 4, 5, 3, *[2] * (len(out_modes) - 4), 1]
+    whole = tn.mpo_decompose(W, (out_modes, in_modes), rank=rank)
+    monkeypatch.setattr(decompose_module, "_PIECE_BYTES", piece_bytes)
+    layout = decompose_module._matrix_layout(W, out_modes, in_modes)
+    cdtype = np.float64 if dtype == "float64" else np.float32
+    if lib == "torch":
+        cdtype = torch.float64 if dtype == "float64" else torch.float32
+    ops = decompose_module.ops_for(W)
+    assert decompose_module._pieces(layout, cdtype, ops) is not None  # the piece path runs
+    pieces = tn.mpo_decompose(W, (out_modes, in_modes), rank=rank)
+    assert pieces.ranks == whole.ranks
+    rtol = 1e-12 if dtype == "float64" else 1e-4
+    assert pieces.relative_error == pytest.approx(whole.relative_error, rel=rtol)
+    dense = [np.asarray(m.to_dense().float() if lib == "torch" else m.to_dense(), np.float64)
+             for m in (whole, pieces)]
+    np.testing.assert_allclose(dense[1], dense[0], rtol=0, atol=rtol * np.abs(dense[0]).max() * 10)
+    for core in pieces.cores:
+        assert type(core) is type(W) and core.dtype == W.dtype

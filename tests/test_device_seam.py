@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import tensornet
-from tensornet._backend import TorchOps
+from tensornet._backend import NumpyOps, TorchOps
 from tensornet._device import DEVICE_KINDS, device_kind, device_path
 from tensornet.errors import ConfigError
 
@@ -43,6 +43,27 @@ def test_eigh_top_returns_contiguous_leading_pairs(kind):
     np.testing.assert_allclose(lam.numpy()[:5], ref[:5], rtol=1e-10)
     assert vec.shape == (40, 5) and vec.is_contiguous()
     np.testing.assert_allclose((g @ vec).numpy(), (vec * lam[:5]).numpy(), atol=1e-8)
+
+
+@pytest.mark.parametrize("kind", DEVICE_KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(7, 30), (256, 300), (333, 50), (1024, 40)])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_gram_equals_the_product(kind, dtype, shape, transposed):
+    # x x^T of the sweeps (the CPU path computes it a block row at a time, the
+    # accelerator path in one product): the same matrix, symmetric to rounding
+    rng = np.random.default_rng(2)
+    x = torch.from_numpy(rng.standard_normal(shape[::-1] if transposed else shape)).to(dtype)
+    x = x.T if transposed else x
+    with device_path(kind):
+        g = TorchOps.gram(x)
+    assert g.shape == (shape[0], shape[0]) and g.dtype == dtype and g.is_contiguous()
+    ref = x.double() @ x.double().T
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert float((g - g.T).abs().max()) <= tol * float(ref.abs().max())
+    assert float((g.double() - ref).abs().max()) <= tol * float(ref.abs().max())
+    gn = NumpyOps.gram(x.numpy())
+    np.testing.assert_allclose(gn, ref.numpy(), rtol=0, atol=tol * float(ref.abs().max()))
 
 
 @pytest.mark.parametrize("kind", DEVICE_KINDS)
