@@ -899,7 +899,7 @@ def test_the_block_read_in_pieces_gives_the_whole_reads_result(
     # on the CPU path a large block is copied and multiplied a piece at a time; tiny piece
     # sizes force that path (several pieces, several rest axes) on a small matrix, which
     # must decompose as the one-copy path does
-    import tensornet.decompose as decompose_module
+    from tensornet import _sweep
 
     rows, cols = math.prod(out_modes), math.prod(in_modes)
     a = np.random.default_rng(3).standard_normal((cols, rows) if transposed else (rows, cols))
@@ -907,13 +907,13 @@ def test_the_block_read_in_pieces_gives_the_whole_reads_result(
     W = a.astype(dtype) if lib == "numpy" else torch.from_numpy(a).to(getattr(torch, dtype))
     rank = [1, 4, 5, 3, *[2] * (len(out_modes) - 4), 1]
     whole = tn.mpo_decompose(W, (out_modes, in_modes), rank=rank)
-    monkeypatch.setattr(decompose_module, "_PIECE_BYTES", piece_bytes)
-    layout = decompose_module._matrix_layout(W, out_modes, in_modes)
+    monkeypatch.setattr(_sweep, "_PIECE_BYTES", piece_bytes)
+    layout = _sweep.matrix_layout(W, out_modes, in_modes)
     cdtype = np.float64 if dtype == "float64" else np.float32
     if lib == "torch":
         cdtype = torch.float64 if dtype == "float64" else torch.float32
-    ops = decompose_module.ops_for(W)
-    assert decompose_module._pieces(layout, cdtype, ops) is not None  # the piece path runs
+    ops = tn._backend.ops_for(W)
+    assert _sweep._pieces(layout, cdtype, ops) is not None  # the piece path runs
     pieces = tn.mpo_decompose(W, (out_modes, in_modes), rank=rank)
     assert pieces.ranks == whole.ranks
     rtol = 1e-12 if dtype == "float64" else 1e-4
