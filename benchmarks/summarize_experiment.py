@@ -1,9 +1,12 @@
 """Combine the `tensornet compare` folders of benchmarks/experiment.sh into one result set.
 
     python benchmarks/summarize_experiment.py IN_DIR OUT_DIR [--expect LABEL,...]
+                                              [--previous RESULTS_JSON]
 
-Reads ``IN_DIR/*/results.json`` (one folder per label: dota, lora, ..., dota-r8) and writes
-to OUT_DIR:
+Reads ``IN_DIR/*/results.json`` (one folder per label: dota, lora, ..., dota-r8) and, with
+``--previous``, the folders of an earlier summary's ``results.json`` whose labels IN_DIR
+does not have (their runs as that summary recorded them: labels run in another session
+join the committed result without re-running the others). Writes to OUT_DIR:
 
 - ``results.md``: the main table (every method at its default rank), the DoTA rank sweep
   (R = 8, 16, 32) and the settings, commands, dates and commit of the runs;
@@ -48,18 +51,12 @@ from tensornet.finetune.compare import (
 from tensornet.finetune.defaults import DEFAULT_MODEL_NAME
 from tensornet.finetune.io import save_figure_atomic, write_text_atomic
 from tensornet.finetune.methods import MethodOptions
+from tensornet.method_table import METHOD_TABLE
 
 EXPERIMENT_SCRIPT = Path(__file__).resolve().parent / "experiment.sh"
 TABLE_OUT, JSON_OUT = "results.md", "results.json"
 LOSS_OUT, ACCURACY_OUT, SWEEP_OUT = "val_loss.png", "accuracy_vs_params.png", "rank_sweep.png"
 SWEEP_METHOD = "dota"
-#: The option that sets each method's adapter rank, and how a non-default one is labelled.
-RANK_OPTION = {
-    "dota": ("rank", "R"), "dota-random": ("rank", "R"), "qdota": ("rank", "R"),
-    "lotr": ("rank", "r"), "lorta": ("rank", "r"),
-    "lora": ("lora_rank", "r"), "qlora": ("lora_rank", "r"), "pissa": ("pissa_rank", "r"),
-    "dora": ("lora_rank", "r"), "qpissa": ("lora_rank", "r"),
-}
 TRAIN_KEYS = ("steps", "batch_size", "max_length", "warmup_ratio", "weight_decay",
               "max_grad_norm", "eval_every", "eval_batch_size", "checkpoint_every")
 
@@ -72,6 +69,9 @@ class Folder:
     argv: list[str] | None  # the recorded `tensornet ...` arguments, if any
     started: float | None  # epoch seconds, from the run marker
     finished: float  # mtime of results.json
+    #: a folder of an earlier summary (--previous): its runs as recorded there (relabelled,
+    #: no predictions) and its settings; None for a folder read from IN_DIR
+    recorded: tuple[list[dict[str, Any]], dict[str, Any]] | None = None
 
 
 def expected_labels() -> list[str]:
@@ -100,11 +100,34 @@ def load_folders(in_dir: Path, order: Sequence[str]) -> tuple[list[Folder], list
     return folders, unfinished
 
 
+def load_previous(path: Path, skip: set[str]) -> list[Folder]:
+    """The folders of an earlier summary's ``results.json``, but those labelled in ``skip``."""
+    data = json.loads(path.read_text())
+    shared, differing = data["settings"]["shared"], data["settings"]["differing"]
+    folders = []
+    for entry in data["folders"]:
+        label = entry["label"]
+        if label in skip:
+            continue
+        runs = [r for r in data["runs"] if r["folder"] == label]
+        settings = {**shared, **{k: v[label] for k, v in differing.items() if label in v}}
+        folders.append(Folder(label, Path(entry["path"]), {}, entry["argv"],
+                              _epoch(entry["started"]), _epoch(entry["finished"]) or 0.0,
+                              (runs, settings)))
+    return folders
+
+
+def _epoch(iso: str | None) -> float | None:
+    return None if iso is None else datetime.datetime.fromisoformat(iso).timestamp()
+
+
 def run_label(method: str, options: dict[str, Any]) -> tuple[str, int | None]:
     """The method's name, with its rank appended when that is not the default."""
-    if method not in RANK_OPTION:
+    spec = next((m for m in METHOD_TABLE if m.name == method), None)
+    key = spec.rank_option if spec is not None else None
+    if key is None:
         return method, None
-    key, symbol = RANK_OPTION[method]
+    symbol = "R" if spec.peft_type == "dota" else "r"  # an MPO's bond rank, else a rank r
     default = getattr(MethodOptions(), key)
     rank = options.get(key, default)
     return (method if rank == default else f"{method} {symbol}={rank}"), rank
@@ -119,6 +142,11 @@ def collect_runs(folders: Sequence[Folder]) -> list[dict[str, Any]]:
     dtypes = {f.label: getattr(_parse_argv(f.argv), "dtype", None) for f in folders}
     common = Counter(dtypes.values()).most_common(1)[0][0] if dtypes else None
     for folder in folders:
+        if folder.recorded is not None:  # relabelled when that summary was made
+            for record in folder.recorded[0]:
+                seen.setdefault((record["method"], record["seed"]), folder.label)
+                runs.append(record)
+            continue
         options = folder.results["settings"].get("options", {})
         for record in folder.results["runs"]:
             label, rank = run_label(record["method"], options)
@@ -157,6 +185,8 @@ def _parse_argv(argv: list[str] | None) -> argparse.Namespace | None:
 
 def folder_settings(folder: Folder) -> dict[str, Any]:
     """The settings of one folder that should be the same for every folder."""
+    if folder.recorded is not None:
+        return dict(folder.recorded[1])
     s = folder.results["settings"]
     out: dict[str, Any] = {k: s["train"].get(k) for k in TRAIN_KEYS}
     out |= {f"n_{k}": v for k, v in s["splits"].items()}
@@ -307,12 +337,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--expect", type=lambda s: [x for x in s.split(",") if x],
                         default=None, metavar="LABEL,...",
                         help=f"labels to report as missing (default: {EXPERIMENT_SCRIPT.name}'s)")
+    parser.add_argument("--previous", type=Path, default=None, metavar="RESULTS_JSON",
+                        help="an earlier summary's results.json: its folders whose labels "
+                             "IN_DIR lacks are combined too")
     args = parser.parse_args(argv)
     expect = expected_labels() if args.expect is None else args.expect
     if not args.in_dir.is_dir():
         print(f"error: IN_DIR {args.in_dir} is not a folder", file=sys.stderr)
         return 2
     folders, unfinished = load_folders(args.in_dir, expect)
+    if args.previous is not None:
+        earlier = load_previous(args.previous, {f.label for f in folders})
+        rank = {label: i for i, label in enumerate(expect)}
+        folders = sorted(folders + earlier, key=lambda f: rank.get(f.label, len(rank)))
+        print(f"from {args.previous}: {', '.join(f.label for f in earlier) or 'nothing'}")
     done = {f.label for f in folders}
     missing = [label for label in expect if label not in done]
     if unfinished:

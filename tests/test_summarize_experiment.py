@@ -13,7 +13,8 @@ import summarize_experiment  # noqa: E402
 TRAIN = {"steps": 10, "batch_size": 2, "lr": None, "warmup_ratio": 0.03, "weight_decay": 0.0,
          "max_grad_norm": 1.0, "max_length": 64, "eval_every": 5, "checkpoint_every": 0,
          "seed": 0, "eval_batch_size": 8}
-PARAMS = {("dota", 8): 400_000, ("dota", 16): 1_431_900, ("lora", 16): 6_635_520}
+PARAMS = {("dota", 8): 400_000, ("dota", 16): 1_431_900, ("lora", 16): 6_635_520,
+          ("lotr", 16): 500_000, ("lotr", 8): 250_000}
 
 
 def _record(method, rank, seed):
@@ -76,3 +77,41 @@ def test_summarize_experiment(tmp_path, capsys):
     assert "tensornet compare --dtype bfloat16 --methods dota --rank 8" in md
     for png in ("val_loss.png", "accuracy_vs_params.png", "rank_sweep.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_labels_run_later_join_an_earlier_summary(tmp_path, capsys):
+    # the committed summary was made from folders that no longer exist; two labels run
+    # in another session join it, a re-run label replaces its earlier runs
+    first = tmp_path / "first"
+    _folder(first, "dota", "dota")
+    _folder(first, "lora", "lora")
+    _folder(first, "dota-r8", "dota", rank=8)
+    committed = tmp_path / "committed"
+    expect = "dota,lora,lotr,dota-r8,lotr-r8"
+    assert summarize_experiment.main([str(first), str(committed), "--expect", expect]) == 0
+    later = tmp_path / "later"
+    _folder(later, "lotr", "lotr")
+    _folder(later, "lotr-r8", "lotr", rank=8)
+    _folder(later, "lora", "lora")  # re-run: replaces the committed lora runs
+    out = tmp_path / "out"
+    assert summarize_experiment.main([
+        str(later), str(out), "--expect", expect,
+        "--previous", str(committed / "results.json")]) == 0
+    assert "from " + str(committed / "results.json") + ": dota, dota-r8" in capsys.readouterr().out
+
+    data = json.loads((out / "results.json").read_text())
+    assert [f["label"] for f in data["folders"]] == ["dota", "lora", "lotr", "dota-r8", "lotr-r8"]
+    assert data["missing"] == []
+    # LoTR's rank is r (a matrix rank), DoTA's R (an MPO's bond rank)
+    assert [r["method"] for r in data["summary"]] == ["dota", "lora", "lotr", "lotr r=8"]
+    assert [r["method"] for r in data["rank_sweep"]] == ["dota R=8", "dota R=16"]
+    assert len(data["runs"]) == 10
+    assert {r["folder"] for r in data["runs"] if r["base_method"] == "lora"} == {"lora"}
+    assert [r["path"] for r in data["folders"] if r["label"] == "lora"] == [str(later / "lora")]
+    before = json.loads((committed / "results.json").read_text())
+    kept = [r for r in before["runs"] if r["folder"] == "dota"]
+    assert [r for r in data["runs"] if r["folder"] == "dota"] == kept
+    assert data["settings"]["shared"]["dtype"] == "bfloat16"
+    md = (out / "results.md").read_text()
+    assert "tensornet compare --dtype bfloat16 --methods dota --rank 16" in md
+    assert "tensornet compare --dtype bfloat16 --methods lotr --rank 8" in md
