@@ -365,11 +365,12 @@ def compile_check(tokens: int, quick: bool) -> dict[str, Any]:
     """DoTA stack: eager against torch.compile, training step and unmerged forward."""
     import torch
 
+    from tensornet._compat.torch import raise_recompile_limit
     from tensornet.adapters import apply_dota
 
     # one DoTALinear.forward code object serves layers of three shapes, in training and in
-    # inference: more guard sets than dynamo's default recompile limit (8) allows
-    torch._dynamo.config.recompile_limit = 64
+    # inference: more compiled versions than dynamo keeps by default
+    raise_recompile_limit(64)
     hidden, mlp = (512, 1376) if quick else (4096, 11008)
     eager = build_stack(hidden, mlp)
     for p in eager.parameters():

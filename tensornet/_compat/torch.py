@@ -18,7 +18,14 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["MODULE_HOOKS", "ModuleHooks", "own_buffers", "own_parameters", "version_of"]
+__all__ = [
+    "MODULE_HOOKS",
+    "ModuleHooks",
+    "own_buffers",
+    "own_parameters",
+    "raise_recompile_limit",
+    "version_of",
+]
 
 #: ``nn.Module``'s private hooks :class:`ModuleHooks` overrides, with the parameters used
 MODULE_HOOKS: dict[str, tuple[str, ...]] = {
@@ -48,6 +55,20 @@ def own_buffers(module: nn.Module) -> dict[str, Any]:
     """The module's own buffers by name (not its children's): the module's live dict."""
     # (if renamed: AttributeError on DoTA's forward pass and merge, at once)
     return module._buffers
+
+
+def raise_recompile_limit(limit: int) -> None:
+    """Let ``torch.compile`` keep at least ``limit`` compiled versions of one function.
+
+    dynamo's default (8) is too few for one ``DoTALinear.forward`` serving layers of
+    several shapes in training and inference (``benchmarks/bench_speed.py``); past it
+    dynamo falls back to eager for that function, silently. If dynamo renamed its
+    setting, this raises AttributeError (the shim's test fails first).
+    """
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, limit)
 
 
 class ModuleHooks(nn.Module):
