@@ -203,6 +203,17 @@ def test_compare_writes_results_table_and_plots(tokenizer, splits, tmp_path):
     assert results["summary"][0]["trainable_params"] > 0
 
 
+def test_every_method_of_a_plot_has_its_own_style():
+    # eleven methods in the experiment: the tenth color repeats the first, so a line's
+    # style must tell them apart (lorta once shared dota's blue solid line)
+    from tensornet.finetune.compare import plot_style
+
+    styles = [plot_style(i) for i in range(40)]
+    assert len(set(styles)) == 40
+    assert plot_style(0)[0] == "C0" and plot_style(10)[0] == "C0"  # tab10, then ...
+    assert plot_style(0)[1:] != plot_style(10)[1:]  # ... another line style and marker
+
+
 def test_build_method_rejects_bad_shapes():
     from tensornet import TensornetError
 

@@ -236,6 +236,19 @@ def markdown_table(summary: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+_LINES, _MARKERS = ("-", "--", ":", "-."), ("o", "s", "^", "D")
+
+
+def plot_style(i: int) -> tuple[str, str, str]:
+    """``(color, line style, marker)`` of the ``i``-th method of a plot, distinct for 40.
+
+    matplotlib's default cycle has ten colors: the eleventh method would take the first
+    one's; each further ten take the next line style and marker.
+    """
+    group = i // 10 % len(_LINES)
+    return f"C{i % 10}", _LINES[group], _MARKERS[group]
+
+
 def plot_val_loss(runs: Sequence[dict[str, Any]], path: str | os.PathLike[str]) -> Path:
     """Validation loss against step per method: mean over seeds, band of one std."""
     by_method: dict[str, list[dict[str, Any]]] = {}
@@ -251,9 +264,11 @@ def plot_val_loss(runs: Sequence[dict[str, Any]], path: str | os.PathLike[str]) 
                 mean.append(m)
                 std.append(d)
             mean_a, std_a = np.array(mean), np.array(std)
-            ax.plot(steps, mean_a, "o-", ms=3, color=f"C{i}", label=f"{method} (n={len(rs)})")
+            color, line, marker = plot_style(i)
+            ax.plot(steps, mean_a, linestyle=line, marker=marker, ms=3, color=color,
+                    label=f"{method} (n={len(rs)})")
             if len(rs) > 1:
-                ax.fill_between(steps, mean_a - std_a, mean_a + std_a, color=f"C{i}", alpha=0.2)
+                ax.fill_between(steps, mean_a - std_a, mean_a + std_a, color=color, alpha=0.2)
         ax.set(xlabel="step", ylabel="validation loss (per response token)")
         ax.set_title("validation loss vs step (mean ± std over seeds)", fontsize=10)
         ax.grid(alpha=0.3)
@@ -267,10 +282,11 @@ def plot_accuracy_vs_params(
     """Test accuracy against trainable parameters (log x axis), one point per method."""
     with atomic_figure(path) as ax:
         for i, r in enumerate(summary):
+            color, _, marker = plot_style(i)
             ax.errorbar(
                 [r["trainable_params"]], [r["test_accuracy"]],
                 yerr=[r["test_accuracy_std"]] if len(r["seeds"]) > 1 else None,
-                fmt="o", color=f"C{i}", capsize=3, label=r["method"],
+                fmt=marker, color=color, capsize=3, label=r["method"],
             )
             ax.annotate(r["method"], (r["trainable_params"], r["test_accuracy"]),
                         textcoords="offset points", xytext=(5, 5), fontsize=8)
