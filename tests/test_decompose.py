@@ -914,6 +914,11 @@ def test_the_block_read_in_pieces_gives_the_whole_reads_result(
         cdtype = torch.float64 if dtype == "float64" else torch.float32
     ops = tn._backend.ops_for(W)
     assert _sweep._pieces(layout, cdtype, ops) is not None  # the piece path runs
+    if lib == "torch":
+        from tensornet._device import device_path
+
+        with device_path("cuda"):  # the accelerator path copies the block once, whole
+            assert _sweep._pieces(layout, cdtype, ops) is None
     pieces = tn.mpo_decompose(W, (out_modes, in_modes), rank=rank)
     assert pieces.ranks == whole.ranks
     rtol = 1e-12 if dtype == "float64" else 1e-4
