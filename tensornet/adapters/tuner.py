@@ -26,10 +26,7 @@ does not do and every tensornet method needs:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import torch
@@ -48,6 +45,7 @@ from .base import (
 )
 from .config import TensornetConfig
 from .files import MANIFEST_KEY, check_state, make_manifest
+from .mixed import MixedBatches, adapters_of
 
 __all__ = ["Target", "TensornetTuner"]
 
@@ -70,7 +68,7 @@ class Target:
     record: dict[str, Any]
 
 
-class TensornetTuner(TunerHooks):
+class TensornetTuner(MixedBatches, TunerHooks):
     """peft's ``BaseTuner`` with validation before injection and undo on failure.
 
     peft's private hooks reach it under tensornet's names (``tensornet._compat.peft.
@@ -301,7 +299,7 @@ class TensornetTuner(TunerHooks):
         # are kept per adapter on the tuner and written into the config when it is saved
         config = self.peft_config[adapter_name]
         holders = [k for k, m in model.named_modules()
-                   if isinstance(m, BaseTunerLayer) and adapter_name in _adapters_of(m)]
+                   if isinstance(m, BaseTunerLayer) and adapter_name in adapters_of(m)]
         if holders:
             raise ConfigError(
                 f"the model already carries an adapter named {adapter_name!r} (in "
@@ -345,71 +343,6 @@ class TensornetTuner(TunerHooks):
             self._awaiting_weights().add(adapter_name)
         del self._targets, self._placeholders
 
-    # -- peft's per-call arguments: mixed-adapter batches ------------------------------------
-    @contextmanager
-    def forward_context(self, *args: Any, **kwargs: Any) -> Iterator[None]:
-        """Pass peft's per-call arguments to the layers (``PeftModel.forward`` / ``generate``).
-
-        ``adapter_names`` (one adapter name, or ``"__base__"``, per row of the batch):
-        each row runs through its adapter alone, as peft's LoRA does; every tensornet
-        layer gets the names through a forward pre-hook for the duration of the call
-        (:func:`tensornet.adapters.layer.mixed_batch`). In eval mode only, as in peft;
-        QDoTA is refused (its base layer is the NF4 residual, not the base model's).
-        """
-        adapter_names = kwargs.pop("adapter_names", None)
-        if adapter_names is None:
-            yield
-            return
-        names = self._mixed_names(adapter_names, kwargs.get("num_beams"))
-        handles = []
-        try:
-            for module in self.model.modules():
-                if isinstance(module, self.tuner_layer_cls):
-                    handles.append(module.register_forward_pre_hook(
-                        partial(self._inject_adapter_names, adapter_names=names), with_kwargs=True))
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
-
-    def _mixed_names(self, adapter_names: Any, num_beams: Any) -> list[str]:
-        """``adapter_names`` checked (peft's rules and messages, tensornet's errors), per row."""
-        from .layer import BASE_NAME
-
-        if self.training:
-            raise ConfigError(
-                "`adapter_names` (a mixed-adapter batch) is for inference: call model.eval() "
-                "first (peft refuses it in training mode too)"
-            )
-        if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
-            raise ConfigError(
-                f"`adapter_names` must be a list of adapter names (or '__base__'), one per row; "
-                f"got {adapter_names!r}"
-            )
-        layers = [m for m in self.model.modules() if isinstance(m, self.tuner_layer_cls)]
-        if any(getattr(m, "quantized", False) for m in layers):
-            from .dota.layer import QDOTA_MIXED_BATCH
-
-            raise ConfigError(QDOTA_MIXED_BATCH)
-        known = {a for m in layers for a in _adapters_of(m)}
-        unknown = sorted({n for n in adapter_names if n != BASE_NAME} - known)
-        if unknown:
-            raise ConfigError(
-                f"`adapter_names` names adapter(s) {unknown} that the model does not have; its "
-                f"adapters: {sorted(known)}, or '{BASE_NAME}' for the base model"
-            )
-        names = list(adapter_names)
-        if isinstance(num_beams, int) and num_beams > 1:  # generate repeats each row per beam
-            names = [n for n in names for _ in range(num_beams)]
-        return names
-
-    @staticmethod
-    def _inject_adapter_names(module: nn.Module, args: Any, kwargs: dict[str, Any], *,
-                              adapter_names: list[str]) -> tuple[Any, dict[str, Any]]:
-        """Forward pre-hook: pass ``adapter_names`` to a tensornet layer's forward."""
-        kwargs["adapter_names"] = adapter_names
-        return args, kwargs
-
     def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
         """Refused: combining adapters is peft's LoRA feature, not implemented here."""
         raise ConfigError(
@@ -447,7 +380,7 @@ class TensornetTuner(TunerHooks):
                     continue
                 names = module.active_adapters if adapter_names is None else adapter_names
                 names = [n for n in names
-                         if n in _adapters_of(module) and n not in module.merged_adapters]
+                         if n in adapters_of(module) and n not in module.merged_adapters]
                 if not names:
                     continue
                 base = module.get_base_layer()
@@ -605,12 +538,6 @@ class _undo_on_error:
             self.tuner._drop_shared(self.adapter_name)
             for p, flag in self.flags:
                 p.requires_grad_(flag)
-
-
-def _adapters_of(layer: BaseTunerLayer) -> Any:
-    """The adapter names a tuner layer holds (its first per-adapter container's keys)."""
-    names = getattr(layer, "adapter_layer_names", ())
-    return getattr(layer, names[0], {}) if names else {}
 
 
 def _sharers(model: nn.Module, key: str, base: nn.Module) -> list[str]:
